@@ -1,0 +1,37 @@
+"""dynlrp-fx: Layer-wise Relevance Propagation for any PyTorch model, as a torch.fx graph compiler.
+
+>>> import dynlrp_fx as dynlrp                                   # doctest: +SKIP
+>>> explainer = dynlrp.compile(model, example_inputs, rules="epsilon")  # doctest: +SKIP
+>>> expl = explainer(x, target=3)                                  # doctest: +SKIP
+>>> expl.relevance, expl.conservation                              # doctest: +SKIP
+"""
+
+from . import presets
+from .errors import (
+    DynlrpError,
+    DynlrpInputError,
+    DynlrpLoadError,
+    DynlrpTraceError,
+    DynlrpUnsupportedOpError,
+)
+from .explainer import Conservation, Explainer, Explanation, compile
+from .rules import Composite, Rule, register_op
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile",
+    "Explainer",
+    "Explanation",
+    "Conservation",
+    "Composite",
+    "Rule",
+    "register_op",
+    "presets",
+    "DynlrpError",
+    "DynlrpInputError",
+    "DynlrpLoadError",
+    "DynlrpTraceError",
+    "DynlrpUnsupportedOpError",
+    "__version__",
+]

@@ -1,0 +1,40 @@
+"""Exceptions raised by dynlrp-fx.
+
+Every error says what was wrong, where (source line, ATen op, module path) and what to do.
+"""
+
+from __future__ import annotations
+
+
+class DynlrpError(Exception):
+    """Base class of every dynlrp-fx error."""
+
+
+class DynlrpTraceError(DynlrpError):
+    """The model could not be traced to an ATen graph with ``torch.export``.
+
+    The message quotes the failing source line when torch reports one and suggests a fix
+    (for data-dependent control flow: ``torch.cond`` or moving the branch out of ``forward``).
+    """
+
+
+class DynlrpUnsupportedOpError(DynlrpError):
+    """One or more ATen ops that carry relevance have no LRP rule.
+
+    Attributes
+    ----------
+    uncovered:
+        ``{op name: [module paths that use it]}`` for every uncovered op.
+    """
+
+    def __init__(self, message: str, uncovered: dict[str, list[str]] | None = None):
+        super().__init__(message)
+        self.uncovered = dict(uncovered or {})
+
+
+class DynlrpInputError(DynlrpError, ValueError):
+    """An explainer was called with inputs that do not match the compiled program."""
+
+
+class DynlrpLoadError(DynlrpError):
+    """A saved relevance program could not be loaded or called."""

@@ -1,0 +1,375 @@
+"""The runtime: :func:`compile` builds an :class:`Explainer` (an ``nn.Module``) that returns :class:`Explanation`s."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from . import passes as P
+from .errors import DynlrpInputError
+from .presets import resolve
+from .rules.composite import Composite
+from .trace import TracedProgram, trace
+
+__all__ = ["compile", "Explainer", "Explanation", "Conservation"]
+
+BACKENDS = ("inductor", "eager")
+
+
+@dataclass
+class Conservation:
+    """Per-sample conservation ledger: ``seed == inputs + absorbed`` up to floating-point error."""
+
+    seed: torch.Tensor  #: total seed relevance per sample (the explained logit for a target)
+    inputs: torch.Tensor  #: sum of all input relevance per sample
+    absorbed: torch.Tensor  #: relevance absorbed by biases, stabilisers, masks, per sample
+
+    @property
+    def error(self) -> torch.Tensor:
+        """Per-sample ``|seed - inputs - absorbed| / max(|seed|, tiny)``."""
+        denom = self.seed.abs().clamp_min(torch.finfo(self.seed.dtype).tiny)
+        return (self.seed - self.inputs - self.absorbed).abs() / denom
+
+    def __repr__(self) -> str:
+        def f(t):
+            return "[" + ", ".join(f"{v:.6g}" for v in t.detach().flatten().tolist()[:8]) + "]"
+
+        return f"Conservation(seed={f(self.seed)}, inputs={f(self.inputs)}, absorbed={f(self.absorbed)})"
+
+
+@dataclass
+class Explanation:
+    """Result of an explainer call.
+
+    Attributes
+    ----------
+    output: the explained model output (e.g. the logits).
+    relevance: relevance of the first input, same shape (for token ids: one value per token).
+    inputs: forward-parameter name -> relevance, for every input that receives relevance (float inputs; integer
+        inputs that feed embeddings get the relevance of their embedding rows summed over the hidden dimension).
+    absorbed: per-sample relevance absorbed by biases and stabilisers.
+    conservation: the per-sample ledger (seed total, sum over inputs, absorbed).
+    """
+
+    output: torch.Tensor
+    relevance: torch.Tensor | None
+    inputs: dict[str, torch.Tensor]
+    absorbed: torch.Tensor
+    conservation: Conservation
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Program:
+    mode: str
+    graph: torch.fx.GraphModule  # lowered
+    fn: Any
+    input_names: list[str]
+    unattributed: list[str]
+    compile_seconds: float = 0.0
+    calls: int = 0
+
+
+class Explainer(nn.Module):
+    """An explainable version of a model; create it with :func:`dynlrp_fx.compile`.
+
+    Calling it, ``explainer(*args, target=None, seed=None, **kwargs)``, runs the forward pass and the relevance
+    sweep as one compiled program and returns an :class:`Explanation`. The model itself is not registered as a
+    submodule (so ``explainer.eval()`` or ``.to()`` never touches it); its parameters are read at each call.
+    """
+
+    def __init__(self, model: nn.Module, traced: TracedProgram, composite: Composite, backend: str = "inductor",
+                 dynamic: bool = True):
+        super().__init__()
+        if not (backend in BACKENDS or isinstance(backend, str) or callable(backend)):
+            raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
+        self._model_ref = [model]
+        self.traced = traced
+        self.composite = composite
+        self.backend = backend
+        self.dynamic = dynamic
+        self._programs: dict[str, _Program] = {}
+        self._const_cache: dict[Any, torch.Tensor] = {}
+        gm = traced.graph_module
+        P.canonicalize(gm)
+        float_in = {u.placeholder for u in traced.user_inputs if u.is_float}
+        index_in = {u.placeholder for u in traced.user_inputs if not u.is_float}
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        self._y_src = out_node.args[0][traced.output_index]
+        P.mark_data(gm, float_in, index_in, self._y_src)
+        P.detect_normalizers(gm)
+        P.assign_rules(gm, composite, traced.module_root)
+        self.fake_mode = torch._guards.detect_fake_mode(
+            [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and "val" in n.meta]
+        )
+        self._program("target")
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self._model_ref[0]
+
+    @property
+    def pipeline(self) -> P.Pipeline:
+        """The passes this explainer was built with."""
+        return P.PIPELINE
+
+    def _program(self, mode: str) -> _Program:
+        prog = self._programs.get(mode)
+        if prog is not None:
+            return prog
+        t0 = time.perf_counter()
+        traced = self.traced
+        res = P.pair(
+            traced.graph_module,
+            output_index=traced.output_index,
+            user_inputs=traced.user_inputs,
+            mode=mode,
+            batch_symbol=traced.batch_symbol,
+            fake_mode=self.fake_mode,
+        )
+        gm = P.resolve_promises(res.graph_module)
+        fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+        lowered = P.lower(gm, fake_args)
+        lowered = P.eliminate_dead_code(lowered)
+        fn = self._compile_backend(lowered)
+        prog = _Program(mode, lowered, fn, res.input_names, res.unattributed, time.perf_counter() - t0)
+        self._programs[mode] = prog
+        return prog
+
+    def _compile_backend(self, lowered: torch.fx.GraphModule):
+        if self.backend == "eager":
+            return lowered
+        return torch.compile(lowered, backend=self.backend, dynamic=None if self.dynamic else False)
+
+    # -- inspection ---------------------------------------------------------------------------------------------
+    def rule_table(self) -> list[dict[str, Any]]:
+        """For every op node that depends on an explained input: module path, op, rule class and rule."""
+        rows = []
+        for node in self.traced.graph_module.graph.nodes:
+            ann = node.meta.get("dynlrp")
+            if ann is None or node.op != "call_function":
+                continue
+            rows.append(
+                {
+                    "node": node.name,
+                    "module": ann.module_path,
+                    "op": str(node.target),
+                    "status": ann.status,
+                    "rule_class": ann.rule_class,
+                    "rule": repr(ann.rule) if ann.rule is not None else None,
+                    "relevant": ann.relevant,
+                }
+            )
+        return rows
+
+    def graph(self, mode: str = "target") -> torch.fx.GraphModule:
+        """The lowered forward+relevance graph (pure ATen) for a seed mode (``"target"`` or ``"seed"``)."""
+        return self._program(mode).graph
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs whose relevance is returned."""
+        return list(self._program("target").input_names)
+
+    # -- calling ------------------------------------------------------------------------------------------------
+    def _state(self, device: torch.device | None) -> list[torch.Tensor]:
+        root = self.traced.module_root
+        out = []
+        for _ph, kind, target in self.traced.state_specs:
+            if kind == "PARAMETER":
+                t = root.get_parameter(target)
+            elif kind == "BUFFER":
+                t = root.get_buffer(target)
+            else:
+                t = self.traced.exported.constants[target]
+                if device is not None and t.device != device:
+                    key = (target, device)
+                    if key not in self._const_cache:
+                        self._const_cache[key] = t.to(device)
+                    t = self._const_cache[key]
+            out.append(t.detach())
+        return out
+
+    def _flatten_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        traced = self.traced
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != traced.in_spec:
+            raise DynlrpInputError(
+                "the explainer was called with inputs of another structure than the example inputs it was compiled "
+                f"with.\n  compiled with: {traced.in_spec}\n  called with:   {spec}\nPass the same positional and "
+                "keyword inputs (only the batch size may change)."
+            )
+        for i, v in traced.const_leaves.items():
+            if flat[i] is not v and flat[i] != v:
+                raise DynlrpInputError(
+                    f"non-tensor input #{i} is {flat[i]!r} but the program was compiled for {v!r}; recompile for "
+                    "other values"
+                )
+        tensors = []
+        for ui, i in zip(traced.user_inputs, traced.tensor_leaf_index):
+            x = flat[i]
+            if not isinstance(x, torch.Tensor):
+                raise DynlrpInputError(f"input {ui.name!r} must be a tensor, got {type(x).__name__}")
+            if x.ndim != ui.ndim:
+                raise DynlrpInputError(
+                    f"input {ui.name!r} has {x.ndim} dimensions {tuple(x.shape)}, expected {ui.ndim} (as the example "
+                    f"input {tuple(traced.example_flat[i].shape)})"
+                )
+            if x.dtype != ui.dtype:
+                raise DynlrpInputError(f"input {ui.name!r} has dtype {x.dtype}, expected {ui.dtype}")
+            ex = traced.example_flat[i]
+            fixed = range(1 if ui.batched else 0, x.ndim)
+            if self.dynamic and any(x.shape[d] != ex.shape[d] for d in fixed):
+                raise DynlrpInputError(
+                    f"input {ui.name!r} has shape {tuple(x.shape)}; only dimension 0 (batch) may differ from the "
+                    f"example shape {tuple(ex.shape)}. Compile with dynamic_shapes= for more dynamic dimensions."
+                )
+            tensors.append(x.detach())
+        return tensors
+
+    def _target_tensor(self, target: Any, batch: int, out_numel: int | None, device) -> torch.Tensor:
+        if target is None:
+            t = torch.full((batch,), -1, dtype=torch.long, device=device)
+        elif isinstance(target, int):
+            t = torch.full((batch,), int(target), dtype=torch.long, device=device)
+        else:
+            t = torch.as_tensor(target, dtype=torch.long, device=device).reshape(-1)
+            if t.numel() != batch:
+                raise DynlrpInputError(f"target has {t.numel()} entries but the batch has {batch} samples")
+        if out_numel is not None and bool(((t >= out_numel) | (t < -1)).any()):
+            raise DynlrpInputError(
+                f"target {t.tolist()} out of range: each sample's output has {out_numel} entries (use -1/None for argmax)"
+            )
+        return t
+
+    def forward(self, *args, target: Any = None, seed: torch.Tensor | None = None, **kwargs) -> Explanation:
+        """Explain the model on these inputs.
+
+        Parameters
+        ----------
+        *args, **kwargs: the model inputs (same structure as the example inputs; any batch size).
+        target: ``None`` (argmax per sample), an int (same index for every sample), or one index per sample; the
+            index is into the flattened per-sample output (the class for ``(batch, classes)`` outputs). The seed
+            relevance is the output value at the target, so input relevance sums to the logit.
+        seed: an explicit output-shaped relevance seed, used as is (one-hot reproduces Zennit's default).
+        """
+        if target is not None and seed is not None:
+            raise DynlrpInputError("give either target= or seed=, not both")
+        tensors = self._flatten_inputs(args, kwargs)
+        batch_src = next((x for x, u in zip(tensors, self.traced.user_inputs) if u.batched), None)
+        batch = batch_src.shape[0] if batch_src is not None else 1
+        device = tensors[0].device if tensors else None
+        state = self._state(device)
+        y_val = self._y_src.meta.get("val")
+        if seed is None:
+            numel = None
+            if y_val is not None:
+                try:
+                    numel = int(y_val[0].numel())
+                except Exception:  # noqa: BLE001 - symbolic non-batch dims
+                    numel = None
+            extra = self._target_tensor(target, batch, numel, device)
+            prog = self._program("target")
+        else:
+            if not isinstance(seed, torch.Tensor):
+                raise DynlrpInputError("seed= must be a tensor shaped like the explained output")
+            extra = seed.detach()
+            prog = self._program("seed")
+        if self.backend != "eager" and self.dynamic:
+            for x, u in zip(tensors, self.traced.user_inputs):
+                if u.batched:
+                    torch._dynamo.mark_dynamic(x, 0)
+            if extra.ndim >= 1:
+                torch._dynamo.mark_dynamic(extra, 0)
+        with torch.no_grad(), _oblivious():
+            outs = prog.fn(*state, *tensors, extra)
+        prog.calls += 1
+        y, seed_total, absorbed, *rels = outs
+        inputs = dict(zip(prog.input_names, rels))
+        first = self.traced.user_inputs[0].name if self.traced.user_inputs else None
+        relevance = inputs.get(first) if first in inputs else (next(iter(inputs.values())) if inputs else None)
+        total = sum((r.reshape(r.shape[0], -1).to(seed_total.dtype).sum(1) for r in rels), torch.zeros_like(seed_total))
+        return Explanation(
+            output=y,
+            relevance=relevance,
+            inputs=inputs,
+            absorbed=absorbed,
+            conservation=Conservation(seed_total, total, absorbed),
+        )
+
+
+@contextlib.contextmanager
+def _oblivious():
+    """Treat the batch size obliviously (no 0/1 specialisation) so batch 1 reuses the compiled program."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        with fx_config.patch(backed_size_oblivious=True):
+            yield
+    except (ImportError, AttributeError):
+        yield
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any = (),
+    *,
+    example_kwargs: dict | None = None,
+    rules: Any = None,
+    output: Any = None,
+    backend: str = "inductor",
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
+) -> Explainer:
+    """Compile ``model`` into an :class:`Explainer` that returns LRP explanations.
+
+    Parameters
+    ----------
+    model: any ``nn.Module`` (left untouched: no hooks, no patching; training flags restored).
+    example_inputs: a tensor or tuple of positional example inputs (batch size >= 2 preferred; a batch of 1
+        is traced as 2).
+    example_kwargs: keyword example inputs (e.g. ``{"input_ids": ..., "attention_mask": ...}``).
+    rules: a preset name (``"epsilon"`` default, ``"lrp0"``), a :class:`dynlrp_fx.Composite`, or
+        ``{rule class: Rule}``.
+    output: which model output to explain: ``None`` (``logits`` if present, else the first tensor), an output
+        name, a flat index, or a callable on the model output.
+    backend: ``"inductor"`` (``torch.compile`` into fused kernels), ``"eager"`` (run the lowered ATen graph
+        directly, no compile time) or any ``torch.compile`` backend name.
+    dynamic: keep the batch dimension dynamic (no recompilation for new batch sizes).
+    dynamic_shapes: explicit ``torch.export`` dynamic shapes.
+
+    Returns
+    -------
+    Explainer
+
+    Raises
+    ------
+    DynlrpTraceError: the model cannot be exported (the message quotes the failing source line).
+    DynlrpUnsupportedOpError: an op that carries relevance has no rule (all such ops are listed).
+
+    Example
+    -------
+    >>> explainer = dynlrp.compile(model, torch.randn(2, 3, 32, 32), rules="epsilon")  # doctest: +SKIP
+    >>> expl = explainer(x, target=3)  # doctest: +SKIP
+    >>> expl.relevance.shape == x.shape  # doctest: +SKIP
+    """
+    composite = resolve(rules)
+    traced = trace(
+        model,
+        example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
+        example_kwargs,
+        output=output,
+        dynamic=dynamic,
+        dynamic_shapes=dynamic_shapes,
+    )
+    return Explainer(model, traced, composite, backend=backend, dynamic=dynamic)
+
+

@@ -1,0 +1,56 @@
+"""Compiler passes. Each is a function over a GraphModule with no hidden state; results ride on ``node.meta``.
+
+The pipeline run by :func:`dynlrp_fx.compile` (``print(explainer.pipeline)`` shows it)::
+
+    canonicalize -> mark_data -> detect_normalizers -> assign_rules      (analysis, once)
+    pair -> resolve_promises -> lower -> eliminate_dead_code             (per seed mode: target / seed)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .annotate import assign_rules, detect_normalizers, mark_data
+from .canonicalize import canonicalize
+from .dce import eliminate_dead_code
+from .lower import lower
+from .pair import pair
+from .promises import resolve_promises
+
+__all__ = [
+    "Pipeline",
+    "canonicalize",
+    "mark_data",
+    "detect_normalizers",
+    "assign_rules",
+    "pair",
+    "resolve_promises",
+    "lower",
+    "eliminate_dead_code",
+    "PIPELINE",
+]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An ordered, printable list of passes."""
+
+    stages: tuple[tuple[str, tuple[Callable, ...]], ...]
+
+    def __repr__(self) -> str:
+        lines = []
+        for stage, fns in self.stages:
+            lines.append(f"{stage}: " + " -> ".join(f.__name__ for f in fns))
+        return "\n".join(lines)
+
+    def names(self) -> list[str]:
+        return [f.__name__ for _, fns in self.stages for f in fns]
+
+
+PIPELINE = Pipeline(
+    (
+        ("analysis", (canonicalize, mark_data, detect_normalizers, assign_rules)),
+        ("synthesis", (pair, resolve_promises, lower, eliminate_dead_code)),
+    )
+)

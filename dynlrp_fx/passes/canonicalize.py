@@ -1,0 +1,22 @@
+"""Canonicalisation: rewrite ``aten.view`` / ``aten._unsafe_view`` to ``aten.reshape``.
+
+Retracing the VJP of a view whose input has other strides fails (DESIGN.md section 5); ``reshape`` has the same
+values and copies only when it must.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["canonicalize"]
+
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
+def canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite view-like ops to ``reshape`` in place; returns ``gm``."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _VIEWS:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+    return gm

@@ -1,0 +1,315 @@
+"""The pairing pass: forward graph -> one graph computing the forward values *and* the relevance of the inputs.
+
+The forward nodes are copied unchanged. Then a reverse sweep visits every node that received relevance and
+emits its *relevance op*: a ``call_function`` node whose target is a :class:`RelevanceOp` (the node's rule bound
+to the op) taking the output relevance and *promise* nodes. A promise names a forward value that the rule needs
+(an operand or the output); :func:`dynlrp_fx.passes.promises.resolve_promises` later binds each to the kept
+forward value or a recomputation. Relevance arriving at a value from several users (fan-out) is summed.
+
+Rules that are not exactly conservative get a *ledger* node computing, per sample, what the op absorbed
+(``sum R_out - sum R_in``: biases, stabilisers, masks), so that an explanation reports
+``seed == sum(input relevance) + absorbed``.
+
+The graph returns ``(output, seed_total, absorbed, *input_relevance)``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..rules.base import RuleContext
+from .annotate import FLOAT, INDEX, tensor_slots
+
+__all__ = ["pair", "RelevanceOp", "LedgerOp", "promise", "PairResult", "seed_from_target", "seed_given"]
+
+
+def promise() -> Any:
+    """Placeholder target of a promise node; must be bound by ``resolve_promises`` before the graph runs."""
+    raise RuntimeError("dynlrp: unresolved promise node (run passes.promises.resolve_promises first)")
+
+
+class _Ref:
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __repr__(self) -> str:
+        return f"_Ref({self.i})"
+
+
+def _template(obj: Any, refs: list) -> Any:
+    if isinstance(obj, fx.Node):
+        refs.append(obj)
+        return _Ref(len(refs) - 1)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_template(x, refs) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _template(v, refs) for k, v in obj.items()}
+    return obj
+
+
+def _fill(obj: Any, vals: tuple) -> Any:
+    if isinstance(obj, _Ref):
+        return vals[obj.i]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill(x, vals) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _fill(v, vals) for k, v in obj.items()}
+    return obj
+
+
+class RelevanceOp:
+    """The relevance op paired with one forward op: ``(R, out, *operands) -> relevance per data slot``."""
+
+    def __init__(self, rule, op, args_t, kwargs_t, slots, factors, extra, node_name: str):
+        self.rule = rule
+        self.op = op
+        self.args_t = args_t
+        self.kwargs_t = kwargs_t
+        self.slots = list(slots)
+        self.factors = list(factors)
+        self.extra = dict(extra)
+        self.node_name = node_name
+        self.__name__ = f"relevance_{getattr(op, '_opname', 'op')}"
+        self.__qualname__ = self.__name__
+        self.__module__ = __name__
+
+    def __call__(self, R, out, *vals):
+        args = _fill(self.args_t, vals)
+        kwargs = _fill(self.kwargs_t, vals)
+        ctx = RuleContext(self.op, args, kwargs, out, R, self.slots, self.factors, self.extra)
+        res = self.rule.relevance(ctx)
+        if len(res) != len(self.slots):
+            raise RuntimeError(
+                f"rule {self.rule!r} returned {len(res)} relevances for {len(self.slots)} data operands of "
+                f"{self.op} (node {self.node_name})"
+            )
+        return tuple(res)
+
+    def __repr__(self) -> str:
+        return f"RelevanceOp({self.op}, {self.rule!r})"
+
+
+def _per_sample(t: torch.Tensor, bdim: int | None, B) -> torch.Tensor:
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    if bdim is None:
+        return (t.sum() / B).expand(B)
+    return t.movedim(bdim, 0).reshape(B, -1).sum(1)
+
+
+class LedgerOp:
+    """Per-sample relevance absorbed by one op: ``sum R_out - sum_k R_k`` (batch positions fixed at compile time)."""
+
+    def __init__(self, out_bdims: list, in_bdims: list, node_name: str):
+        self.out_bdims = list(out_bdims)
+        self.in_bdims = list(in_bdims)
+        self.node_name = node_name
+        self.__name__ = "ledger"
+        self.__qualname__ = "ledger"
+        self.__module__ = __name__
+
+    def __call__(self, ref: torch.Tensor, routs: list, rins: list) -> torch.Tensor:
+        B = ref.shape[0]
+        total = torch.zeros_like(ref)
+        for r, d in zip(routs, self.out_bdims):
+            total = total + _per_sample(r, d, B).to(ref.dtype)
+        for r, d in zip(rins, self.in_bdims):
+            total = total - _per_sample(r, d, B).to(ref.dtype)
+        return total
+
+
+def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relevance seed: the output value at the target index of each sample (``-1``: argmax), zero elsewhere."""
+    flat = y.reshape(y.shape[0], -1)
+    idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
+    mask = torch.zeros_like(flat).scatter(1, idx, 1.0)
+    return (flat * mask).reshape(y.shape)
+
+
+def seed_given(y: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Relevance seed given explicitly (output-shaped), used as is."""
+    return seed.to(y.dtype).expand(y.shape)
+
+
+def per_sample_total(r: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the first dimension (float32 or wider)."""
+    return _per_sample(r, 0, r.shape[0])
+
+
+def _batch_dim(val: Any, batch_symbol: Any) -> int | None:
+    if not isinstance(val, torch.Tensor) or val.ndim == 0:
+        return None
+    if batch_symbol is None:
+        return 0
+    for d, s in enumerate(val.shape):
+        expr = s.node.expr if isinstance(s, torch.SymInt) else s
+        if expr == batch_symbol:
+            return d
+    s0 = val.shape[0]
+    if isinstance(s0, torch.SymInt) and hasattr(batch_symbol, "free_symbols"):
+        if batch_symbol in s0.node.expr.free_symbols:
+            return 0  # batch merged into dim 0 (e.g. (B*H, T, D)), batch outermost
+    return None
+
+
+@dataclass
+class PairResult:
+    graph_module: fx.GraphModule
+    input_names: list[str]  #: user inputs whose relevance the graph returns, in output order
+    unattributed: list[str]  #: nodes whose absorbed relevance could not be assigned to samples
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+def pair(
+    gm: fx.GraphModule,
+    *,
+    output_index: int,
+    user_inputs: list,
+    mode: str,
+    batch_symbol: Any,
+    fake_mode: Any,
+) -> PairResult:
+    """Build the forward+relevance graph (see module doc). ``mode`` is ``"target"`` or ``"seed"``."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = list(gm.graph.nodes)
+    out_node = next(n for n in nodes if n.op == "output")
+    flat_out = out_node.args[0]
+    y_src = flat_out[output_index]
+    for n in nodes:
+        if n.op == "placeholder":
+            env[n] = g.placeholder(n.name)
+            env[n].meta = dict(n.meta)
+    y_val = _val(y_src)
+    with fake_mode:
+        if mode == "target":
+            seed_fake = torch.empty((y_val.shape[0],), dtype=torch.long, device=y_val.device)
+        else:
+            seed_fake = torch.empty_like(y_val)
+    seed_ph = g.placeholder("dynlrp_target" if mode == "target" else "dynlrp_seed")
+    seed_ph.meta["val"] = seed_fake
+    for n in nodes:
+        if n.op in ("call_function", "get_attr", "call_method", "call_module"):
+            env[n] = g.node_copy(n, lambda a: env[a])
+
+    def fake_call(fn, *args):
+        fargs = [
+            tuple(_val(x) for x in a) if isinstance(a, (list, tuple)) else _val(a)
+            for a in args
+        ]
+        with fake_mode:
+            return fn(*fargs)
+
+    def emit(fn, *args):
+        node = g.call_function(fn, tuple(args))
+        node.meta["val"] = fake_call(fn, *args)
+        return node
+
+    seed_fn = seed_from_target if mode == "target" else seed_given
+    r_seed = emit(seed_fn, env[y_src], seed_ph)
+    seed_total = emit(per_sample_total, r_seed)
+
+    R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
+
+    def add(target: fx.Node, idx: int | None, rnode: fx.Node) -> None:
+        if idx is None:
+            prev = R.get(target)
+            R[target] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+        else:
+            slots = R.setdefault(target, {})
+            prev = slots.get(idx)
+            slots[idx] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+
+    add(y_src, None, r_seed)
+    ledgers: list[fx.Node] = []
+    unattributed: list[str] = []
+
+    for n in reversed(nodes):
+        if n not in R or n.op != "call_function":
+            continue
+        if n.target is operator.getitem:
+            add(n.args[0], n.args[1], R.pop(n))
+            continue
+        ann = n.meta.get("dynlrp")
+        if ann is None or ann.rule is None or ann.status not in (FLOAT, INDEX):
+            raise RuntimeError(f"internal: relevance reached node {n.name} ({n.target}) which has no rule")
+        refs: list[fx.Node] = []
+        args_t = _template(n.args, refs)
+        kwargs_t = _template(dict(n.kwargs), refs)
+        vals = []
+        for a in refs:
+            v = _val(a)
+            if isinstance(v, torch.Tensor):
+                p = g.call_function(promise, ())
+                p.meta["promise_of"] = env[a]
+                p.meta["val"] = v
+                vals.append(p)
+            else:
+                vals.append(env[a])
+        out_p = g.call_function(promise, ())
+        out_p.meta["promise_of"] = env[n]
+        out_p.meta["val"] = _val(n)
+        r_in = R.pop(n)
+        if isinstance(r_in, dict):
+            n_out = len(_val(n))
+            r_arg = tuple(r_in.get(i) for i in range(n_out))
+            r_fake = tuple(_val(x) if x is not None else None for x in r_arg)
+        else:
+            r_arg, r_fake = r_in, _val(r_in)
+        op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, ann.extra, n.name)
+        rel = g.call_function(op, (r_arg, out_p, *vals))
+        with fake_mode:
+            res_fake = op(r_fake, _val(n), *[_val(v) for v in vals])
+        rel.meta["val"] = res_fake
+        rel.meta["dynlrp_rule"] = ann.rule
+        rel.meta["dynlrp_for"] = n.name
+        slot_nodes = dict(tensor_slots(n))
+        r_ins = []
+        for i, (slot, rf) in enumerate(zip(ann.slots, res_fake)):
+            if rf is None:
+                continue
+            gi = g.call_function(operator.getitem, (rel, i))
+            gi.meta["val"] = rf
+            r_ins.append((gi, slot_nodes[slot]))
+            add(slot_nodes[slot], None, gi)
+        if not ann.rule.conservative:
+            routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
+            out_b = [_batch_dim(_val(x), batch_symbol) for x in routs]
+            in_b = [_batch_dim(_val(x), batch_symbol) for x, _ in r_ins]
+            if any(b is None for b in out_b + in_b):
+                unattributed.append(n.name)
+            led = LedgerOp(out_b, in_b, n.name)
+            ledgers.append(emit(led, seed_total, routs, [x for x, _ in r_ins]))
+
+    absorbed = None
+    for led in ledgers:
+        absorbed = led if absorbed is None else emit(torch.ops.aten.add.Tensor, absorbed, led)
+    if absorbed is None:
+        absorbed = emit(torch.ops.aten.mul.Tensor, seed_total, 0.0)
+
+    outs = [env[y_src], seed_total, absorbed]
+    names = []
+    for ui in user_inputs:
+        ph = next(p for p in nodes if p.op == "placeholder" and p.name == ui.placeholder)
+        ann = ph.meta.get("dynlrp")
+        if ann is None:
+            continue
+        r = R.get(ph)
+        if r is None:
+            if ann.status != FLOAT:
+                continue  # integer input that reaches no embedding (e.g. an attention mask)
+            r = emit(torch.ops.aten.zeros_like.default, env[ph])
+        outs.append(r)
+        names.append(ui.name)
+    g.output(tuple(outs))
+    new_gm = fx.GraphModule(gm, g)
+    return PairResult(new_gm, names, unattributed)

@@ -1,0 +1,194 @@
+"""Rule mechanism: a :class:`RuleContext` describes one ATen op application; a :class:`Rule` maps the
+relevance of the op's output(s) to relevance of its *data* operands.
+
+Rules are ordinary PyTorch code. They run once at compile time under ``make_fx`` (which records the ATen ops
+they call, including the derivative formulas behind :meth:`RuleContext.vjp`), so a rule costs nothing in Python
+at explanation time.
+
+Notation used in the rule docstrings: ``z = f(x_1, ..., x_n)`` is the op's output, ``R`` its relevance,
+``J_k`` the Jacobian of ``f`` w.r.t. data operand ``x_k`` and ``J_k^T v`` the vector-Jacobian product
+(``torch.func.vjp``). ``stab(z) = z + eps * (sign(z) + [z == 0])`` is Zennit's stabiliser.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = [
+    "Slot",
+    "RuleContext",
+    "Rule",
+    "stabilize",
+    "safe_divide",
+]
+
+#: an operand position: ``(i,)`` for ``args[i]``, ``(i, j)`` for ``args[i][j]`` (tensor lists), ``("kw", name)``.
+Slot = tuple
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zennit's stabiliser: ``z + eps * (sign(z) + [z == 0])`` (moves zeros to ``+eps``)."""
+    return z + ((z == 0).to(z.dtype) + z.sign()) * eps
+
+
+def safe_divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
+    """``num / stab(den)``; with ``eps == 0`` this is ``num / den`` where ``den != 0`` and ``0`` elsewhere.
+
+    The ``eps == 0`` form is exact LRP-0: on piecewise-linear networks ``den == 0`` implies ``num == 0``.
+    """
+    if eps == 0:
+        zero = den == 0
+        return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    return num / stabilize(den, eps)
+
+
+def _get(container: Any, slot: Slot, kwargs: dict) -> Any:
+    if slot[0] == "kw":
+        return kwargs[slot[1]]
+    v = container[slot[0]]
+    return v[slot[1]] if len(slot) > 1 else v
+
+
+def _set(args: list, kwargs: dict, slot: Slot, value: Any) -> None:
+    if slot[0] == "kw":
+        kwargs[slot[1]] = value
+    elif len(slot) > 1:
+        lst = list(args[slot[0]])
+        lst[slot[1]] = value
+        args[slot[0]] = lst
+    else:
+        args[slot[0]] = value
+
+
+class RuleContext:
+    """One application of an ATen op, as seen by a rule.
+
+    Attributes
+    ----------
+    op: the ATen ``OpOverload``.
+    args, kwargs: the forward operands (tensors are the forward values bound by promises).
+    out: the forward output (a tensor, or a tuple for multi-output ops).
+    relevance: relevance of the output: a tensor, or for multi-output ops a tuple with ``None`` where an output
+        receives no relevance.
+    slots: the data operands that receive relevance, in order; a rule returns one tensor (or ``None``) per slot.
+    factors: data slots that are multiplicative factors of a multilinear op (``mul``, ``mm``, ``conv``...).
+    meta: extra per-node information from the passes (e.g. ``normalizer_slot``).
+    """
+
+    def __init__(
+        self,
+        op: Any,
+        args: Sequence[Any],
+        kwargs: dict,
+        out: Any,
+        relevance: Any,
+        slots: Sequence[Slot],
+        factors: Sequence[Slot] = (),
+        meta: dict | None = None,
+    ):
+        self.op = op
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+        self.out = out
+        self.relevance = relevance
+        self.slots = list(slots)
+        self.factors = list(factors)
+        self.meta = dict(meta or {})
+        self.multi = isinstance(out, (tuple, list))
+        if self.multi:
+            self.out_index = [i for i, r in enumerate(relevance) if r is not None]
+        else:
+            self.out_index = None
+
+    # -- values -------------------------------------------------------------------------------------------------
+    def value(self, slot: Slot) -> Any:
+        """The forward value of an operand."""
+        return _get(self.args, slot, self.kwargs)
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """The op outputs that carry relevance."""
+        if not self.multi:
+            return [self.out]
+        return [self.out[i] for i in self.out_index]
+
+    @property
+    def relevances(self) -> list[torch.Tensor]:
+        """Relevance of each output in :attr:`outputs`."""
+        if not self.multi:
+            return [self.relevance]
+        return [self.relevance[i] for i in self.out_index]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.relevances[0].dtype
+
+    def call(self, replace: dict[Slot, Any] | None = None, keep: bool = False) -> Any:
+        """Re-run the op with some operands replaced; returns the outputs that carry relevance (a list).
+
+        With ``keep=True`` the raw op result is returned instead.
+        """
+        args = list(self.args)
+        kwargs = dict(self.kwargs)
+        for s, v in (replace or {}).items():
+            _set(args, kwargs, s, v)
+        res = self.op(*args, **kwargs)
+        if keep:
+            return res
+        if not self.multi:
+            return [res]
+        return [res[i] for i in self.out_index]
+
+    def surrogate(self, slot: Slot) -> torch.Tensor:
+        """The operand as a floating tensor of the relevance dtype (integer index operands included)."""
+        v = self.value(slot)
+        if not (v.dtype.is_floating_point or v.dtype.is_complex):
+            return v.to(self.dtype)
+        return v
+
+    def vjp(self, slots: Sequence[Slot], cotangents: Sequence[torch.Tensor], fn: Callable | None = None) -> list:
+        """Vector-Jacobian products ``J_k^T v`` of the op (other operands fixed) for each slot in ``slots``.
+
+        ``cotangents`` align with :attr:`outputs`. Integer operands are differentiated through a float
+        surrogate (valid for ops that route values, such as reshape or slice).
+        """
+        slots = list(slots)
+        primals = [self.surrogate(s) for s in slots]
+        if fn is None:
+
+            def fn(*xs):
+                return tuple(self.call(dict(zip(slots, xs))))
+
+        cots = tuple(c.to(o.dtype) if c.dtype != o.dtype else c for c, o in zip(cotangents, self.outputs))
+        _, pullback = torch.func.vjp(fn, *primals)
+        grads = pullback(cots)
+        return list(grads)
+
+
+class Rule:
+    """Base class of LRP rules.
+
+    Subclasses implement :meth:`relevance`. ``conservative = True`` declares that the relevance of the data
+    operands always sums to the relevance of the output (so the conservation ledger can skip the op).
+    ``classes`` lists the rule classes (``"linear"``, ``"route"``...) a rule may be assigned to, so that a rule
+    chosen for a module (e.g. gamma for ``nn.Conv2d``) only applies to the ops of that module it fits.
+    """
+
+    name: str = "rule"
+    conservative: bool = False
+    classes: frozenset = frozenset()
+
+    def relevance(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(self)))

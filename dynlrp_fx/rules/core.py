@@ -1,0 +1,335 @@
+"""The basic LRP rules: one per rule class of DESIGN.md section 3.
+
+Each docstring gives the formula. ``x_k`` are the data operands, ``z`` the output, ``R`` its relevance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Rule, RuleContext, safe_divide
+
+__all__ = [
+    "Epsilon",
+    "LRP0",
+    "Route",
+    "Identity",
+    "Uniform",
+    "AttnLRPSoftmax",
+    "AttnLRPAttention",
+    "NormAffine",
+    "NormalizerIdentity",
+    "Numerator",
+    "EmbeddingRows",
+    "NoRelevance",
+]
+
+LINEAR = frozenset({"linear", "bilinear"})
+
+
+def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.shape == like.shape:
+        return t
+    return t.sum_to_size(like.shape)
+
+
+class Epsilon(Rule):
+    r"""LRP-epsilon (z-rule) for ops that are (multi)linear in their data operands.
+
+    .. math::  R_k = x_k \odot J_k^\top \frac{R}{\mathrm{stab}(z)} \,/\, m_k
+
+    where ``z`` is the op's output *including* biases and constant operands (their share of ``R`` is absorbed
+    and recorded in the conservation ledger), and ``m_k`` is the number of data factors of a multilinear op when
+    ``x_k`` is one of them (``m = 2`` for ``q @ k^T`` with two data operands: AttnLRP's uniform-epsilon rule for
+    bilinear ops), else 1. ``epsilon=0`` is LRP-0 with ``R/z := 0`` where ``z == 0`` (then equals gradient x input
+    on piecewise-linear networks).
+    """
+
+    name = "epsilon"
+    conservative = False
+    classes = LINEAR
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def relevance(self, ctx: RuleContext):
+        s = [safe_divide(r, z, self.epsilon) for r, z in zip(ctx.relevances, ctx.outputs)]
+        grads = ctx.vjp(ctx.slots, s)
+        m = max(1, sum(1 for f in ctx.factors if f in ctx.slots))
+        out = []
+        for slot, g in zip(ctx.slots, grads):
+            r = ctx.surrogate(slot) * g
+            if slot in ctx.factors and m > 1:
+                r = r / m
+            out.append(r)
+        return out
+
+
+class LRP0(Epsilon):
+    """LRP-0: :class:`Epsilon` with ``epsilon = 0`` (safe division: ``R/z := 0`` where ``z == 0``)."""
+
+    name = "lrp0"
+
+    def __init__(self):
+        super().__init__(0.0)
+
+
+class Route(Rule):
+    r"""Route relevance like values: :math:`R_k = J_k^\top R`.
+
+    For ops that move, copy, select or sum values without scaling them (reshape, permute, expand, slice, cat,
+    index, gather, ``where`` value operands, max-pool winners), the VJP sends each output element's relevance to
+    the element it came from: exactly conservative.
+    """
+
+    name = "route"
+    conservative = True
+    classes = frozenset({"route"})
+
+    def relevance(self, ctx: RuleContext):
+        return ctx.vjp(ctx.slots, ctx.relevances)
+
+
+class Identity(Rule):
+    r"""Identity (pass) rule for elementwise nonlinearities: :math:`R_x = R` (ReLU, GELU, SiLU, tanh...).
+
+    For ReLU this is LRP-0 through the activation (consistent with gradient x input)."""
+
+    name = "identity"
+    conservative = True
+    classes = frozenset({"identity"})
+
+    def relevance(self, ctx: RuleContext):
+        (slot,) = ctx.slots[:1] or [None]
+        res = [None] * len(ctx.slots)
+        if slot is not None:
+            res[0] = _sum_to(ctx.relevances[0], ctx.value(slot)).to(ctx.dtype)
+        return res
+
+
+class Uniform(Rule):
+    r"""Uniform rule for products of data tensors (gates, AttnLRP): :math:`R_k = R / m` for the ``m`` data
+    factors (summed over broadcast dimensions)."""
+
+    name = "uniform"
+    conservative = True
+    classes = frozenset({"product"})
+
+    def relevance(self, ctx: RuleContext):
+        factors = [s for s in ctx.slots if s in ctx.factors] or ctx.slots
+        m = len(factors)
+        r = ctx.relevances[0]
+        return [_sum_to(r / m, ctx.value(s)) if s in factors else None for s in ctx.slots]
+
+
+class AttnLRPSoftmax(Rule):
+    r"""AttnLRP softmax rule (Achtibat et al. 2024, deep Taylor at the input):
+
+    .. math::  R_x = x \odot (R - s \textstyle\sum_{dim} R)
+
+    with ``s = softmax(x)``. Masked entries (``x = -inf``) get zero relevance instead of ``inf * 0 = NaN``.
+    """
+
+    name = "attnlrp_softmax"
+    conservative = False
+    classes = frozenset({"softmax"})
+
+    def relevance(self, ctx: RuleContext):
+        x = ctx.value(ctx.slots[0]).to(ctx.dtype)
+        dim = ctx.args[1]
+        s = ctx.outputs[0].to(ctx.dtype)
+        r = ctx.relevances[0]
+        term = r - s * r.sum(dim, keepdim=True)
+        res = torch.where(torch.isinf(x) | (term == 0), torch.zeros_like(term), x * term)
+        return [res] + [None] * (len(ctx.slots) - 1)
+
+
+def _attn_mask_bool(L, S, device, is_causal):
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=S - L if L != S else 0) if is_causal else None
+
+
+class AttnLRPAttention(Rule):
+    r"""AttnLRP for ``scaled_dot_product_attention`` (``o = softmax(q k^T * scale + mask) v``).
+
+    * ``o = p v`` is bilinear: uniform-epsilon, :math:`R_p = p \odot (R/2\,stab(o)) v^\top`,
+      :math:`R_v = v \odot p^\top (R / 2\,stab(o))`.
+    * softmax: :class:`AttnLRPSoftmax` on the masked scores ``s``.
+    * masks: a boolean or causal mask routes ``R_s`` to the kept scores; an additive float mask is a constant
+      operand of an add (epsilon rule, its share absorbed; ``finfo.min`` and ``-inf`` entries give 0, not NaN).
+    * ``q k^T`` is bilinear: uniform-epsilon as above.
+
+    ``cp=True`` gives CP-LRP (Ali et al. 2022): the attention weights are treated as constants, all relevance
+    goes to ``v`` through :math:`R_v = v \odot p^\top (R / stab(o))`.
+    """
+
+    name = "attnlrp_sdpa"
+    conservative = False
+    classes = frozenset({"sdpa"})
+
+    def __init__(self, epsilon: float = 1e-6, cp: bool = False):
+        self.epsilon = float(epsilon)
+        self.cp = bool(cp)
+
+    def relevance(self, ctx: RuleContext):
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+        vals = dict(zip(names, ctx.args))
+        for k in names:
+            if ("kw", k) in [("kw", kk) for kk in ctx.kwargs]:
+                vals[k] = ctx.kwargs[k]
+        q, k, v = vals["query"], vals["key"], vals["value"]
+        mask = vals.get("attn_mask")
+        is_causal = bool(vals.get("is_causal", False))
+        scale = ctx.kwargs.get("scale")
+        gqa = bool(ctx.kwargs.get("enable_gqa", False))
+        dt = ctx.dtype
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        eps = self.epsilon
+        E = q.size(-1)
+        scale = 1.0 / math.sqrt(E) if scale is None else scale
+
+        def expand_kv(t):
+            if gqa and t.size(-3) != q.size(-3):
+                return t.repeat_interleave(q.size(-3) // t.size(-3), -3)
+            return t
+
+        def scores_fn(q_, k_):
+            return (q_ @ expand_kv(k_).transpose(-2, -1)) * scale
+
+        def out_fn(p_, v_):
+            return p_ @ expand_kv(v_)
+
+        scores = scores_fn(q, k)
+        L, S = scores.size(-2), scores.size(-1)
+        s = scores
+        if is_causal:
+            cm = _attn_mask_bool(L, S, q.device, True)
+            s = s.masked_fill(~cm, float("-inf"))
+        float_mask = None
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                s = s.masked_fill(~mask, float("-inf"))
+            else:
+                float_mask = mask.to(dt)
+                s = s + float_mask
+        p = torch.softmax(s, -1)
+        o = out_fn(p, v)
+        R = ctx.relevances[0].to(dt)
+        slot_of = {"query": (0,), "key": (1,), "value": (2,)}
+        for nm in ("query", "key", "value"):
+            if ("kw", nm) in ctx.slots:
+                slot_of[nm] = ("kw", nm)
+        want = {nm: slot_of[nm] in ctx.slots for nm in slot_of}
+        result = {}
+        if self.cp:
+            sv = safe_divide(R, o, eps)
+            (gv,) = torch.func.vjp(lambda v_: out_fn(p, v_), v)[1](sv)
+            result["value"] = v * gv
+        else:
+            two = 2.0 if want["value"] else 1.0
+            so = safe_divide(R, o, eps) / two
+            _, pb = torch.func.vjp(out_fn, p, v)
+            gp, gv = pb(so)
+            result["value"] = v * gv
+            rp = p * gp
+            term = rp - p * rp.sum(-1, keepdim=True)
+            rs = torch.where(torch.isinf(s) | (term == 0), torch.zeros_like(term), s * term)
+            if float_mask is not None:
+                rs = scores * safe_divide(rs, scores + float_mask, eps)
+                rs = torch.where(torch.isfinite(rs), rs, torch.zeros_like(rs))
+            m = (1.0 if want["query"] else 0.0) + (1.0 if want["key"] else 0.0)
+            sq = safe_divide(rs, scores, eps) / max(m, 1.0)
+            _, pb = torch.func.vjp(scores_fn, q, k)
+            gq, gk = pb(sq)
+            result["query"] = q * gq
+            result["key"] = k * gk
+        inv = {v_: k_ for k_, v_ in slot_of.items()}
+        return [result.get(inv.get(slot)) if slot in inv else None for slot in ctx.slots]
+
+
+class NormAffine(Rule):
+    r"""Normaliser identity for ``native_layer_norm`` / ``native_group_norm`` (AttnLRP): the normalisation
+    ``x_hat = (x - mean) / std`` is treated as identity, the affine part ``y = x_hat * w + b`` by epsilon:
+
+    .. math::  R_x = (y - b) \odot R / \mathrm{stab}(y)
+
+    (``R_x = R`` exactly when there is no bias)."""
+
+    name = "norm_identity"
+    conservative = False
+    classes = frozenset({"layernorm"})
+
+    #: position of the bias operand per op name
+    _BIAS = {"native_layer_norm": 3, "native_group_norm": 2}
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def relevance(self, ctx: RuleContext):
+        r = ctx.relevances[0]
+        pos = self._BIAS.get(ctx.op._opname)
+        bias = ctx.args[pos] if pos is not None and pos < len(ctx.args) else None
+        res = [None] * len(ctx.slots)
+        if bias is None:
+            res[0] = r
+            return res
+        y = ctx.outputs[0].to(r.dtype)
+        y_nobias = ctx.call({(pos,): None}, keep=True)[0].to(r.dtype)
+        res[0] = y_nobias * safe_divide(r, y, self.epsilon)
+        return res
+
+
+class NormalizerIdentity(Rule):
+    r"""Identity to the normalised value for detected normaliser products ``x * g(reduce(x))`` and
+    ``x / g(reduce(x))`` (RMSNorm and LayerNorm after decomposition): :math:`R_x = R`, nothing flows into the
+    variance path."""
+
+    name = "normalizer_identity"
+    conservative = True
+    classes = frozenset({"normalizer", "div"})
+
+    def relevance(self, ctx: RuleContext):
+        target = ctx.meta.get("normalizer_slot", ctx.slots[0])
+        r = ctx.relevances[0]
+        return [_sum_to(r, ctx.value(s)) if s == target else None for s in ctx.slots]
+
+
+class Numerator(NormalizerIdentity):
+    r"""Division by a data tensor that is not a detected normaliser: all relevance to the numerator if it is
+    data (``R_a = R``, the divisor is treated as a constant scale), else to the divisor (a unary function)."""
+
+    name = "numerator"
+    classes = frozenset({"div"})
+
+
+class EmbeddingRows(Rule):
+    r"""Embedding lookup ``E[ids]``: the relevance of the looked-up rows, summed over the hidden dimension, is
+    the relevance of each index (one value per token): :math:`R_{ids} = \sum_d R_{\cdot, d}`."""
+
+    name = "embedding_rows"
+    conservative = True
+    classes = frozenset({"embedding"})
+
+    def relevance(self, ctx: RuleContext):
+        r = ctx.relevances[0]
+        res = []
+        for s in ctx.slots:
+            v = ctx.value(s)
+            if v.dtype.is_floating_point:
+                res.append(None)
+            else:
+                extra = r.ndim - v.ndim
+                res.append(r.sum(tuple(range(v.ndim, v.ndim + extra))) if extra > 0 else r)
+        return res
+
+
+class NoRelevance(Rule):
+    """No relevance flows to any operand (integer/bool values, statistics). Whatever arrives is absorbed."""
+
+    name = "none"
+    conservative = False
+    classes = frozenset({"none"})
+
+    def relevance(self, ctx: RuleContext):
+        return [None] * len(ctx.slots)

@@ -1,0 +1,344 @@
+"""Tracing: ``nn.Module`` + example inputs -> Core-ATen FX graph with a dynamic batch dimension.
+
+We use non-strict :func:`torch.export.export` (the only path that traced CNNs, BERT, GPT-2 and Llama with a
+dynamic batch, see DESIGN.md section 5) followed by :meth:`ExportedProgram.run_decompositions` with the default
+Core-ATen table *minus* scaled-dot-product attention, which keeps SDPA as one op with an explicit LRP rule
+(decomposing it crashed GPT-2 and tracing the VJP of the fused CPU kernel gave silently wrong relevance).
+
+The model is never modified: during export it is put in eval mode (LRP explains the inference function: batch
+norm uses running statistics, dropout is off) and every submodule's ``training`` flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import DynlrpTraceError
+
+__all__ = ["TracedProgram", "UserInput", "trace", "decomposition_table"]
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+#: ops kept whole (not decomposed) because they get explicit rules.
+KEEP_WHOLE = tuple(
+    op
+    for op in (
+        getattr(torch.ops.aten.scaled_dot_product_attention, "default", None),
+        getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None),
+    )
+    if op is not None
+)
+
+
+def decomposition_table() -> dict:
+    """The Core-ATen decomposition table used for tracing (torch's default minus SDPA)."""
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    return table
+
+
+@dataclass
+class UserInput:
+    """One tensor leaf of the model's inputs, as a placeholder of the traced graph."""
+
+    name: str  #: forward-parameter name (``x``, ``input_ids``; nested leaves as ``x[0]``)
+    placeholder: str  #: placeholder node name in the graph
+    dtype: torch.dtype
+    ndim: int
+    batched: bool  #: dimension 0 is the (dynamic) batch dimension
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+
+@dataclass
+class TracedProgram:
+    """The result of :func:`trace`: a Core-ATen graph plus what is needed to call it."""
+
+    graph_module: torch.fx.GraphModule
+    exported: torch.export.ExportedProgram
+    state_specs: list[tuple[str, str, str]]  #: (placeholder name, kind, target) for params/buffers/constants
+    user_inputs: list[UserInput]
+    in_spec: pytree.TreeSpec
+    const_leaves: dict[int, Any]  #: flat index -> non-tensor leaf value the program specialised on
+    tensor_leaf_index: list[int]  #: flat index of each user input in the flattened (args, kwargs)
+    output_index: int  #: index of the explained leaf among the graph's user outputs
+    output_name: str
+    output_names: list[str]
+    module_root: nn.Module  #: the module whose parameters/buffers the state specs name (model or wrapper)
+    batch_symbol: Any = None  #: sympy symbol (or int) of the batch size in the graph's fake values
+    example_flat: list[Any] = field(default_factory=list)
+
+
+class _OutputWrapper(nn.Module):
+    """Applies a user callable to the model output so that it becomes part of the traced graph."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.model(*args, **kwargs))
+
+
+def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
+    """The innermost traceback frame of the exception that lies in user code (not torch, not dynlrp_fx)."""
+    found = None
+    tb = exc.__traceback__
+    for frame, lineno in traceback.walk_tb(tb):
+        fname = os.path.abspath(frame.f_code.co_filename)
+        if fname.startswith(_TORCH_DIR) or fname.startswith(_PKG_DIR) or "<" in fname:
+            continue
+        if "/site-packages/" in fname and "/transformers/" not in fname and "/torchvision/" not in fname:
+            continue
+        found = (fname, lineno, linecache.getline(fname, lineno).strip())
+    if found is None and exc.__cause__ is not None and exc.__cause__ is not exc:
+        return _user_frame(exc.__cause__)
+    return found
+
+
+def _trace_error(exc: BaseException) -> DynlrpTraceError:
+    where = _user_frame(exc)
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    lines = [f"torch.export could not trace the model: {type(exc).__name__}: {first}"]
+    if where is not None:
+        fname, lineno, src = where
+        lines.append(f'  at {fname}, line {lineno}:\n      {src}')
+    msg = str(exc)
+    if "data-dependent" in msg.lower() or "GuardOnDataDependent" in type(exc).__name__ or "Could not guard" in msg:
+        lines.append(
+            "This is Python control flow that depends on tensor values. LRP needs a static graph: move the "
+            "branch out of forward(), make it depend on shapes only, or express it with torch.cond "
+            "(dynlrp-fx rejects torch.cond subgraphs for now)."
+        )
+    elif "Constraints violated" in msg or "specializ" in msg.lower():
+        lines.append(
+            "The batch dimension could not stay dynamic (the model specialised it). Pass dynamic=False, or give "
+            "dynamic_shapes= explicitly (torch.export format)."
+        )
+    else:
+        lines.append("Check that the model runs on the example inputs and is exportable with torch.export.")
+    return DynlrpTraceError("\n".join(lines))
+
+
+def _default_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, batch) -> Any:
+    bound = fn_sig.bind(*args, **kwargs)
+    out = {}
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return {0: batch} if v.ndim >= 1 else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    for name, value in bound.arguments.items():
+        param = fn_sig.parameters[name]
+        if param.kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(x) for x in value)
+        elif param.kind == inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(x) for k, x in value.items()}
+        else:
+            out[name] = spec(value)
+    return out
+
+
+def _leaf_names(fn_sig: inspect.Signature, args: tuple, kwargs: dict) -> list[str]:
+    """Human names for the leaves of pytree-flattened (args, kwargs), in flat order."""
+    names: list[str] = []
+    params = [
+        p.name
+        for p in fn_sig.parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    for i, a in enumerate(args):
+        base = params[i] if i < len(params) else f"args[{i}]"
+        for path, _ in pytree.tree_flatten_with_path(a)[0]:
+            names.append(base + pytree.keystr(path))
+    for k, v in kwargs.items():
+        for path, _ in pytree.tree_flatten_with_path(v)[0]:
+            names.append(k + pytree.keystr(path))
+    return names
+
+
+def _output_names(out_spec: pytree.TreeSpec, n: int) -> list[str]:
+    struct = pytree.tree_unflatten(list(range(n)), out_spec)
+    names = [""] * n
+    for path, idx in pytree.tree_flatten_with_path(struct)[0]:
+        s = pytree.keystr(path)
+        names[idx] = s.lstrip(".") if s else "output"
+    return names
+
+
+def _select_output(output: Any, names: list[str], n_user: int) -> int:
+    def norm(s: str) -> str:
+        return s.strip(".").replace("['", "").replace("']", "")
+
+    if output is None:
+        for i, nm in enumerate(names):
+            if norm(nm) == "logits":
+                return i
+        return 0
+    if isinstance(output, int):
+        if not -n_user <= output < n_user:
+            raise ValueError(f"output={output} is out of range: the model has {n_user} tensor outputs {names}")
+        return output % n_user
+    if isinstance(output, str):
+        for i, nm in enumerate(names):
+            if norm(nm) == output or nm == output:
+                return i
+        raise ValueError(f"output={output!r} is not an output of the model; tensor outputs are {[norm(n) for n in names]}")
+    raise TypeError(f"output= must be None, an int, a str or a callable, not {type(output).__name__}")
+
+
+def _maybe_grow_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """torch.export specialises size-1 dims: trace a batch of 1 as a batch of 2 (the sample repeated)."""
+    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.ndim >= 1]
+    if not leaves or any(x.shape[0] != 1 for x in leaves):
+        return args, kwargs
+    return pytree.tree_map(
+        lambda x: torch.cat([x, x], 0) if isinstance(x, torch.Tensor) and x.ndim >= 1 else x, (args, kwargs)
+    )
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple = (),
+    example_kwargs: dict | None = None,
+    *,
+    output: Any = None,
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
+) -> TracedProgram:
+    """Trace ``model`` to a Core-ATen FX graph.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module``; it is left untouched (training flags are restored after export).
+    example_inputs, example_kwargs:
+        Positional and keyword example inputs (e.g. ``input_ids=..., attention_mask=...``).
+    output:
+        Which model output is explained: ``None`` (``logits`` if present, else the first tensor), an output
+        name (``"logits"``), a flat index, or a callable applied to the model output (traced with the model).
+    dynamic:
+        Make dimension 0 of every tensor input a shared dynamic batch dimension.
+    dynamic_shapes:
+        Explicit ``torch.export`` dynamic shapes (overrides ``dynamic``).
+
+    Returns
+    -------
+    TracedProgram
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dynlrp: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    args = example_inputs
+    if dynamic and dynamic_shapes is None:
+        args, kwargs = _maybe_grow_batch(args, kwargs)
+
+    root: nn.Module = model
+    if callable(output) and not isinstance(output, (str, int)):
+        root = _OutputWrapper(model, output)
+    fn_sig = inspect.signature(root.forward)
+    try:
+        fn_sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise DynlrpTraceError(f"example inputs do not match {type(model).__name__}.forward{fn_sig}: {e}") from None
+
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = _default_dynamic_shapes(fn_sig, args, kwargs, torch.export.Dim("batch", min=1))
+
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        try:
+            ep = torch.export.export(root, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with a clear message
+            raise _trace_error(e) from e
+        try:
+            ep = ep.run_decompositions(decomposition_table())
+        except Exception as e:  # noqa: BLE001
+            raise DynlrpTraceError(f"decomposing the exported graph to Core ATen failed: {type(e).__name__}: {e}") from e
+    finally:
+        for m, t in flags:
+            m.training = t
+
+    gm = ep.graph_module
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "torch.ops.higher_order" in str(node.target.__module__ if hasattr(node.target, "__module__") else ""):
+            raise DynlrpTraceError(
+                f"the traced graph contains the higher-order op {node.target} (node {node.name}); dynlrp-fx does not "
+                "propagate relevance through torch.cond / while_loop / map subgraphs yet. Move the data-dependent "
+                "branch out of the explained forward pass."
+            )
+    sig = ep.graph_signature
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state_specs: list[tuple[str, str, str]] = []
+    user_ph: list[torch.fx.Node] = []
+    for spec, ph in zip(sig.input_specs, placeholders):
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            user_ph.append(ph)
+        elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            state_specs.append((ph.name, kind, spec.target))
+        else:
+            raise DynlrpTraceError(f"unsupported exported input kind {kind} for placeholder {ph.name}")
+
+    flat, in_spec = pytree.tree_flatten((args, kwargs))
+    names = _leaf_names(fn_sig, args, kwargs)
+    tensor_idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    const_leaves = {i: x for i, x in enumerate(flat) if not isinstance(x, torch.Tensor)}
+    if len(tensor_idx) != len(user_ph):
+        raise DynlrpTraceError(
+            f"internal: {len(tensor_idx)} tensor inputs but {len(user_ph)} user placeholders in the exported graph"
+        )
+    batch_symbol = None
+    user_inputs = []
+    for i, ph in zip(tensor_idx, user_ph):
+        val = ph.meta.get("val")
+        dim0 = val.shape[0] if val is not None and val.ndim >= 1 else None
+        batched = dim0 is not None and isinstance(dim0, torch.SymInt)
+        if batched and batch_symbol is None:
+            batch_symbol = dim0.node.expr
+        user_inputs.append(UserInput(names[i], ph.name, flat[i].dtype, flat[i].ndim, batched))
+    if batch_symbol is None and user_inputs and user_inputs[0].ndim >= 1:
+        batch_symbol = int(flat[tensor_idx[0]].shape[0])
+
+    out_specs = sig.output_specs
+    n_user = sum(1 for s in out_specs if s.kind.name == "USER_OUTPUT")
+    out_names = _output_names(ep.call_spec.out_spec, n_user)
+    out_index = _select_output(None if root is not model else output, out_names, n_user)
+    return TracedProgram(
+        graph_module=gm,
+        exported=ep,
+        state_specs=state_specs,
+        user_inputs=user_inputs,
+        in_spec=in_spec,
+        const_leaves=const_leaves,
+        tensor_leaf_index=tensor_idx,
+        output_index=out_index,
+        output_name=out_names[out_index],
+        output_names=out_names,
+        module_root=root,
+        batch_symbol=batch_symbol,
+        example_flat=flat,
+    )
