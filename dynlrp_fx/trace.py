@@ -307,6 +307,17 @@ def trace(
     names = _leaf_names(fn_sig, args, kwargs)
     tensor_idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
     const_leaves = {i: x for i, x in enumerate(flat) if not isinstance(x, torch.Tensor)}
+    if len(user_ph) == len(flat) and const_leaves:
+        # non-tensor inputs (use_cache=False, None...) were specialised: inline them and drop their placeholders
+        for i, ph in enumerate(list(user_ph)):
+            if i in const_leaves:
+                value = const_leaves[i]
+                for user in list(ph.users):
+                    user.args = torch.fx.node.map_arg(user.args, lambda a, ph=ph, v=value: v if a is ph else a)
+                    user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a, ph=ph, v=value: v if a is ph else a)
+                gm.graph.erase_node(ph)
+        user_ph = [ph for i, ph in enumerate(user_ph) if i not in const_leaves]
+        gm.recompile()
     if len(tensor_idx) != len(user_ph):
         raise DynlrpTraceError(
             f"internal: {len(tensor_idx)} tensor inputs but {len(user_ph)} user placeholders in the exported graph"

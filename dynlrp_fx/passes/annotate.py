@@ -155,9 +155,21 @@ _SCALE_OPS = _REDUCTIONS | {
 }
 
 
-def _reaches_via_reduction(b: torch.fx.Node, a: torch.fx.Node, limit: int = 24) -> bool:
-    """True when every data path upwards from ``b`` ends at ``a`` and at least one passes a reduction."""
-    found_reduction = False
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "pow", "neg", "_to_copy", "clone", "alias", "tanh", "erf", "erfc", "sigmoid", "exp",
+    "expm1", "log", "log1p", "sqrt", "rsqrt", "reciprocal", "abs", "square", "clamp", "clamp_min", "clamp_max",
+    "relu", "gelu", "silu", "softplus", "hardtanh", "hardsigmoid", "hardswish", "sign", "where",
+}
+
+
+def _data_args(n: torch.fx.Node) -> list[torch.fx.Node]:
+    return [x for s, x in tensor_slots(n) if (x.meta.get("dynlrp") or NodeAnn(OTHER)).status == FLOAT]
+
+
+def _reaches(b: torch.fx.Node, bases: set, ops: set, need_reduction: bool, limit: int = 32) -> bool:
+    """True when every data path upwards from ``b`` through ``ops`` ends in ``bases`` (and, with
+    ``need_reduction``, every path passes a reduction)."""
+    found = False
     stack = [(b, False)]
     steps = 0
     while stack:
@@ -165,10 +177,10 @@ def _reaches_via_reduction(b: torch.fx.Node, a: torch.fx.Node, limit: int = 24) 
         steps += 1
         if steps > limit:
             return False
-        if n is a:
-            if not red:
+        if n in bases:
+            if need_reduction and not red:
                 return False
-            found_reduction = True
+            found = True
             continue
         ann = n.meta.get("dynlrp")
         if ann is None or ann.status != FLOAT:
@@ -176,27 +188,37 @@ def _reaches_via_reduction(b: torch.fx.Node, a: torch.fx.Node, limit: int = 24) 
         if n.op != "call_function" or not hasattr(n.target, "_opname"):
             return False
         name = n.target._opname
-        if name not in _SCALE_OPS:
+        if name not in ops:
             return False
-        data_args = [x for s, x in tensor_slots(n) if (x.meta.get("dynlrp") or NodeAnn(OTHER)).status == FLOAT]
+        data_args = _data_args(n)
         if not data_args:
             return False
         for x in data_args:
             stack.append((x, red or name in _REDUCTIONS))
-    return found_reduction
+    return found
 
 
-def _strip_casts(n: torch.fx.Node) -> torch.fx.Node:
-    while n.op == "call_function" and getattr(n.target, "_opname", "") in ("_to_copy", "clone", "alias"):
-        n = n.args[0]
-    return n
+def _strip_scaling(n: torch.fx.Node) -> list[torch.fx.Node]:
+    """``n`` and the values it is a constant rescaling or cast of (``x``, ``0.5 * x``, ``x.float()``...)."""
+    chain = [n]
+    while n.op == "call_function" and getattr(n.target, "_opname", "") in ("_to_copy", "clone", "alias", "mul", "div"):
+        data = _data_args(n)
+        if len(data) != 1 or (n.target._opname == "div" and n.args[0] is not data[0]):
+            break
+        n = data[0]
+        chain.append(n)
+    return chain
 
 
 def detect_normalizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Mark ``a * g(reduce(a))`` and ``a / g(reduce(a))`` (RMSNorm, decomposed LayerNorm) as normalisers.
+    """Mark products whose second factor is a function of the first as identity to the first factor.
 
-    Sets ``ann.extra["normalizer_slot"]`` to the slot of ``a``; the node's rule class becomes ``normalizer``
-    (identity to ``a``, nothing into the variance path).
+    * normalisers: ``a * g(reduce(a))`` and ``a / g(reduce(a))`` (RMSNorm, decomposed LayerNorm): nothing flows
+      into the variance path (AttnLRP);
+    * decomposed activations: ``a * g(a)`` with ``g`` elementwise (``x * sigmoid(x)``, GELU-tanh
+      ``0.5x * (1 + tanh(...x...))``): the activation as a whole gets the identity rule.
+
+    Sets ``ann.extra["normalizer_slot"]`` to the slot of ``a``; the node's rule class becomes ``normalizer``.
     """
     for node in gm.graph.nodes:
         ann = node.meta.get("dynlrp")
@@ -209,8 +231,14 @@ def detect_normalizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         x0, x1 = node.args[s0[0]], node.args[s1[0]]
         pairs = [(s0, x0, x1), (s1, x1, x0)] if name == "mul" else [(s0, x0, x1)]
         for slot, a, b in pairs:
-            if _reaches_via_reduction(b, a) or _reaches_via_reduction(b, _strip_casts(a)):
+            bases = set(_strip_scaling(a))
+            if _reaches(b, bases, _SCALE_OPS, True):
                 ann.extra["normalizer_slot"] = slot
+                ann.extra["pattern"] = "normalizer"
+                break
+            if name == "mul" and _reaches(b, bases, _ELEMENTWISE, False):
+                ann.extra["normalizer_slot"] = slot
+                ann.extra["pattern"] = "activation"
                 break
     return gm
 

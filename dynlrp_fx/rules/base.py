@@ -161,8 +161,8 @@ class RuleContext:
             def fn(*xs):
                 return tuple(self.call(dict(zip(slots, xs))))
 
-        cots = tuple(c.to(o.dtype) if c.dtype != o.dtype else c for c, o in zip(cotangents, self.outputs))
-        _, pullback = torch.func.vjp(fn, *primals)
+        outs, pullback = torch.func.vjp(fn, *primals)
+        cots = tuple(c.to(o.dtype) if c.dtype != o.dtype else c for c, o in zip(cotangents, outs))
         grads = pullback(cots)
         return list(grads)
 
