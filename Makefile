@@ -1,0 +1,31 @@
+# Two commands do all the setup on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dynlrp-installed
+
+.PHONY: demo test test-slow bench lint setup
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[test,viz,zoo,data,demo,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m dynlrp_fx demo --out out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --durations=15
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check dynlrp_fx tests benchmarks
