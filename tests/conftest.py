@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def grad_x_input(model, x, target):
+    """Gradient x input of output[:, target] (a reference for LRP-0 on piecewise-linear nets)."""
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    sel = y.reshape(y.shape[0], -1)[torch.arange(y.shape[0]), target]
+    (g,) = torch.autograd.grad(sel.sum(), x)
+    return (g * x).detach()
