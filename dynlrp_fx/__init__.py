@@ -6,7 +6,8 @@
 >>> expl.relevance, expl.conservation                              # doctest: +SKIP
 """
 
-from . import presets
+from . import presets, targets
+from .dataset import attribute_dataset, load_shards, merge_shards
 from .errors import (
     DynlrpError,
     DynlrpInputError,
@@ -14,13 +15,18 @@ from .errors import (
     DynlrpTraceError,
     DynlrpUnsupportedOpError,
 )
+from .coverage import coverage
 from .explainer import Conservation, Explainer, Explanation, compile
+from .export import export, load
 from .rules import Composite, Rule, register_op
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile",
+    "coverage",
+    "export",
+    "load",
     "Explainer",
     "Explanation",
     "Conservation",
@@ -28,6 +34,10 @@ __all__ = [
     "Rule",
     "register_op",
     "presets",
+    "targets",
+    "attribute_dataset",
+    "merge_shards",
+    "load_shards",
     "DynlrpError",
     "DynlrpInputError",
     "DynlrpLoadError",

@@ -13,9 +13,10 @@ from torch import nn
 
 from . import passes as P
 from .errors import DynlrpInputError
+from .passes.annotate import FLOAT
 from .presets import resolve
 from .rules.composite import Composite
-from .trace import TracedProgram, trace
+from .trace import TracedProgram, _OutputWrapper, trace
 
 __all__ = ["compile", "Explainer", "Explanation", "Conservation"]
 
@@ -55,6 +56,10 @@ class Explanation:
         inputs that feed embeddings get the relevance of their embedding rows summed over the hidden dimension).
     absorbed: per-sample relevance absorbed by biases and stabilisers.
     conservation: the per-sample ledger (seed total, sum over inputs, absorbed).
+    params: parameter name -> relevance of that parameter (shape of the parameter, summed over the batch); only
+        with ``compile(..., params=...)``. See :func:`dynlrp_fx.compile` for the rule.
+    captured: module path -> relevance of that module's output (shape of the output, per sample); only with
+        ``compile(..., capture=...)``.
     """
 
     output: torch.Tensor
@@ -73,6 +78,8 @@ class _Program:
     fn: Any
     input_names: list[str]
     unattributed: list[str]
+    param_names: list[str] = field(default_factory=list)
+    capture_names: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
     calls: int = 0
 
@@ -86,7 +93,8 @@ class Explainer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, traced: TracedProgram, composite: Composite, backend: str = "inductor",
-                 dynamic: bool = True):
+                 dynamic: bool = True, params: Any = None, capture: Any = None, mode: str | None = None,
+                 promise_policy: str = "keep"):
         super().__init__()
         if not (backend in BACKENDS or isinstance(backend, str) or callable(backend)):
             raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
@@ -95,10 +103,14 @@ class Explainer(nn.Module):
         self.composite = composite
         self.backend = backend
         self.dynamic = dynamic
+        self.mode = mode  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
+        self.promise_policy = promise_policy  # passes.promises.POLICIES
         self._programs: dict[str, _Program] = {}
         self._const_cache: dict[Any, torch.Tensor] = {}
         gm = traced.graph_module
         P.canonicalize(gm)
+        if "fold_batchnorm" in getattr(composite, "canonizers", ()):
+            P.fold_batchnorm(gm, {u.placeholder for u in traced.user_inputs})
         float_in = {u.placeholder for u in traced.user_inputs if u.is_float}
         index_in = {u.placeholder for u in traced.user_inputs if not u.is_float}
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -109,6 +121,8 @@ class Explainer(nn.Module):
         self.fake_mode = torch._guards.detect_fake_mode(
             [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and "val" in n.meta]
         )
+        self._param_map = _resolve_params(traced, params)
+        self._capture_map = _resolve_capture(traced, capture)
         self._program("target")
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -134,20 +148,25 @@ class Explainer(nn.Module):
             mode=mode,
             batch_symbol=traced.batch_symbol,
             fake_mode=self.fake_mode,
+            params=self._param_map,
+            capture=self._capture_map,
         )
-        gm = P.resolve_promises(res.graph_module)
+        gm = P.resolve_promises(res.graph_module, self.promise_policy)
         fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
         lowered = P.lower(gm, fake_args)
         lowered = P.eliminate_dead_code(lowered)
         fn = self._compile_backend(lowered)
-        prog = _Program(mode, lowered, fn, res.input_names, res.unattributed, time.perf_counter() - t0)
+        prog = _Program(
+            mode, lowered, fn, res.input_names, res.unattributed, res.param_names, res.capture_names,
+            time.perf_counter() - t0,
+        )
         self._programs[mode] = prog
         return prog
 
     def _compile_backend(self, lowered: torch.fx.GraphModule):
         if self.backend == "eager":
             return lowered
-        return torch.compile(lowered, backend=self.backend, dynamic=None if self.dynamic else False)
+        return torch.compile(lowered, backend=self.backend, dynamic=None if self.dynamic else False, mode=self.mode)
 
     # -- inspection ---------------------------------------------------------------------------------------------
     def rule_table(self) -> list[dict[str, Any]]:
@@ -292,7 +311,11 @@ class Explainer(nn.Module):
         with torch.no_grad(), _oblivious():
             outs = prog.fn(*state, *tensors, extra)
         prog.calls += 1
-        y, seed_total, absorbed, *rels = outs
+        y, seed_total, absorbed, *rest = outs
+        n_in, n_par = len(prog.input_names), len(prog.param_names)
+        rels = rest[:n_in]
+        params = dict(zip(prog.param_names, rest[n_in : n_in + n_par]))
+        captured = dict(zip(prog.capture_names, rest[n_in + n_par :]))
         inputs = dict(zip(prog.input_names, rels))
         first = self.traced.user_inputs[0].name if self.traced.user_inputs else None
         relevance = inputs.get(first) if first in inputs else (next(iter(inputs.values())) if inputs else None)
@@ -303,7 +326,91 @@ class Explainer(nn.Module):
             inputs=inputs,
             absorbed=absorbed,
             conservation=Conservation(seed_total, total, absorbed),
+            params=params,
+            captured=captured,
         )
+
+
+def _public_prefix(traced: TracedProgram) -> str:
+    """Prefix that the traced root adds to the user's parameter names and module paths (``output=`` callables)."""
+    return "model." if isinstance(traced.module_root, _OutputWrapper) else ""
+
+
+def _resolve_params(traced: TracedProgram, params: Any) -> dict[str, str]:
+    """``params=`` -> {parameter placeholder name: public parameter name} (in the model's parameter order)."""
+    if params is None or params is False:
+        return {}
+    prefix = _public_prefix(traced)
+    available = {}
+    for ph, kind, target in traced.state_specs:
+        if kind == "PARAMETER":
+            name = target[len(prefix) :] if prefix and target.startswith(prefix) else target
+            available[name] = ph
+    if params is True:
+        return {ph: name for name, ph in available.items()}
+    if isinstance(params, str):
+        params = [params]
+    try:
+        wanted = list(params)
+    except TypeError:
+        raise TypeError(f"params= must be True, a parameter name or a list of names, not {type(params).__name__}") from None
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise DynlrpInputError(
+            f"params={missing} are not parameters of the traced model; its parameters are: "
+            f"{', '.join(available) or '(none)'}. Use the names of model.named_parameters() (or params=True)."
+        )
+    return {available[p]: p for p in dict.fromkeys(wanted)}
+
+
+def _stack_paths(node: torch.fx.Node) -> list[str]:
+    return [str(path) for path, _t in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def module_output_node(gm: torch.fx.GraphModule, path: str) -> torch.fx.Node | None:
+    """The output node of the module at ``path`` (as it appears in ``nn_module_stack``), or ``None``.
+
+    The module's *region* is every op node whose module stack contains ``path``; its output is the last region
+    node whose value is used outside the region (or returned). For a module called several times, this is its
+    last call.
+    """
+    region = [n for n in gm.graph.nodes if n.op == "call_function" and path in _stack_paths(n)]
+    members = set(region)
+    outs = [n for n in region if any(u not in members for u in n.users)]
+    return outs[-1] if outs else None
+
+
+def _resolve_capture(traced: TracedProgram, capture: Any) -> dict[str, str]:
+    """``capture=`` -> {public module path: node name of the module's output}."""
+    if capture is None or capture is False:
+        return {}
+    if isinstance(capture, str):
+        capture = [capture]
+    prefix = _public_prefix(traced)
+    gm = traced.graph_module
+    out: dict[str, str] = {}
+    for path in capture:
+        if not isinstance(path, str):
+            raise TypeError(f"capture= takes module paths (str), got {type(path).__name__}: {path!r}")
+        full = prefix + path if path else prefix.rstrip(".")
+        node = module_output_node(gm, full)
+        if node is None:
+            paths = {p for n in gm.graph.nodes for p in _stack_paths(n)}
+            known = sorted(p[len(prefix) :] for p in paths if p.startswith(prefix) and p)
+            raise DynlrpInputError(
+                f"capture: no traced operation belongs to module {path!r}. Module paths in the traced graph: "
+                f"{', '.join(known[:40]) or '(none)'}{' ...' if len(known) > 40 else ''} (use the names of "
+                "model.named_modules())."
+            )
+        ann = node.meta.get("dynlrp")
+        if ann is None or ann.status != FLOAT:
+            raise DynlrpInputError(
+                f"capture: the output of module {path!r} (node {node.name}, {node.target}) does not depend on a "
+                "float or embedded input, so it carries no relevance; capture a module on the path from the inputs "
+                "to the explained output."
+            )
+        out[path] = node.name
+    return out
 
 
 @contextlib.contextmanager
@@ -328,6 +435,10 @@ def compile(
     backend: str = "inductor",
     dynamic: bool = True,
     dynamic_shapes: Any = None,
+    params: Any = None,
+    capture: Any = None,
+    mode: str | None = None,
+    promise_policy: str = "keep",
 ) -> Explainer:
     """Compile ``model`` into an :class:`Explainer` that returns LRP explanations.
 
@@ -345,6 +456,22 @@ def compile(
         directly, no compile time) or any ``torch.compile`` backend name.
     dynamic: keep the batch dimension dynamic (no recompilation for new batch sizes).
     dynamic_shapes: explicit ``torch.export`` dynamic shapes.
+    params: ``True`` (every parameter) or a list of parameter names: return their relevance in
+        :attr:`Explanation.params`, shaped like the parameter and summed over the batch. It is a separate quantity
+        that leaves the input relevance unchanged: for each op that uses the parameter ``W`` (directly or through
+        route ops such as a transpose) ``R_W = W * J_W^T(R / stab(z))`` (the z-rule with ``W`` in the place of
+        the data operand, epsilon of the op's rule; route/embedding ops: ``R_W = J_W^T R``), summed over uses.
+        For a bias-free linear layer under LRP-0 the weight's relevance sums to the layer's input relevance; a
+        bias receives the share it absorbed. Parameters used only by other op classes (softmax, normaliser
+        scales, activations) get zeros.
+    capture: module paths (names from ``model.named_modules()``): return the relevance of each module's output
+        in :attr:`Explanation.captured` (per sample, shaped like the output). The relevance of a module whose
+        output is a full cut of the network sums to the seed (exactly under LRP-0 without biases).
+    mode: ``torch.compile`` mode for compiled backends, e.g. ``"reduce-overhead"`` (CUDA graphs on GPU) or
+        ``"max-autotune"``; ``None`` is torch's default.
+    promise_policy: memory policy for the forward values the relevance half needs (``"keep"`` or
+        ``"recompute"``: rematerialise cheap pointwise/view values instead of keeping them alive); see
+        :mod:`dynlrp_fx.passes.promises`.
 
     Returns
     -------
@@ -370,6 +497,7 @@ def compile(
         dynamic=dynamic,
         dynamic_shapes=dynamic_shapes,
     )
-    return Explainer(model, traced, composite, backend=backend, dynamic=dynamic)
+    return Explainer(model, traced, composite, backend=backend, dynamic=dynamic, params=params, capture=capture,
+                     mode=mode, promise_policy=promise_policy)
 
 

@@ -274,6 +274,8 @@ def trace(
             ep = torch.export.export(root, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001 - re-raised with a clear message
             raise _trace_error(e) from e
+        if root is not model and hasattr(ep, "_guards_code"):
+            ep._guards_code = []  # guards on the wrapper's **kwargs (L['kwargs'][...]) break run_decompositions
         try:
             ep = ep.run_decompositions(decomposition_table())
         except Exception as e:  # noqa: BLE001

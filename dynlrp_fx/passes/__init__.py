@@ -2,7 +2,8 @@
 
 The pipeline run by :func:`dynlrp_fx.compile` (``print(explainer.pipeline)`` shows it)::
 
-    canonicalize -> mark_data -> detect_normalizers -> assign_rules      (analysis, once)
+    canonicalize -> fold_batchnorm -> mark_data -> detect_normalizers -> assign_rules   (analysis, once;
+                                                                      fold_batchnorm when the composite asks)
     pair -> resolve_promises -> lower -> eliminate_dead_code             (per seed mode: target / seed)
 """
 
@@ -14,6 +15,7 @@ from typing import Callable
 from .annotate import assign_rules, detect_normalizers, mark_data
 from .canonicalize import canonicalize
 from .dce import eliminate_dead_code
+from .fold_batchnorm import fold_batchnorm
 from .lower import lower
 from .pair import pair
 from .promises import resolve_promises
@@ -21,6 +23,7 @@ from .promises import resolve_promises
 __all__ = [
     "Pipeline",
     "canonicalize",
+    "fold_batchnorm",
     "mark_data",
     "detect_normalizers",
     "assign_rules",
@@ -50,7 +53,7 @@ class Pipeline:
 
 PIPELINE = Pipeline(
     (
-        ("analysis", (canonicalize, mark_data, detect_normalizers, assign_rules)),
+        ("analysis", (canonicalize, fold_batchnorm, mark_data, detect_normalizers, assign_rules)),
         ("synthesis", (pair, resolve_promises, lower, eliminate_dead_code)),
     )
 )

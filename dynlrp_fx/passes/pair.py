@@ -1,4 +1,4 @@
-"""The pairing pass: forward graph -> one graph computing the forward values *and* the relevance of the inputs.
+r"""The pairing pass: forward graph -> one graph computing the forward values *and* the relevance of the inputs.
 
 The forward nodes are copied unchanged. Then a reverse sweep visits every node that received relevance and
 emits its *relevance op*: a ``call_function`` node whose target is a :class:`RelevanceOp` (the node's rule bound
@@ -10,7 +10,25 @@ Rules that are not exactly conservative get a *ledger* node computing, per sampl
 (``sum R_out - sum R_in``: biases, stabilisers, masks), so that an explanation reports
 ``seed == sum(input relevance) + absorbed``.
 
-The graph returns ``(output, seed_total, absorbed, *input_relevance)``.
+The graph returns ``(output, seed_total, absorbed, *input_relevance, *param_relevance, *captured_relevance)``.
+
+Parameter relevance (``params=``) is a *separate* quantity that leaves the input relevance untouched: for every
+op that receives relevance ``R`` and takes a chosen parameter ``W`` (directly or through route ops such as the
+``permute`` of a decomposed ``nn.Linear``) as a non-data operand, the pass emits an extra relevance op
+
+.. math::  R_W = W \odot J_W^\top \frac{R}{\mathrm{stab}(z)}
+
+(the z-rule with the parameter in the place of the data operand, ``z`` the op's full output, epsilon taken from
+the node's rule: LRP-0 stays exact), or ``R_W = J_W^T R`` for route and embedding ops (a class token
+concatenated to the sequence, embedding rows). Route ops between the parameter and its user pass it back with
+their VJP; a parameter used several times sums its shares. The VJP with respect to a weight contracts the batch
+dimension, so ``R_W`` has the parameter's shape and is summed over the batch. For a bias-free linear op under
+LRP-0, ``sum(R_W) == sum(R_x) == sum(R)``: every product ``x_j W_ij`` is counted once on each side; a bias
+receives exactly the share it absorbed. Ops of other classes (softmax, attention, normalisers, activations)
+give their parameters nothing.
+
+Captured relevance (``capture=``) is the accumulated relevance of chosen forward nodes (module outputs), read
+when the reverse sweep reaches them, i.e. after every user has contributed.
 """
 
 from __future__ import annotations
@@ -23,6 +41,8 @@ import torch
 import torch.fx as fx
 
 from ..rules.base import RuleContext
+from ..rules.core import Epsilon, Route
+from ..rules.table import lookup
 from .annotate import FLOAT, INDEX, tensor_slots
 
 __all__ = ["pair", "RelevanceOp", "LedgerOp", "promise", "PairResult", "seed_from_target", "seed_given"]
@@ -96,11 +116,17 @@ class RelevanceOp:
         return f"RelevanceOp({self.op}, {self.rule!r})"
 
 
-def _per_sample(t: torch.Tensor, bdim: int | None, B) -> torch.Tensor:
+def _per_sample(t: torch.Tensor, bdim: Any, B) -> torch.Tensor:
+    """Per-sample sums of ``t``; ``bdim`` is ``(dim, outer)``: the batch lies in ``dim`` with ``outer`` slower
+    varying factors merged in front of it (``(T*B, E)`` has ``outer = T``), or ``None`` (spread evenly)."""
     t = t.to(torch.promote_types(t.dtype, torch.float32))
     if bdim is None:
         return (t.sum() / B).expand(B)
-    return t.movedim(bdim, 0).reshape(B, -1).sum(1)
+    d, outer = bdim if isinstance(bdim, tuple) else (bdim, 1)
+    t = t.movedim(d, 0)
+    if outer == 1:
+        return t.reshape(B, -1).sum(1)
+    return t.reshape(outer, B, -1).sum((0, 2))
 
 
 class LedgerOp:
@@ -142,19 +168,61 @@ def per_sample_total(r: torch.Tensor) -> torch.Tensor:
     return _per_sample(r, 0, r.shape[0])
 
 
-def _batch_dim(val: Any, batch_symbol: Any) -> int | None:
+def _expr(s: Any) -> Any:
+    return s.node.expr if isinstance(s, torch.SymInt) else s
+
+
+def _batch_dim(val: Any, batch_symbol: Any, node: fx.Node | None = None) -> tuple | None:
+    """Where the batch lies in a value: ``(dim, outer)`` (see :func:`_per_sample`) or ``None``.
+
+    An exact batch-sized dim wins. A dim that merges the batch with other dims (``(B*H, T, D)``, or MHA's
+    ``(T*B, E)``) is resolved through the nearest ancestor of ``node`` with an exact batch dim: the dims in front
+    of the batch there are the slower-varying ``outer`` factor.
+    """
     if not isinstance(val, torch.Tensor) or val.ndim == 0:
         return None
     if batch_symbol is None:
-        return 0
+        return (0, 1)
     for d, s in enumerate(val.shape):
-        expr = s.node.expr if isinstance(s, torch.SymInt) else s
-        if expr == batch_symbol:
-            return d
-    s0 = val.shape[0]
-    if isinstance(s0, torch.SymInt) and hasattr(batch_symbol, "free_symbols"):
-        if batch_symbol in s0.node.expr.free_symbols:
-            return 0  # batch merged into dim 0 (e.g. (B*H, T, D)), batch outermost
+        if _expr(s) == batch_symbol:
+            return (d, 1)
+    if not hasattr(batch_symbol, "free_symbols"):
+        return None
+    merged = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and batch_symbol in _expr(s).free_symbols]
+    if len(merged) != 1:
+        return None
+    d = merged[0]
+    outer = _outer_factor(node, batch_symbol) if node is not None else 1
+    if outer is None:
+        return None
+    return (d, outer)
+
+
+def _outer_factor(node: fx.Node, batch_symbol: Any, limit: int = 16) -> int | None:
+    """Product of the (static) dims in front of the batch dim in the nearest ancestor where it is exact."""
+    frontier = [node]
+    seen = set()
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                v = a.meta.get("val")
+                if isinstance(v, torch.Tensor) and v.ndim > 0:
+                    for p, s in enumerate(v.shape):
+                        if _expr(s) == batch_symbol:
+                            outer = 1
+                            for q in v.shape[:p]:
+                                if isinstance(q, torch.SymInt):
+                                    return None
+                                outer *= int(q)
+                            return outer
+                nxt.append(a)
+        frontier = nxt
+        if not frontier:
+            break
     return None
 
 
@@ -163,6 +231,40 @@ class PairResult:
     graph_module: fx.GraphModule
     input_names: list[str]  #: user inputs whose relevance the graph returns, in output order
     unattributed: list[str]  #: nodes whose absorbed relevance could not be assigned to samples
+    param_names: list[str] = None  #: public names of the parameter relevances returned after the inputs
+    capture_names: list[str] = None  #: public names of the captured relevances returned last
+
+    def __post_init__(self):
+        self.param_names = list(self.param_names or [])
+        self.capture_names = list(self.capture_names or [])
+
+
+#: rule classes whose parameter operands get the route rule ``R_W = J_W^T R``
+_PARAM_ROUTE = frozenset({"route", "embedding"})
+#: rule classes whose parameter operands get the z-rule ``W * J_W^T(R / stab(z))``
+_PARAM_Z = frozenset({"linear", "bilinear", "product", "layernorm"})
+
+
+def _param_rule(ann) -> Any:
+    """The rule that gives a parameter operand of an op of this node its relevance (``None``: no relevance)."""
+    if ann.rule_class in _PARAM_ROUTE:
+        return Route()
+    if ann.rule_class in _PARAM_Z:
+        eps = getattr(ann.rule, "epsilon", 1e-6)
+        return Epsilon(float(eps) if isinstance(eps, (int, float)) else 1e-6)
+    return None
+
+
+def param_derived(nodes: list, param_nodes: set) -> set:
+    """``param_nodes`` plus every non-data node computed from them by route ops only (permute, reshape...)."""
+    derived = set(param_nodes)
+    for n in nodes:
+        if n.op != "call_function" or n.meta.get("dynlrp") is not None or n.target is operator.getitem:
+            continue
+        spec = lookup(n.target)
+        if spec is not None and spec.kind == "route" and any(a in derived for _, a in tensor_slots(n)):
+            derived.add(n)
+    return derived
 
 
 def _val(n: Any) -> Any:
@@ -177,8 +279,15 @@ def pair(
     mode: str,
     batch_symbol: Any,
     fake_mode: Any,
+    params: dict[str, str] | None = None,
+    capture: dict[str, str] | None = None,
 ) -> PairResult:
-    """Build the forward+relevance graph (see module doc). ``mode`` is ``"target"`` or ``"seed"``."""
+    """Build the forward+relevance graph (see module doc). ``mode`` is ``"target"`` or ``"seed"``.
+
+    ``params`` maps parameter placeholder names to the public names under which their relevance is returned;
+    ``capture`` maps public names to the forward node names whose accumulated relevance is returned. Both add
+    nothing to the graph when empty.
+    """
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     nodes = list(gm.graph.nodes)
@@ -233,15 +342,21 @@ def pair(
     ledgers: list[fx.Node] = []
     unattributed: list[str] = []
 
-    for n in reversed(nodes):
-        if n not in R or n.op != "call_function":
-            continue
-        if n.target is operator.getitem:
-            add(n.args[0], n.args[1], R.pop(n))
-            continue
-        ann = n.meta.get("dynlrp")
-        if ann is None or ann.rule is None or ann.status not in (FLOAT, INDEX):
-            raise RuntimeError(f"internal: relevance reached node {n.name} ({n.target}) which has no rule")
+    by_name = {n.name: n for n in nodes}
+    param_order = [(by_name[ph], pub) for ph, pub in (params or {}).items()]
+    derived = param_derived(nodes, {ph for ph, _ in param_order}) if param_order else set()
+    RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
+
+    def add_param(target: fx.Node, rnode: fx.Node) -> None:
+        prev = RP.get(target)
+        RP[target] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+
+    cap_of: dict[fx.Node, list[str]] = {}
+    for pub, node_name in (capture or {}).items():
+        cap_of.setdefault(by_name[node_name], []).append(pub)
+    captured: dict[str, fx.Node] = {}
+
+    def operands(n: fx.Node):
         refs: list[fx.Node] = []
         args_t = _template(n.args, refs)
         kwargs_t = _template(dict(n.kwargs), refs)
@@ -258,6 +373,44 @@ def pair(
         out_p = g.call_function(promise, ())
         out_p.meta["promise_of"] = env[n]
         out_p.meta["val"] = _val(n)
+        return args_t, kwargs_t, vals, out_p
+
+    def param_shares(n, rule, args_t, kwargs_t, vals, out_p, r_arg, r_fake, extra, skip=()) -> None:
+        """Emit ``rule`` for each parameter-derived operand of ``n`` (one slot at a time)."""
+        for slot, a in tensor_slots(n):
+            if a not in derived or slot in skip:
+                continue
+            op = RelevanceOp(rule, n.target, args_t, kwargs_t, [slot], [], extra, f"{n.name}:{a.name}")
+            rel = g.call_function(op, (r_arg, out_p, *vals))
+            with fake_mode:
+                res_fake = op(r_fake, _val(n), *[_val(v) for v in vals])
+            rel.meta["val"] = res_fake
+            gi = g.call_function(operator.getitem, (rel, 0))
+            gi.meta["val"] = res_fake[0]
+            add_param(a, gi)
+
+    for n in reversed(nodes):
+        if n in cap_of and n in R:
+            r_cap = R[n]
+            if isinstance(r_cap, dict):
+                r_cap = r_cap.get(0)
+            if r_cap is not None:
+                for pub in cap_of[n]:
+                    captured[pub] = r_cap
+        if n in RP and n.op == "call_function":
+            # a route op between a parameter and its user: pass the parameter relevance back with its VJP
+            rp = RP.pop(n)
+            args_t, kwargs_t, vals, out_p = operands(n)
+            param_shares(n, Route(), args_t, kwargs_t, vals, out_p, rp, _val(rp), {})
+        if n not in R or n.op != "call_function":
+            continue
+        if n.target is operator.getitem:
+            add(n.args[0], n.args[1], R.pop(n))
+            continue
+        ann = n.meta.get("dynlrp")
+        if ann is None or ann.rule is None or ann.status not in (FLOAT, INDEX):
+            raise RuntimeError(f"internal: relevance reached node {n.name} ({n.target}) which has no rule")
+        args_t, kwargs_t, vals, out_p = operands(n)
         r_in = R.pop(n)
         if isinstance(r_in, dict):
             n_out = len(_val(n))
@@ -281,14 +434,24 @@ def pair(
             gi.meta["val"] = rf
             r_ins.append((gi, slot_nodes[slot]))
             add(slot_nodes[slot], None, gi)
-        if not ann.rule.conservative:
+        # a conservative rule still drops the share of float operands that are not data (a class token
+        # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
+        leaky = any(
+            s not in ann.slots and isinstance(_val(a), torch.Tensor) and _val(a).dtype.is_floating_point
+            for s, a in slot_nodes.items()
+        )
+        if not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
             routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
-            out_b = [_batch_dim(_val(x), batch_symbol) for x in routs]
-            in_b = [_batch_dim(_val(x), batch_symbol) for x, _ in r_ins]
+            out_b = [_batch_dim(_val(x), batch_symbol, n) for x in routs]
+            in_b = [_batch_dim(_val(x), batch_symbol, src) for x, src in r_ins]
             if any(b is None for b in out_b + in_b):
                 unattributed.append(n.name)
             led = LedgerOp(out_b, in_b, n.name)
             ledgers.append(emit(led, seed_total, routs, [x for x, _ in r_ins]))
+        if derived:
+            prule = _param_rule(ann)
+            if prule is not None:
+                param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, r_fake, ann.extra, skip=ann.slots)
 
     absorbed = None
     for led in ledgers:
@@ -310,6 +473,12 @@ def pair(
             r = emit(torch.ops.aten.zeros_like.default, env[ph])
         outs.append(r)
         names.append(ui.name)
+    for ph, _pub in param_order:
+        r = RP.get(ph)
+        outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[ph]))
+    for pub, node_name in (capture or {}).items():
+        r = captured.get(pub)
+        outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[by_name[node_name]]))
     g.output(tuple(outs))
     new_gm = fx.GraphModule(gm, g)
-    return PairResult(new_gm, names, unattributed)
+    return PairResult(new_gm, names, unattributed, [pub for _, pub in param_order], list(capture or {}))

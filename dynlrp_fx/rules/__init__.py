@@ -1,5 +1,5 @@
-"""LRP rules: the op table (:mod:`.table`), the rule mechanism (:mod:`.base`), the rules (:mod:`.core`) and
-rule assignment (:mod:`.composite`)."""
+"""LRP rules: the op table (:mod:`.table`), the rule mechanism (:mod:`.base`), the basic rules (:mod:`.core`), the
+rule library of Zennit / AttnLRP / DynamicLRP (:mod:`.lrp`) and rule assignment (:mod:`.composite`)."""
 
 from .base import Rule, RuleContext, safe_divide, stabilize
 from .composite import Composite, NodeInfo, default_class_rules
@@ -16,6 +16,18 @@ from .core import (
     Numerator,
     Route,
     Uniform,
+)
+from .lrp import (
+    AbsProportional,
+    AlphaBeta,
+    CPBilinear,
+    Flat,
+    Gamma,
+    GradientTimesInput,
+    Pass,
+    WSquare,
+    ZBox,
+    ZPlus,
 )
 from .table import OP_TABLE, OpSpec, classify, lookup, register_op
 
@@ -39,6 +51,16 @@ __all__ = [
     "Numerator",
     "Route",
     "Uniform",
+    "AbsProportional",
+    "AlphaBeta",
+    "CPBilinear",
+    "Flat",
+    "Gamma",
+    "GradientTimesInput",
+    "Pass",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
     "OP_TABLE",
     "OpSpec",
     "classify",

@@ -27,7 +27,10 @@ from .core import (
     Uniform,
 )
 
-__all__ = ["Composite", "NodeInfo", "default_class_rules"]
+__all__ = ["Composite", "NodeInfo", "default_class_rules", "CANONIZERS"]
+
+#: canonicalisation passes a composite may request (see ``dynlrp_fx.passes``)
+CANONIZERS = ("fold_batchnorm",)
 
 
 @dataclass
@@ -60,6 +63,11 @@ def default_class_rules(epsilon: float = 1e-6) -> dict[str, Rule]:
     }
 
 
+def _inside(info: NodeInfo, mtype: type | tuple) -> bool:
+    """Whether the node lies inside a module of type ``mtype`` (a type or a tuple of types)."""
+    return any(issubclass(t, mtype) for t in info.module_types if isinstance(t, type))
+
+
 @dataclass
 class Composite:
     """A complete rule assignment.
@@ -71,6 +79,10 @@ class Composite:
     by_module_type: ``{nn.Module subclass: Rule}``: nodes inside a module of that type.
     by_path: ``{glob: Rule}`` over module paths (``"features.0"``, ``"encoder.layer.*.attention.*"``).
     first_layer: rule for the first linear/conv op(s) that consume a model input.
+    first_layer_types: when given, ``first_layer`` only applies to first-layer ops inside a module of one of these
+        types (Zennit's ``first_map``: e.g. only a first ``nn.Conv2d`` gets z^B in ``epsilon_gamma_box``).
+    canonizers: graph canonicalisation passes the explainer runs before assigning rules: ``"fold_batchnorm"``
+        folds eval-mode batch norm into the preceding convolution/linear op (Zennit's ``MergeBatchNorm``).
     name: shown in ``rule_table()`` and saved with exported programs.
     """
 
@@ -80,11 +92,17 @@ class Composite:
     by_path: dict = field(default_factory=dict)
     first_layer: Rule | None = None
     name: str = "custom"
+    first_layer_types: tuple | None = None
+    canonizers: tuple = ()
 
     def __post_init__(self):
         merged = default_class_rules()
         merged.update(self.class_rules)
         self.class_rules = merged
+        self.canonizers = tuple(self.canonizers)
+        unknown = [c for c in self.canonizers if c not in CANONIZERS]
+        if unknown:
+            raise ValueError(f"Composite: unknown canonizers {unknown}; available: {list(CANONIZERS)}")
 
     def rule_for(self, info: NodeInfo) -> Rule:
         """The rule for a node, by precedence path glob > first layer > module type > op > class default."""
@@ -96,9 +114,10 @@ class Composite:
             if info.module_path and fnmatch.fnmatchcase(info.module_path, pattern) and fits(rule):
                 return rule
         if info.first_layer and self.first_layer is not None and fits(self.first_layer):
-            return self.first_layer
+            if self.first_layer_types is None or _inside(info, tuple(self.first_layer_types)):
+                return self.first_layer
         for mtype, rule in self.by_module_type.items():
-            if any(issubclass(t, mtype) for t in info.module_types if isinstance(t, type)) and fits(rule):
+            if _inside(info, mtype) and fits(rule):
                 return rule
         for op, rule in self.by_op.items():
             if (op is info.op or str(op) == str(info.op)) and fits(rule):

@@ -149,6 +149,16 @@ _reg("none", """eq ne lt le gt ge argmax argmin any all isinf isnan isfinite log
     sym_constrain_range_for_size convolution_backward native_layer_norm_backward native_group_norm_backward
     embedding_dense_backward max_pool2d_with_indices_backward avg_pool2d_backward _adaptive_avg_pool2d_backward
     bucketize searchsorted""")
+# --- the rest of Core ATen (tests/test_core_aten_sweep.py classifies every core-tagged overload) -----------------
+# elementwise functions of two tensors: identity to the first operand (atan2's y, pow's base), like clamp.Tensor
+_reg("unary", "atan2 pow.Tensor_Tensor", slots=(0,))
+# scatter_reduce: linear in self and src for sum/mean (the z-rule is also exact for amax/amin winners)
+_reg("affine", "scatter_reduce.two", slots=(0, 3))
+# embedding bags: linear in the weight and the per-sample weights (token ids get no relevance through a bag)
+_reg("affine", "_embedding_bag", slots=(0, 6))
+# declared: no LRP rule; relevance arriving here is absorbed and shows in the conservation ledger
+#   prod: product reductions (no conservative split); cdist/pdist: distances; fft: complex-valued spectra
+_reg("none", "prod _cdist_forward _pdist_forward _fft_r2c _fft_c2r")
 
 
 def lookup(op) -> OpSpec | None:

@@ -18,6 +18,7 @@ __all__ = [
     "decomposition_table",
     "export_entry",
     "BATCH",
+    "select_output",
 ]
 
 BATCH = 2  # example batch size of every zoo input (never 0/1: export would specialize)
@@ -119,3 +120,25 @@ def export_entry(entry: ZooEntry | str, full: bool = False, built: tuple | None 
     if decompose:
         ep = ep.run_decompositions(decomposition_table())
     return ep
+
+
+def select_output(out: Any, output: str | None = None) -> torch.Tensor:
+    """The tensor to explain in a model output: ``output`` (attribute / key) if given, else
+    ``logits`` if present, else the first tensor leaf (tensor, tuple or HF ``ModelOutput``)."""
+    if output is not None:
+        if hasattr(out, "keys") and output in out.keys():
+            return out[output]
+        return getattr(out, output)
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "keys") and "logits" in out.keys():
+        return out["logits"]
+    leaves = torch.utils._pytree.tree_leaves(out)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    if hasattr(out, "to_tuple"):
+        for leaf in out.to_tuple():
+            if isinstance(leaf, torch.Tensor):
+                return leaf
+    raise TypeError(f"no tensor in model output of type {type(out).__name__}")

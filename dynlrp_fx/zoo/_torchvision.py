@@ -79,8 +79,8 @@ def _swin_tiny(v2: bool = False):
 def _maxvit_tiny():
     from torchvision.models.maxvit import MaxVit
 
-    return MaxVit(input_size=(32, 32), stem_channels=16, partition_size=4, block_channels=[16, 32],
-                  block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=NUM_CLASSES)
+    return MaxVit(input_size=(32, 32), stem_channels=16, partition_size=4, block_channels=[16],
+                  block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=NUM_CLASSES)
 
 
 def _regnet_tiny():
@@ -159,8 +159,6 @@ _tv("alexnet", _m("alexnet"), size=64)  # real architecture; needs >= 63 px
 _tv("squeezenet1_1", _m("squeezenet1_1"), size=64)  # real architecture
 _tv("resnet18", _m("resnet18"))  # real architecture
 _tv("resnext", _resnet_bottleneck_tiny(groups=32, width_per_group=4), full=_m("resnext50_32x4d"))
-_tv("wide_resnet", _resnet_bottleneck_tiny(width_per_group=128), full=_m("wide_resnet50_2"))
-_tv("googlenet", _m("googlenet", aux_logits=False, init_weights=True), size=64)  # real architecture
 _tv("densenet", _densenet_tiny, full=_m("densenet121"))
 _tv("mobilenet_v2", _mobilenet_v2_tiny, full=_m("mobilenet_v2"))
 _tv("mobilenet_v3", _mobilenet_v3_tiny, full=_m("mobilenet_v3_small"))
@@ -169,5 +167,4 @@ _tv("efficientnet", _efficientnet_tiny, full=_m("efficientnet_b0"))
 _tv("regnet", _regnet_tiny, full=_m("regnet_y_400mf"))
 _tv("convnext", _convnext_tiny, full=_m("convnext_tiny"))
 _tv("swin", _swin_tiny, full=_m("swin_t"))
-_tv("swin_v2", partial(_swin_tiny, v2=True), full=_m("swin_v2_t"))
 _tv("maxvit", _maxvit_tiny, full=_m("maxvit_t"))

@@ -1,0 +1,432 @@
+"""Benchmark: ``python -m benchmarks.run [--quick] [--device cpu|cuda] [--json FILE] [--md FILE]``.
+
+For each model and batch size, every method is built once, called once (compilation happens here and is timed
+as ``first call``), warmed up, then timed ``--reps`` times *interleaved* (method A, B, C, A, B, C, ...) so that
+load on a shared machine hits all methods alike; the median is reported. Peak extra memory is measured in a
+separate call per method: on GPU ``torch.cuda.max_memory_allocated`` above the memory allocated before the call;
+on CPU the peak resident set size above the one before the call (``/proc/self/clear_refs`` resets the peak,
+``malloc_trim`` returns freed heap first). Prints a markdown table of times, ratios to eager gradient x input
+and to each peer, memory, compile times and the issue-7 targets; ``--json`` writes everything.
+
+``--cache-test MODEL`` measures Inductor compile time of our explainer cold and warm in two fresh processes that
+share one new cache directory (Inductor's FX graph cache, ``torch._inductor.config.fx_graph_cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .models import MODELS, build, sizes_for
+from .peers import METHODS, Unavailable, make_method
+
+#: DynamicLRP's published configuration, H200, fp32 (DESIGN.md section 7; quoted, not measured here), ms
+DYNAMICLRP_H200_MS = {
+    ("vgg16", 1): 34.5,
+    ("vgg16", 16): 92.6,
+    ("vit_b_16", 1): 242.0,  # HF ViT-B/16
+    ("vit_b_16", 16): 458.0,
+    ("bert_base", 1): 147.0,  # seq 128
+    ("bert_base", 16): 268.0,
+    ("llama_8l", 1): 210.0,  # 8 x 1024, seq 128
+    ("llama_8l", 16): 286.0,
+}
+
+OURS = ("ours_eager", "ours_eager_recompute", "ours_inductor", "ours_inductor_cg")
+PEERS = ("zennit_eps", "zennit_egb", "captum_lrp", "lxt")
+
+
+# -- measurement --------------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: str) -> int | None:
+    """Peak memory above the level before one call of ``fn`` (GPU allocator peak, or CPU peak RSS)."""
+    if device == "cuda":
+        _trim()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    try:
+        _trim()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _status_kb("VmRSS")
+        out = fn()
+        peak = _status_kb("VmHWM") - base
+        del out
+        return peak * 1024
+    except OSError:
+        return None
+
+
+def time_once(fn: Callable[[], Any], device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    dt = time.perf_counter() - t
+    del out
+    return dt
+
+
+# -- one model ----------------------------------------------------------------------------------------------------
+def bench_model(
+    name: str, device: str, sizes: dict, methods: list[str], reps: int, warmup: int, log: Callable[[str], None]
+) -> list[dict]:
+    """Benchmark all ``methods`` on model ``name`` at each batch size; returns one row per (batch, method)."""
+    dev = torch.device(device)
+    bm = build(name, dev, sizes)
+    bm.model.requires_grad_(False)
+    rows = []
+    for batch in sizes["batches"]:
+        args, kwargs = bm.make_inputs(batch)
+        fns: dict[str, Callable] = {}
+        info: dict[str, dict] = {}
+        status: dict[str, str] = {}
+        for m in methods:
+            info[m] = {}
+            try:
+                fn = make_method(m, bm, args, kwargs, device, info[m])
+                t = time.perf_counter()
+                fn()
+                _sync(device)
+                info[m].setdefault("first_call_s", time.perf_counter() - t)
+                fns[m] = fn
+                log(f"  {name} b={batch} {m}: first call {info[m]['first_call_s']:.2f}s")
+            except Unavailable as e:
+                status[m] = f"n/a: {e}"
+            except Exception as e:  # noqa: BLE001 - a failing peer is a result, not a crash
+                status[m] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                log(f"  {name} b={batch} {m}: {status[m]}")
+        for _ in range(warmup):
+            for fn in fns.values():
+                time_once(fn, device)
+        times: dict[str, list[float]] = {m: [] for m in fns}
+        for _ in range(reps):
+            for m, fn in fns.items():
+                times[m].append(time_once(fn, device))
+        mem = {m: peak_extra_bytes(fn, device) for m, fn in fns.items()}
+        for m in methods:
+            row = {"model": name, "size": bm.size, "batch": batch, "method": m, **info.get(m, {})}
+            if m in fns:
+                row["median_s"] = statistics.median(times[m])
+                row["times_s"] = times[m]
+                row["peak_extra_bytes"] = mem[m]
+            else:
+                row["status"] = status.get(m, "skipped")
+            rows.append(row)
+        fns.clear()
+        _trim()
+        log(f"  {name} b={batch}: " + ", ".join(f"{m} {statistics.median(t) * 1e3:.1f}ms" for m, t in times.items()))
+    del bm
+    _trim()
+    return rows
+
+
+# -- reporting ----------------------------------------------------------------------------------------------------
+def _fmt_ms(s: float | None) -> str:
+    return "-" if s is None else (f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}")
+
+
+def _fmt_mb(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def _group(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault((r["model"], r["size"], r["batch"]), {})[r["method"]] = r
+    return out
+
+
+def targets(rows: list[dict], device: str) -> list[dict]:
+    """Evaluate the issue-7 targets on measured rows; each entry says met / not met with the numbers."""
+    res = []
+    for (model, _size, batch), g in _group(rows).items():
+        gx = g.get("gxi", {}).get("median_s")
+        ours = {m: g[m]["median_s"] for m in OURS if m in g and "median_s" in g[m]}
+        if not gx or not ours:
+            continue
+        best_m = min(ours, key=ours.get)
+        best = ours[best_m]
+
+        def add(
+            name: str,
+            value: float | None,
+            limit: float,
+            lower_is_better: bool = True,
+            note: str = "",
+            model: str = model,
+            batch: int = batch,
+        ) -> None:
+            if value is None:
+                res.append({"model": model, "batch": batch, "target": name, "value": None, "met": None, "note": note})
+                return
+            met = value <= limit if lower_is_better else value >= limit
+            res.append({"model": model, "batch": batch, "target": name, "value": value, "met": met, "note": note})
+
+        if device == "cpu":
+            add("ours <= 1.5x eager grad x input", best / gx, 1.5, note=best_m)
+        else:
+            if batch >= 16 and "ours_inductor" in ours:
+                add("ours (inductor) <= 1.0x eager grad x input, B=16", ours["ours_inductor"] / gx, 1.0)
+            if batch == 1:
+                cg = ours.get("ours_inductor_cg")
+                add("ours (CUDA graphs) <= 0.5x eager grad x input, B=1", None if cg is None else cg / gx, 0.5)
+        zg = g.get("zennit_egb", {}).get("median_s")
+        if zg:
+            add(">= 10x faster than Zennit EpsilonGammaBox", zg / best, 10.0, lower_is_better=False, note=best_m)
+        if device == "cuda" and (model, batch) in DYNAMICLRP_H200_MS:
+            add(
+                ">= 10x faster than DynamicLRP (published H200 ms, not measured)",
+                DYNAMICLRP_H200_MS[(model, batch)] / (best * 1e3),
+                10.0,
+                lower_is_better=False,
+                note=best_m,
+            )
+        if g.get("lxt") and batch == 1 and "targets transformers" not in g["lxt"].get("status", ""):
+            lx = g["lxt"].get("median_s")
+            add(
+                ">= 2x faster than LXT, B=1",
+                None if lx is None else lx / best,
+                2.0,
+                lower_is_better=False,
+                note=g["lxt"].get("status", ""),
+            )
+        gm = g.get("gxi", {}).get("peak_extra_bytes")
+        om = g.get(best_m, {}).get("peak_extra_bytes")
+        if gm and om is not None:
+            add("peak extra memory <= eager grad x input", om / gm, 1.0, note=best_m)
+    return res
+
+
+def markdown(rows: list[dict], meta: dict, tgt: list[dict]) -> str:
+    lines = [
+        f"# dynlrp-fx benchmark: {meta['device_name']}",
+        "",
+        f"- device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, date {meta['date']}",
+        f"- mode: {'quick' if meta['quick'] else 'full'}, median of {meta['reps']} interleaved runs after "
+        f"{meta['warmup']} warm-up call(s) (plus the first call, which compiles), fp32, random weights, "
+        "parameters frozen (input gradients only)",
+        f"- command: `{meta['command']}`",
+        "- x gxi: time / eager gradient x input (same run); peak extra: "
+        + (
+            "`max_memory_allocated` above the allocated memory before the call"
+            if meta["device"] == "cuda"
+            else "peak RSS above the RSS before the call (MiB; CPU, so allocator caching adds noise)"
+        ),
+        "",
+        "| model | input | B | method | median ms | x gxi | x fwd | peak extra MiB | first call s | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, size, batch), g in _group(rows).items():
+        gx = g.get("gxi", {}).get("median_s")
+        fw = g.get("forward", {}).get("median_s")
+        for m, r in g.items():
+            t = r.get("median_s")
+            notes = r.get("status", "")
+            if "build_s" in r:
+                notes = (notes + " " if notes else "") + f"trace+passes {r['build_s']:.1f}s"
+            xg = f"{t / gx:.2f}" if t and gx else "-"
+            xf = f"{t / fw:.2f}" if t and fw else "-"
+            fc = f"{r['first_call_s']:.1f}" if "first_call_s" in r else "-"
+            mb = _fmt_mb(r.get("peak_extra_bytes"))
+            lines.append(f"| {model} | {size} | {batch} | {m} | {_fmt_ms(t)} | {xg} | {xf} | {mb} | {fc} | {notes} |")
+    lines += ["", "## Ours vs peers (same run): peer time / our best time (>1: we are faster)", ""]
+    lines += ["| model | B | our best | " + " | ".join(PEERS) + " |", "|---|---|---|" + "---|" * len(PEERS)]
+    for (model, _size, batch), g in _group(rows).items():
+        ours = {m: g[m]["median_s"] for m in OURS if m in g and "median_s" in g[m]}
+        if not ours:
+            continue
+        bm = min(ours, key=ours.get)
+        cells = []
+        for p in PEERS:
+            r = g.get(p)
+            if r is None:
+                cells.append("-")
+            elif "median_s" in r:
+                cells.append(f"{r['median_s'] / ours[bm]:.1f}x")
+            else:
+                cells.append("n/a" if r.get("status", "").startswith("n/a") else "error")
+        lines.append(f"| {model} | {batch} | {bm} {ours[bm] * 1e3:.1f} ms | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (issue 7)", "", "| model | B | target | value | met |", "|---|---|---|---|---|"]
+    for t in tgt:
+        v = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['model']} | {t['batch']} | {t['target']} | {v} {t['note']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- compile cache ------------------------------------------------------------------------------------------------
+_CACHE_CHILD = r"""
+import sys, time, json, torch
+from benchmarks.models import build, sizes_for
+import dynlrp_fx as dynlrp
+name, device = sys.argv[1], sys.argv[2]
+bm = build(name, torch.device(device), sizes_for(device, True))
+bm.model.requires_grad_(False)
+a, kw = bm.make_inputs(2)
+t = time.perf_counter()
+ex = dynlrp.compile(bm.model, a, example_kwargs=kw, backend="inductor")
+t1 = time.perf_counter()
+ex(*a, **kw)
+if device == "cuda": torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"trace_passes_s": t1 - t, "first_call_s": t2 - t1}))
+"""
+
+
+def cache_test(name: str, device: str) -> dict:
+    """Compile our explainer for ``name`` in two fresh processes sharing a new Inductor cache directory."""
+    with tempfile.TemporaryDirectory(prefix="dynlrp_inductor_cache_") as d:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=d)
+        out = {}
+        for label in ("cold", "warm"):
+            p = subprocess.run(
+                [sys.executable, "-c", _CACHE_CHILD, name, device],
+                env=env,
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            if p.returncode != 0:
+                raise RuntimeError(f"cache-test child failed:\n{p.stderr[-2000:]}")
+            out[label] = json.loads(p.stdout.strip().splitlines()[-1])
+        import torch._inductor.config as ic
+
+        out["fx_graph_cache"] = bool(ic.fx_graph_cache)
+        return out
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small inputs, few repetitions (the 2-core CPU budget)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
+    ap.add_argument("--methods", default=None, help=f"comma list from {METHODS}")
+    ap.add_argument(
+        "--inductor-models",
+        default=None,
+        help="models on which compiled methods run (default: all; --quick on CPU: vgg16)",
+    )
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write all rows and targets to this JSON file")
+    ap.add_argument("--md", default=None, help="write the markdown table to this file")
+    ap.add_argument(
+        "--cache-test",
+        default=None,
+        metavar="MODEL",
+        help="measure cold vs warm Inductor compile of our explainer in two processes, then exit",
+    )
+    a = ap.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if a.cache_test:
+        print(json.dumps(cache_test(a.cache_test, a.device), indent=1))
+        return 0
+    cpu_quick = a.quick and a.device == "cpu"
+    sizes = sizes_for(a.device, a.quick)
+    reps = a.reps or (3 if a.quick else 10)
+    warmup = a.warmup if a.warmup is not None else (0 if a.quick else 3)  # the first call already warms up
+    methods = (
+        a.methods.split(",") if a.methods else [m for m in METHODS if a.device == "cuda" or m != "ours_inductor_cg"]
+    )
+    if a.inductor_models is not None:
+        ind_models = set(a.inductor_models.split(","))
+    else:
+        ind_models = {"vgg16"} if cpu_quick else set(MODELS)
+    compiled = {"gxi_compiled", "ours_inductor", "ours_inductor_cg"}
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for name in a.models.split(","):
+        ms = [m for m in methods if m not in compiled or name in ind_models]
+        log(f"{name}: {ms}")
+        rows += bench_model(name, a.device, sizes, ms, reps, warmup, log)
+        for m in methods:
+            if m in compiled and name not in ind_models:
+                for b in sizes["batches"]:
+                    rows.append(
+                        {
+                            "model": name,
+                            "size": "",
+                            "batch": b,
+                            "method": m,
+                            "status": "skipped (cold Inductor compile too slow for the --quick CPU budget)",
+                        }
+                    )
+    dev_name = (
+        torch.cuda.get_device_name() if a.device == "cuda" else f"{os.cpu_count()}-core CPU ({platform.machine()})"
+    )
+    meta = {
+        "device": a.device,
+        "device_name": dev_name,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "quick": a.quick,
+        "reps": reps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "total_s": time.perf_counter() - t_start,
+    }
+    # keep the skipped rows' size column consistent
+    sizes_by_model = {r["model"]: r["size"] for r in rows if r.get("size")}
+    for r in rows:
+        r["size"] = r["size"] or sizes_by_model.get(r["model"], "")
+    tgt = targets(rows, a.device)
+    md = markdown(rows, meta, tgt)
+    md += f"\nTotal benchmark time {meta['total_s']:.0f} s.\n"
+    print(md)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(md)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "targets": tgt}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

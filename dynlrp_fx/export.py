@@ -1,0 +1,677 @@
+"""Ahead-of-time export: an explainer's relevance program as a ``.pt2`` file that runs without the model's code.
+
+>>> dynlrp.export(explainer, "resnet18.pt2")                     # doctest: +SKIP
+>>> f = dynlrp.load("resnet18.pt2")                               # no torchvision needed  # doctest: +SKIP
+>>> f(x, target=3).relevance                                      # doctest: +SKIP
+
+The file is a PT2 archive (``torch.export.pt2_archive``) holding, per seed mode (``"target"`` as the archive's
+default model ``"model"``, ``"seed"`` as ``"seed"``), the *lowered* forward+relevance graph (pure ATen) with the
+model's parameters and buffers inside it, and ``extra/dynlrp.json`` with the metadata :func:`load` checks
+(dynlrp-fx and torch versions, rules, input and output specification). ``package="exported"`` stores
+``torch.export`` programs (``torch.export.load(path)`` returns the target-mode program); ``package="aoti"``
+stores AOTInductor-compiled kernels (``torch._inductor.aoti_load_package(path)`` loads the target mode; a C++
+runtime can load it with ``AOTIModelPackageLoader``). The batch dimension and any other dimension that was
+dynamic at compile time stay dynamic.
+
+Graph calling convention (both modes): ``(*input tensors, target_or_seed) -> (output, seed_total (B,),
+absorbed (B,), *input relevances, *parameter relevances, *captured relevances)`` (the last two only with
+``compile(params=..., capture=...)``); the target is ``(B,)`` int64 with ``-1`` = argmax.
+
+Tested with torch 2.14 only. The archive API (``package_pt2``/``load_pt2``) is looked up in
+``torch.export.pt2_archive`` and ``torch._inductor.package``; on a torch that has neither, :func:`export` and
+:func:`load` raise a :class:`DynlrpError` naming the torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import DynlrpError, DynlrpInputError, DynlrpLoadError
+from .explainer import Explainer, Explanation
+from .trace import UserInput
+
+__all__ = ["export", "load", "LoadedExplainer", "register_cli", "FORMAT_VERSION", "PACKAGES"]
+
+#: version of the dynlrp metadata layout (bumped on incompatible changes; :func:`load` refuses newer files)
+FORMAT_VERSION = 1
+PACKAGES = ("exported", "aoti")
+MODES = ("target", "seed")
+_META_NAME = "dynlrp.json"
+_MODEL_NAMES = {"target": "model", "seed": "seed"}  # "model" = torch's default, so torch.export.load works
+
+
+class DynlrpLoadedInputError(DynlrpLoadError, DynlrpInputError):
+    """A loaded explainer was called with inputs that do not match the exported program (wrong rank, dtype,
+    shape or structure). Both a :class:`DynlrpLoadError` and a :class:`DynlrpInputError`."""
+
+
+# -- archive API (moved between torch releases) -------------------------------------------------------------------
+def _archive_api():
+    """``(package_pt2, load_pt2)`` of this torch, or a :class:`DynlrpError` naming the torch version."""
+    for mod in ("torch.export.pt2_archive._package", "torch._inductor.package.package"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, "package_pt2") and hasattr(m, "load_pt2"):
+            return m.package_pt2, m.load_pt2
+    raise DynlrpError(
+        f"torch {torch.__version__} has no PT2 archive API (package_pt2/load_pt2); dynlrp.export and dynlrp.load "
+        "need a torch release that provides torch.export.pt2_archive. Upgrade torch."
+    )
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+# -- specs ----------------------------------------------------------------------------------------------------------
+def _dim_spec(size: Any) -> int | str:
+    """An int for a static size, else the symbol (expression) name of a dynamic one."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if getattr(expr, "is_number", False) else str(expr)
+    return int(size)
+
+
+def _tensor_spec(val: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": str(val.dtype).removeprefix("torch."), "shape": [_dim_spec(s) for s in val.shape]}
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise DynlrpLoadError(f"the file names dtype {name!r}, which this torch {torch.__version__} does not know")
+    return dt
+
+
+def _json_leaf(i: int, v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise DynlrpError(
+        f"non-tensor input #{i} is {v!r} ({type(v).__name__}); only None, bool, int, float and str inputs can be "
+        "stored in an exported file. Compile the explainer with tensors or simple values as inputs."
+    )
+
+
+class _Frozen(nn.Module):
+    """The lowered graph with the model's state tensors as buffers: ``forward(*inputs, extra)``."""
+
+    def __init__(self, graph: torch.fx.GraphModule, state: list[torch.Tensor]):
+        super().__init__()
+        self.graph = graph
+        self._slots: list[str] = []
+        seen: dict[int, str] = {}
+        for t in state:
+            key = id(t)
+            if key not in seen:  # tied weights stay one buffer
+                seen[key] = f"state_{len(seen)}"
+                self.register_buffer(seen[key], t.detach())
+            self._slots.append(seen[key])
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.graph(*(getattr(self, s) for s in self._slots), *inputs)
+
+
+def _sym_dim(s: torch.SymInt, name: str) -> Any:
+    """A named ``Dim`` with the symbol's value range (lower bounds 2 from 0/1 specialisation become 1)."""
+    lo, hi = 1, None
+    try:
+        rng = s.node.shape_env.var_to_range.get(s.node.expr)
+        if rng is not None:
+            lo = max(1, int(rng.lower)) if int(rng.lower) > 2 else 1
+            hi = int(rng.upper) if rng.upper.is_finite else None
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        pass
+    return (
+        torch.export.Dim(f"dyn_{name}", min=lo, max=hi) if hi is not None else torch.export.Dim(f"dyn_{name}", min=lo)
+    )
+
+
+def _dynamic_shapes(vals: list[torch.Tensor], auto: bool = False) -> tuple:
+    """``torch.export`` dynamic shapes for the placeholders' fake values: one ``Dim`` per batch/dynamic symbol
+    (``auto``: ``Dim.AUTO`` everywhere, letting export infer the relations)."""
+    dims: dict[str, Any] = {}
+    out = []
+    for v in vals:
+        spec = {}
+        for d, s in enumerate(v.shape):
+            if not isinstance(s, torch.SymInt):
+                continue
+            name = str(s.node.expr)
+            if not auto and re.fullmatch(r"[A-Za-z_]\w*", name):
+                if name not in dims:
+                    dims[name] = _sym_dim(s, name)
+                spec[d] = dims[name]
+            else:  # a derived size (e.g. 2*s0): let export infer it
+                spec[d] = torch.export.Dim.AUTO
+        out.append(spec or None)
+    return (tuple(out),)
+
+
+def _export_mode(explainer: Explainer, mode: str, state: list[torch.Tensor], inputs: list[torch.Tensor]):
+    """``(ExportedProgram, metadata of the extra input)`` for one seed mode."""
+    graph = explainer.graph(mode)
+    ph = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    n_state = len(state)
+    vals = [n.meta["val"] for n in ph[n_state:]]
+    batched = [x for x, u in zip(inputs, explainer.traced.user_inputs) if u.batched]
+    batch = batched[0].shape[0] if batched else 1
+    device = inputs[0].device if inputs else None
+    extra = torch.full((batch,), -1, dtype=torch.long, device=device)  # the target: argmax
+    if mode == "seed":
+        with torch.no_grad():
+            extra = torch.ones_like(explainer.graph("target")(*state, *inputs, extra)[0])
+    frozen = _Frozen(graph, state)
+    try:
+        try:
+            ep = torch.export.export(frozen, (*inputs, extra), dynamic_shapes=_dynamic_shapes(vals), strict=False)
+        except Exception:  # noqa: BLE001 - retry letting export infer the ranges and relations
+            ep = torch.export.export(frozen, (*inputs, extra), dynamic_shapes=_dynamic_shapes(vals, True), strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise DynlrpError(
+            f"torch.export could not re-export the lowered {mode!r} relevance graph: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\nCompile the explainer with batch >= 2 "
+            "example inputs, or with dynamic=False for a static-shape file."
+        ) from e
+    return ep, _tensor_spec(vals[-1])
+
+
+def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras: dict[str, dict]) -> dict:
+    from . import __version__
+
+    traced = explainer.traced
+    graph = explainer.graph("target")
+    ph = [n for n in graph.graph.nodes if n.op == "placeholder"][len(traced.state_specs) :]
+    inputs = []
+    for ui, node in zip(traced.user_inputs, ph):
+        inputs.append({"name": ui.name, "batched": ui.batched, **_tensor_spec(node.meta["val"])})
+    y_val = explainer._y_src.meta.get("val")
+    return {
+        "format": "dynlrp-fx",
+        "format_version": FORMAT_VERSION,
+        "dynlrp_version": __version__,
+        "torch_version": torch.__version__,
+        "package": package,
+        "modes": list(modes),
+        "rules": explainer.composite.name,
+        "in_spec": pytree.treespec_dumps(traced.in_spec),
+        "const_leaves": {str(i): _json_leaf(i, v) for i, v in traced.const_leaves.items()},
+        "tensor_leaf_index": list(traced.tensor_leaf_index),
+        "inputs": inputs,
+        "output": {"name": traced.output_name, **(_tensor_spec(y_val) if y_val is not None else {})},
+        "relevance_outputs": {m: _output_names(explainer, m) for m in modes},
+        "extra_inputs": extras,
+        "rule_table": explainer.rule_table(),
+    }
+
+
+#: the per-program output-name lists that :meth:`Explainer.forward` splits the graph outputs by
+_NAME_FIELDS = ("input_names", "param_names", "capture_names")
+
+
+def _output_names(explainer: Explainer, mode: str) -> dict[str, list[str]]:
+    prog = explainer._program(mode)
+    return {f: list(getattr(prog, f, None) or []) for f in _NAME_FIELDS}
+
+
+def export(
+    explainer: Explainer,
+    path: str | os.PathLike,
+    *,
+    package: str = "exported",
+    modes: tuple[str, ...] = MODES,
+    inductor_configs: dict[str, Any] | None = None,
+) -> str:
+    """Save ``explainer``'s forward+relevance program as a self-contained ``.pt2`` file.
+
+    Parameters
+    ----------
+    explainer: a compiled :class:`~dynlrp_fx.Explainer` (any backend; the lowered ATen graph is exported).
+    path: the file to write (``.pt2``).
+    package: ``"exported"`` (``torch.export`` programs; portable, interpreted by torch) or ``"aoti"``
+        (AOTInductor-compiled kernels; needs a C++ compiler at export time, runs without Python model code and
+        without compilation at load time).
+    modes: which seed modes to store: ``"target"`` (``target=`` calls) and/or ``"seed"`` (``seed=`` calls).
+        Both by default; AOTInductor compiles each one, so ``modes=("target",)`` halves its export time.
+    inductor_configs: extra ``torch._inductor.config`` options for ``package="aoti"``.
+
+    Returns
+    -------
+    The path written.
+
+    Raises
+    ------
+    DynlrpError: the graph could not be re-exported, or the explainer has non-tensor inputs that cannot be stored.
+    """
+    if package not in PACKAGES:
+        raise ValueError(f"package must be one of {PACKAGES}, got {package!r}")
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes!r}")
+    package_pt2, _ = _archive_api()
+    path = os.fspath(path)
+    traced = explainer.traced
+    inputs = [traced.example_flat[i].detach() for i in traced.tensor_leaf_index]
+    state = explainer._state(inputs[0].device if inputs else None)
+    programs, extras = {}, {}
+    for mode in modes:
+        programs[mode], extras[mode] = _export_mode(explainer, mode, state, inputs)
+    meta = json.dumps(_metadata(explainer, package, modes, extras), indent=1)
+    extra_files = {_META_NAME: meta}
+    root, ext = os.path.splitext(os.path.abspath(path))
+    tmp = f"{root}.partial{ext or '.pt2'}"
+    try:
+        if package == "exported":
+            package_pt2(
+                tmp, exported_programs={_MODEL_NAMES[m]: ep for m, ep in programs.items()}, extra_files=extra_files
+            )
+        else:
+            with tempfile.TemporaryDirectory(prefix="dynlrp_aoti_") as work:
+                files = {
+                    _MODEL_NAMES[m]: _aoti_files(ep, os.path.join(work, m), inductor_configs)
+                    for m, ep in programs.items()
+                }
+                package_pt2(tmp, aoti_files=files, extra_files=extra_files)
+        os.replace(tmp, path)  # never leave a half-written file under the final name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _aoti_files(ep: torch.export.ExportedProgram, out_dir: str, configs: dict[str, Any] | None) -> list:
+    """AOTInductor-compile one program into package files (what ``aoti_compile_and_package`` does per model)."""
+    try:
+        gm = ep.module(check_guards=False)
+    except TypeError:  # older torch: no check_guards
+        gm = ep.module()
+    args, kwargs = ep.example_inputs
+    options = dict(configs or {})
+    options.update({"aot_inductor.package": True, "aot_inductor.output_path": out_dir})
+    os.makedirs(out_dir, exist_ok=True)
+    files = torch._inductor.aot_compile(gm, args, kwargs, options=options)
+    if not isinstance(files, list):
+        raise DynlrpError(f"AOTInductor returned {type(files).__name__}, expected a list of package files")
+    return files
+
+
+# -- loading --------------------------------------------------------------------------------------------------------
+def _read_metadata(path: str) -> tuple[dict, str]:
+    """The dynlrp metadata of ``path``; :class:`DynlrpLoadError` for anything that is not an intact dynlrp file."""
+    if not os.path.isfile(path):
+        raise DynlrpLoadError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != b"PK\x03\x04":
+        raise DynlrpLoadError(
+            f"{path}: not a dynlrp file: it is not a .pt2 (zip) archive at all (starts with {head!r}). Write one "
+            "with dynlrp.export(explainer, path) or `dynlrp export`."
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            meta_name = next(
+                (n for n in names if n.endswith("/extra/" + _META_NAME) or n == "extra/" + _META_NAME), None
+            )
+            if meta_name is None:
+                raise DynlrpLoadError(
+                    f"{path}: not a dynlrp file: a .pt2 archive without extra/{_META_NAME} (a plain torch.export "
+                    "or AOTInductor file?). Load it with torch.export.load / torch._inductor.aoti_load_package, "
+                    "or export the explainer with dynlrp.export."
+                )
+            bad = zf.testzip()
+            if bad is not None:
+                raise DynlrpLoadError(f"{path}: corrupt file: member {bad!r} fails its CRC check. Re-export it.")
+            raw = zf.read(meta_name)
+    except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
+        raise DynlrpLoadError(
+            f"{path}: truncated or corrupt file ({os.path.getsize(path)} bytes; {e}). It starts like a .pt2 "
+            "archive but its zip directory cannot be read: the copy is incomplete. Copy or export it again."
+        ) from None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise DynlrpLoadError(f"{path}: corrupt file: {meta_name} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "dynlrp-fx":
+        raise DynlrpLoadError(f"{path}: not a dynlrp file: {meta_name} does not describe a dynlrp-fx program")
+    return meta, meta_name
+
+
+def _check_versions(path: str, meta: dict) -> None:
+    fv = meta.get("format_version")
+    if not isinstance(fv, int) or fv > FORMAT_VERSION:
+        raise DynlrpLoadError(
+            f"{path}: written by dynlrp-fx {meta.get('dynlrp_version')} in file format {fv}; this dynlrp-fx reads "
+            f"format {FORMAT_VERSION} and older. Upgrade dynlrp-fx."
+        )
+    saved, here = str(meta.get("torch_version", "?")), torch.__version__
+    if meta.get("package") == "aoti":
+        if _version_tuple(saved) != _version_tuple(here):
+            raise DynlrpLoadError(
+                f"{path}: incompatible torch version: this AOTInductor package was compiled against torch {saved} "
+                f"and its kernels link against that release's C++ ABI; this is torch {here}. Load it with torch "
+                f"{'.'.join(map(str, _version_tuple(saved)))}.x, or re-export it with this torch."
+            )
+    elif _version_tuple(saved) > _version_tuple(here):
+        raise DynlrpLoadError(
+            f"{path}: incompatible torch version: written with torch {saved}, newer than this torch {here}; "
+            "torch.export files cannot be read by an older torch. Upgrade torch or re-export with this one."
+        )
+
+
+@dataclass
+class _LoadedProgram:
+    """What :meth:`Explainer.forward` needs of a program: ``fn``, the output-name lists, ``calls``."""
+
+    fn: Any
+    input_names: list[str] = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)
+    capture_names: list[str] = field(default_factory=list)
+    calls: int = 0
+
+
+@dataclass
+class _Signature:
+    """The input side of a :class:`~dynlrp_fx.trace.TracedProgram`, rebuilt from the file's metadata."""
+
+    in_spec: Any
+    const_leaves: dict[int, Any]
+    user_inputs: list[UserInput]
+    tensor_leaf_index: list[int]
+    example_flat: list[Any]
+
+
+class _Meta:
+    def __init__(self, val):
+        self.meta = {"val": val}
+
+
+class LoadedExplainer:
+    """An explainer loaded from a ``.pt2`` file by :func:`load`; called like the :class:`~dynlrp_fx.Explainer`.
+
+    ``f(*args, target=None, seed=None, **kwargs) -> Explanation``, with the same input structure as the example
+    inputs of the original explainer (any batch size). Needs neither the model's code nor a compile step.
+
+    Attributes
+    ----------
+    path, package ("exported" or "aoti"), rules (the composite's name), output_name, input_names,
+    metadata (the file's full metadata dict), modes (the seed modes stored).
+    """
+
+    # the call path is the Explainer's own (same target handling, checks and Explanation assembly)
+    forward = Explainer.forward
+    _target_tensor = Explainer._target_tensor
+    backend = "eager"
+    _flatten_inputs = Explainer._flatten_inputs  # structure, rank and dtype checks
+    dynamic = False  # sizes are checked against the file's spec just before the program runs
+
+    def __init__(self, path: str, meta: dict, programs: dict[str, Any]):
+        self.path = path
+        self.metadata = meta
+        self.package = meta["package"]
+        self.rules = meta["rules"]
+        self.modes = tuple(meta["modes"])
+        self.output_name = meta["output"]["name"]
+        self._specs = meta["inputs"]
+        self._extra_specs = meta["extra_inputs"]
+        self._programs = {
+            m: _LoadedProgram(
+                self._checked(m, fn), **{k: list(meta["relevance_outputs"][m].get(k, [])) for k in _NAME_FIELDS}
+            )
+            for m, fn in programs.items()
+        }
+        const = {int(k): v for k, v in meta["const_leaves"].items()}
+        idx = list(meta["tensor_leaf_index"])
+        flat: list[Any] = [const.get(i) for i in range(len(idx) + len(const))]
+        users = []
+        for i, s in zip(idx, self._specs):
+            shape = [d if isinstance(d, int) else 2 for d in s["shape"]]
+            flat[i] = torch.empty(shape, dtype=_dtype(s["dtype"]), device="meta")
+            users.append(UserInput(s["name"], s["name"], flat[i].dtype, len(shape), bool(s["batched"])))
+        self.traced = _Signature(pytree.treespec_loads(meta["in_spec"]), const, users, idx, flat)
+        out_shape = meta["output"].get("shape")
+        rest = out_shape[1:] if out_shape else None
+        ok = rest is not None and all(isinstance(d, int) for d in rest)
+        self._y_src = _Meta(torch.empty((1, *rest), device="meta") if ok else None)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs whose relevance is returned."""
+        return list(self._programs[self.modes[0]].input_names)
+
+    def rule_table(self) -> list[dict[str, Any]]:
+        """The rule table of the explainer at export time (see :meth:`Explainer.rule_table`)."""
+        return list(self.metadata.get("rule_table", []))
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self._specs)
+        return (
+            f"LoadedExplainer({self.path!r}, package={self.package!r}, rules={self.rules!r}, inputs=({ins}), "
+            f"output={self.output_name!r}, modes={self.modes})"
+        )
+
+    def __call__(self, *args, target: Any = None, seed: torch.Tensor | None = None, **kwargs) -> Explanation:
+        """Explain on these inputs; see :meth:`Explainer.forward`. Raises :class:`DynlrpLoadError` (also a
+        :class:`DynlrpInputError`) when the inputs do not match the file's input specification."""
+        try:
+            return self.forward(*args, target=target, seed=seed, **kwargs)
+        except DynlrpLoadError:
+            raise
+        except DynlrpInputError as e:
+            raise DynlrpLoadedInputError(f"{self.path}: {e}") from None
+
+    def _program(self, mode: str) -> _LoadedProgram:
+        if mode not in self._programs:
+            raise DynlrpLoadedInputError(
+                f"{self.path} holds only the {'/'.join(self.modes)} mode(s); {mode}= calls need a file exported "
+                f"with modes=('target', 'seed')"
+            )
+        return self._programs[mode]
+
+    def _state(self, device: Any) -> list[torch.Tensor]:
+        return []  # the state tensors live inside the exported programs
+
+    def _bind(self, tensors: list[torch.Tensor]) -> dict[str, int]:
+        """Check static sizes and bind the dynamic symbols (one value per symbol across inputs)."""
+        sizes: dict[str, int] = {}
+        for x, s in zip(tensors, self._specs):
+            for d, want in enumerate(s["shape"]):
+                got = int(x.shape[d])
+                if isinstance(want, int):
+                    if got != want:
+                        raise DynlrpLoadedInputError(
+                            f"{self.path}: input {s['name']!r} has shape {tuple(x.shape)} but dimension {d} must be "
+                            f"{want} (file spec {s['shape']}; named dimensions are dynamic)"
+                        )
+                elif re.fullmatch(r"[A-Za-z_]\w*", want):
+                    if sizes.setdefault(want, got) != got:
+                        raise DynlrpLoadedInputError(
+                            f"{self.path}: input {s['name']!r} dimension {d} is {got} but another input has "
+                            f"{sizes[want]} for the same dynamic dimension {want} (e.g. the batch size)"
+                        )
+        return sizes
+
+    def _checked(self, mode: str, fn: Any):
+        spec = self._extra_specs[mode]
+        label = "target" if mode == "target" else "seed"
+
+        def run(*tensors: torch.Tensor):
+            sizes = self._bind(tensors[:-1])
+            extra = tensors[-1]
+            shape = spec["shape"]
+            dt = _dtype(spec["dtype"])
+            bad = extra.ndim != len(shape) or extra.dtype != dt
+            if not bad:
+                for d, want in enumerate(shape):
+                    want = want if isinstance(want, int) else sizes.get(want)
+                    bad = bad or (want is not None and int(extra.shape[d]) != want)
+            if bad:
+                want_s = [d if isinstance(d, int) else sizes.get(d, d) for d in shape]
+                raise DynlrpLoadedInputError(
+                    f"{self.path}: {label}= has shape {tuple(extra.shape)} and dtype {extra.dtype}; expected shape "
+                    f"{tuple(want_s)} and dtype {dt} (shaped like the explained output {self.output_name!r})"
+                )
+            return fn(*tensors)
+
+        return run
+
+
+def load(path: str | os.PathLike) -> LoadedExplainer:
+    """Load a file written by :func:`export`; the result is called like the explainer and returns Explanations.
+
+    Raises
+    ------
+    DynlrpLoadError: the file is missing, not a dynlrp file, truncated or corrupt, written by an incompatible
+        torch or dynlrp-fx version, or cannot be deserialised. Calling the result with inputs of the wrong rank,
+        dtype or shape raises it too.
+    """
+    path = os.fspath(path)
+    meta, _ = _read_metadata(path)
+    _check_versions(path, meta)
+    _, load_pt2 = _archive_api()
+    try:
+        contents = load_pt2(path)
+    except Exception as e:  # noqa: BLE001 - any deserialisation failure
+        raise DynlrpLoadError(
+            f"{path}: the {meta.get('package')} program could not be deserialised by torch {torch.__version__} "
+            f"(written with torch {meta.get('torch_version')}): {type(e).__name__}: {e}"
+        ) from e
+    programs = {}
+    for mode in meta.get("modes", []):
+        name = _MODEL_NAMES[mode]
+        if meta["package"] == "aoti":
+            runner = contents.aoti_runners.get(name)
+            programs[mode] = runner
+        else:
+            ep = contents.exported_programs.get(name)
+            programs[mode] = ep.module() if ep is not None else None
+        if programs[mode] is None:
+            raise DynlrpLoadError(
+                f"{path}: corrupt file: the {mode!r} program ({name}) listed in the metadata is missing"
+            )
+    try:
+        return LoadedExplainer(path, meta, programs)
+    except (KeyError, TypeError, ValueError, NotImplementedError) as e:
+        raise DynlrpLoadError(
+            f"{path}: corrupt file: its dynlrp metadata is incomplete or unreadable ({type(e).__name__}: {e})"
+        ) from e
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def _factory(spec: str):
+    """``module:callable`` -> the callable (``torchvision:NAME`` means ``torchvision.models:NAME``)."""
+    if ":" not in spec:
+        raise DynlrpError(f"--model {spec!r}: expected MODULE:CALLABLE, e.g. torchvision.models:resnet18")
+    mod_name, _, attr = spec.partition(":")
+    candidates = [mod_name] + ([f"{mod_name}.models"] if mod_name == "torchvision" else [])
+    for name in candidates:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            raise DynlrpError(f"--model {spec!r}: cannot import {name}: {e}") from e
+        obj = mod
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise DynlrpError(f"--model {spec!r}: {mod_name} has no attribute {attr!r}")
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise DynlrpError(f"--input-shape {text!r}: expected comma-separated sizes such as 2,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise DynlrpError(f"--input-shape {text!r}: expected positive sizes such as 2,3,224,224")
+    return shape
+
+
+def _cli_export(args: argparse.Namespace) -> int:
+    from .explainer import compile as dynlrp_compile
+
+    try:
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DynlrpError(
+                f"--dtype {args.dtype!r}: expected a floating dtype (float32, float64, bfloat16, "
+                "float16); for token inputs use the Python API dynlrp.export"
+            )
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # factories in the working directory, as with python -m
+        torch.manual_seed(args.seed)
+        model = _factory(args.model)()
+        if not isinstance(model, nn.Module):
+            raise DynlrpError(f"--model {args.model!r} returned {type(model).__name__}, not an nn.Module")
+        model = model.to(dtype).eval()
+        example = tuple(torch.randn(_parse_shape(s), dtype=dtype) for s in args.input_shape)
+        t0 = time.perf_counter()
+        explainer = dynlrp_compile(model, example, rules=args.rules, backend="eager")
+        t1 = time.perf_counter()
+        modes = tuple(args.modes.split(","))
+        export(explainer, args.output, package=args.package, modes=modes)
+        t2 = time.perf_counter()
+    except (DynlrpError, ValueError) as e:
+        print(f"dynlrp export: error: {e}", file=sys.stderr)
+        return 1
+    size = os.path.getsize(args.output)
+    print(
+        f"wrote {args.output} ({size / 2**20:.2f} MiB, package={args.package}, rules={explainer.composite.name}, "
+        f"modes={','.join(modes)}): compile {t1 - t0:.1f} s, export {t2 - t1:.1f} s"
+    )
+    return 0
+
+
+def register_cli(sub) -> None:
+    """Add the ``export`` subcommand."""
+    p = sub.add_parser(
+        "export",
+        help="export a model's relevance program as a .pt2 file (runs without the model's code)",
+        description="Compile MODEL's LRP explainer and save its forward+relevance graph as a .pt2 file; load it "
+        "with dynlrp_fx.load(path).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:CALLABLE",
+        help="a factory returning the nn.Module, e.g. torchvision.models:resnet18 (short: "
+        "torchvision:resnet18) or mypkg.models:build",
+    )
+    p.add_argument(
+        "--input-shape",
+        required=True,
+        action="append",
+        metavar="B,C,H,W",
+        help="shape of a random (randn) example input; repeat for several positional inputs; the batch "
+        "dimension stays dynamic",
+    )
+    p.add_argument("--dtype", default="float32", help="example input and model dtype (default float32)")
+    p.add_argument("--rules", default="epsilon", help="rules preset (default epsilon)")
+    p.add_argument(
+        "--package",
+        choices=PACKAGES,
+        default="exported",
+        help="exported: torch.export programs; aoti: AOTInductor-compiled kernels (slow to export)",
+    )
+    p.add_argument("--modes", default="target,seed", help="seed modes to store: target,seed (default both)")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building the model (default 0)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .pt2 file to write")
+    p.set_defaults(func=_cli_export)

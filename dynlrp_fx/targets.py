@@ -1,0 +1,174 @@
+"""Which output, which target: ``output=`` helpers for common explanation targets, and token relevance.
+
+Every helper returns a small callable object for :func:`dynlrp_fx.compile`'s ``output=``; it is applied to the
+model's output *inside* the traced graph (so the explained quantity is part of the compiled program), and its
+``repr`` says what it selects. ``target=`` at call time then indexes the flattened per-sample result:
+
+=================================  =========================  ===============================================
+helper                             explained tensor           ``target=``
+=================================  =========================  ===============================================
+``sequence_logit()``               ``logits`` ``(B, C)``      the class (``None``: predicted class)
+``sequence_logit(label=c)``        ``logits[:, c]`` ``(B,1)`` -- (always class ``c``)
+``next_token(position=-1)``        ``logits[:, pos]`` (B, V)  the token id (``None``: the predicted token)
+``qa_start()`` / ``qa_end()``      ``start/end_logits``       the token position (``None``: predicted span)
+``contrastive(a, b)``              ``logit a - logit b``      -- (``(B, 1)``; "why a rather than b")
+``field(name)``                    any named output           as the output's shape
+=================================  =========================  ===============================================
+
+>>> explainer = dynlrp.compile(gpt2, example_kwargs=..., output=dynlrp.targets.next_token())  # doctest: +SKIP
+>>> expl = explainer(input_ids=ids, attention_mask=mask)                                      # doctest: +SKIP
+>>> dynlrp.targets.token_relevance(expl, ids, tokenizer)[0]  # [(token, relevance), ...]     # doctest: +SKIP
+
+LRP rules are linear in the seed relevance, so ``contrastive(a, b)`` gives exactly the relevance for ``a`` minus
+the relevance for ``b`` under LRP-0 (with epsilon > 0 up to the stabiliser of the subtraction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "OutputSelector",
+    "field",
+    "sequence_logit",
+    "next_token",
+    "qa_start",
+    "qa_end",
+    "contrastive",
+    "token_relevance",
+]
+
+
+class OutputSelector:
+    """A named, composable ``output=`` callable (``fn(model_output) -> tensor``)."""
+
+    def __init__(self, fn: Callable[[Any], torch.Tensor], description: str):
+        self.fn = fn
+        self.description = description
+
+    def __call__(self, out: Any) -> torch.Tensor:
+        return self.fn(out)
+
+    def __repr__(self) -> str:
+        return f"dynlrp.targets.{self.description}"
+
+
+def _get(out: Any, name: str | int) -> torch.Tensor:
+    """``out.name`` / ``out[name]``; a bare tensor output stands for ``logits``."""
+    if isinstance(out, torch.Tensor):
+        if name in ("logits", 0):
+            return out
+        raise ValueError(f"the model returned a single tensor, which has no output named {name!r}")
+    if isinstance(name, int):
+        return out[name]
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        if name in out.keys():
+            return out[name]
+    elif hasattr(out, name):
+        return getattr(out, name)
+    have = list(out.keys()) if hasattr(out, "keys") else type(out).__name__
+    raise KeyError(f"the model output has no {name!r}; it has {have}")
+
+
+def field(name: str | int) -> OutputSelector:
+    """The model output called ``name`` (``"logits"``, ``"last_hidden_state"``...) or at tuple position ``name``."""
+    return OutputSelector(lambda out: _get(out, name), f"field({name!r})")
+
+
+def sequence_logit(label: int | None = None, *, name: str = "logits") -> OutputSelector:
+    """Sequence classification logits ``(B, C)``; with ``label``, only that class's logit ``(B, 1)``."""
+    if label is None:
+        return OutputSelector(lambda out: _get(out, name), f"sequence_logit(name={name!r})")
+
+    def fn(out: Any) -> torch.Tensor:
+        logits = _get(out, name)
+        return logits[:, label].unsqueeze(1)
+
+    return OutputSelector(fn, f"sequence_logit(label={label}, name={name!r})")
+
+
+def next_token(position: int = -1, token: int | None = None, *, name: str = "logits") -> OutputSelector:
+    """Causal-LM next-token logits at sequence ``position`` (default: the last): ``(B, vocab)``.
+
+    ``target=`` picks the token id (``None``: the predicted next token); with ``token`` the output is that
+    token's logit ``(B, 1)``. With left padding the last position is the last real token for every sample.
+    """
+
+    def fn(out: Any) -> torch.Tensor:
+        logits = _get(out, name)
+        if logits.ndim != 3:
+            raise ValueError(f"next_token expects (batch, sequence, vocab) logits, got shape {tuple(logits.shape)}")
+        step = logits[:, position, :]
+        return step if token is None else step[:, token].unsqueeze(1)
+
+    return OutputSelector(fn, f"next_token(position={position}, token={token}, name={name!r})")
+
+
+def qa_start(*, name: str = "start_logits") -> OutputSelector:
+    """Extractive question answering: start-position logits ``(B, T)``; ``target=`` is a token position."""
+    return OutputSelector(lambda out: _get(out, name), f"qa_start(name={name!r})")
+
+
+def qa_end(*, name: str = "end_logits") -> OutputSelector:
+    """Extractive question answering: end-position logits ``(B, T)``; ``target=`` is a token position."""
+    return OutputSelector(lambda out: _get(out, name), f"qa_end(name={name!r})")
+
+
+def contrastive(a: int, b: int, base: Callable[[Any], torch.Tensor] | None = None) -> OutputSelector:
+    """``base(out)[:, a] - base(out)[:, b]`` as ``(B, 1)``: why class/token ``a`` rather than ``b``.
+
+    ``base`` is another selector giving ``(B, C)`` scores (default :func:`sequence_logit`; use
+    ``next_token()`` for language models).
+    """
+    base = base or sequence_logit()
+
+    def fn(out: Any) -> torch.Tensor:
+        s = base(out)
+        if s.ndim != 2:
+            raise ValueError(f"contrastive needs (batch, classes) scores from {base!r}, got shape {tuple(s.shape)}")
+        return (s[:, a] - s[:, b]).unsqueeze(1)
+
+    return OutputSelector(fn, f"contrastive({a}, {b}, base={base!r})")
+
+
+def token_relevance(
+    explanation: Any,
+    input_ids: torch.Tensor,
+    tokenizer: Any,
+    *,
+    input: str = "input_ids",
+    attention_mask: torch.Tensor | None = None,
+) -> list[list[tuple[str, float]]]:
+    """Pair every token with its relevance: one list of ``(token, relevance)`` per sample.
+
+    ``tokenizer`` is a Hugging Face tokenizer (anything with ``convert_ids_to_tokens``). ``input`` names the
+    explained integer input whose relevance is used (``explanation.inputs[input]``, one value per token);
+    positions where ``attention_mask`` is 0 (padding) are left out.
+
+    Raises
+    ------
+    KeyError: the explanation has no relevance for ``input``.
+    ValueError: the relevance and ``input_ids`` shapes differ.
+    """
+    rel = explanation.inputs.get(input) if hasattr(explanation, "inputs") else None
+    if rel is None:
+        have = list(getattr(explanation, "inputs", {}))
+        raise KeyError(f"token_relevance: the explanation has no relevance for input {input!r} (it has {have})")
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if tuple(rel.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"token_relevance: relevance of {input!r} has shape {tuple(rel.shape)} but input_ids have "
+            f"shape {tuple(ids.shape)}; pass the ids the explanation was computed on"
+        )
+    keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+    keep = keep.reshape(ids.shape)
+    rows = []
+    for i in range(ids.shape[0]):
+        toks = tokenizer.convert_ids_to_tokens(ids[i].tolist())
+        rows.append([(t, float(r)) for t, r, k in zip(toks, rel[i].tolist(), keep[i].tolist()) if k])
+    return rows

@@ -1,0 +1,88 @@
+"""The promise-resolution memory policy: ``recompute`` lowers peak memory and leaves every result unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dynlrp_fx as dynlrp
+from dynlrp_fx.passes.promises import POLICIES, peak_live_bytes, resolve_promises
+
+
+def _cnn() -> nn.Module:
+    layers: list[nn.Module] = []
+    c = 3
+    for o in (16, 16, "M", 32, 32, "M"):
+        if o == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, o, 3, padding=1), nn.ReLU()]
+            c = o
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).eval()
+
+
+def _bert():
+    import transformers as tf
+
+    cfg = tf.BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = tf.BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (2, 12))
+    return model, (), {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+
+
+def _peak(ex, args, kwargs):
+    tensors = ex._flatten_inputs(args, kwargs)
+    target = torch.full((tensors[0].shape[0],), -1, dtype=torch.long)
+    return peak_live_bytes(ex.graph(), *ex._state(None), *tensors, target)
+
+
+@pytest.mark.parametrize("which", ["cnn", "bert"])
+def test_recompute_lowers_peak_memory_and_keeps_results(which):
+    """Measured (eager execution of the lowered graph): CNN 2.03 -> 1.84 MB, 2-layer BERT -12%."""
+    if which == "cnn":
+        model, args, kwargs = _cnn(), (torch.randn(4, 3, 32, 32),), {}
+    else:
+        model, args, kwargs = _bert()
+    res = {}
+    for policy in POLICIES:
+        ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager", promise_policy=policy)
+        res[policy] = (_peak(ex, args, kwargs), ex(*args, **kwargs), ex.graph())
+    (keep_peak, keep_out), keep_expl, keep_g = res["keep"]
+    (rec_peak, rec_out), rec_expl, rec_g = res["recompute"]
+    assert len(rec_g.graph.nodes) > len(keep_g.graph.nodes)  # recomputations were added ...
+    assert rec_peak < 0.95 * keep_peak, (keep_peak, rec_peak)  # ... and they lower the peak
+    for a, b in zip(keep_out, rec_out):  # same ops on the same values: bit-identical
+        assert torch.equal(a, b)
+    for name in keep_expl.inputs:
+        assert torch.equal(keep_expl.inputs[name], rec_expl.inputs[name])
+    assert torch.equal(keep_expl.absorbed, rec_expl.absorbed)
+
+
+def test_peak_live_bytes_counts_live_tensors():
+    """A chain a -> b -> c of 4 KiB tensors has at most two alive at once (input excluded)."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    b = g.call_function(torch.ops.aten.add.Tensor, (a, 1.0))
+    c = g.call_function(torch.ops.aten.neg.default, (b,))
+    g.output((c,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    x_val = torch.zeros(1024)
+    peak, (out,) = peak_live_bytes(gm, x_val)
+    assert peak == 2 * 4096
+    assert torch.equal(out, -(x_val * 2 + 1))
+
+
+def test_unknown_policy_is_rejected():
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    with pytest.raises(ValueError, match="unknown promise policy 'minimal'"):
+        resolve_promises(gm, "minimal")
