@@ -87,7 +87,10 @@ class CoverageReport:
     rules: str = ""
     explained: bool = False
     finite: bool | None = None
-    conservation_error: float | None = None
+    conservation_error: float | None = None  #: max over samples of the per-sample ledger error
+    #: ledger error of the batch totals, ``|sum seed - sum inputs - sum absorbed| / |sum seed|``: the meaningful one
+    #: for outputs that mix samples (CLIP's ``logits_per_image`` compares every image with every text)
+    conservation_error_total: float | None = None
     inputs: list[str] = field(default_factory=list)  #: inputs that received relevance (``Explanation.inputs``)
     output: str = ""
     seconds: float = 0.0
@@ -130,6 +133,7 @@ class CoverageReport:
             "explained": self.explained,
             "finite": self.finite,
             "conservation_error": self.conservation_error,
+            "conservation_error_total": self.conservation_error_total,
             "inputs": list(self.inputs),
             "seconds": round(self.seconds, 2),
             "error": self.error,
@@ -238,6 +242,10 @@ def _explain(model, traced, composite, args: tuple, kwargs: dict, report: Covera
     report.finite = all(bool(torch.isfinite(t.float()).all()) for t in tensors if isinstance(t, torch.Tensor))
     err = expl.conservation.error
     report.conservation_error = float(err.max()) if err.numel() else 0.0
+    c = expl.conservation
+    seed = float(c.seed.double().sum())
+    gap = abs(seed - float(c.inputs.double().sum()) - float(c.absorbed.double().sum()))
+    report.conservation_error_total = gap / max(abs(seed), torch.finfo(torch.float64).tiny)
     if not math.isfinite(report.conservation_error):
         report.finite = False
     report.inputs = list(expl.inputs)
@@ -363,9 +371,11 @@ def render_markdown(reports: list[CoverageReport], *, title: str | None = None) 
             lines.append(f"| {r.name} | {r.modality} | - | - | - | - | error | {r.error.replace('|', '/')} |")
             continue
         cov = f"{r.node_coverage:.2f}%"
+        err = _fmt_err(r.conservation_error)
+        if r.conservation_error is not None and r.conservation_error_total is not None and r.conservation_error > 1e-3:
+            err += f" (batch total {_fmt_err(r.conservation_error_total)})"
         lines.append(
-            f"| {r.name} | {r.modality} | {r.nodes} | {r.unique_ops} | {r.relevant} | {r.constant} | {cov} | "
-            f"{_fmt_err(r.conservation_error)} |"
+            f"| {r.name} | {r.modality} | {r.nodes} | {r.unique_ops} | {r.relevant} | {r.constant} | {cov} | {err} |"
         )
     ok = [r for r in reports if not r.error]
     if len(reports) > 1:

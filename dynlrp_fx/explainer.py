@@ -154,6 +154,7 @@ class Explainer(nn.Module):
         gm = P.resolve_promises(res.graph_module, self.promise_policy)
         fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
         lowered = P.lower(gm, fake_args)
+        lowered = P.unify_batch(lowered, traced.batch_symbol)
         lowered = P.eliminate_dead_code(lowered)
         fn = self._compile_backend(lowered)
         prog = _Program(

@@ -1,5 +1,6 @@
 """Every zoo entry builds, exports with a symbolic batch dim (non-strict, dynamic batch),
-survives the decompositions, and produces finite outputs matching the exported program."""
+survives the decompositions and produces finite outputs; for the paper entries the exported
+program's output also matches the eager model's.  Budget: ~2.5 min on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def test_build_and_export(name):
     for pname, val in inputs:  # all inputs share the one batch symbol
         assert str(val.shape[0]) == str(first), f"{name}: {pname} batch dim {val.shape[0]} != {first}"
 
-    with torch.no_grad():
-        got = zoo.select_output(ep.module()(*args, **kwargs), entry.output)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    if entry.paper:  # the exported program computes what the model does (paper entries only: time)
+        with torch.no_grad():
+            got = zoo.select_output(ep.module()(*args, **kwargs), entry.output)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "gpt2", "clip"])
+def test_build_is_deterministic(name):
+    m1, a1, k1 = zoo.get(name).build()
+    torch.manual_seed(123)  # the global RNG state must not matter
+    m2, a2, k2 = zoo.get(name).build()
+    for (n1, t1), (n2, t2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+    flat1, flat2 = torch.utils._pytree.tree_leaves((a1, k1)), torch.utils._pytree.tree_leaves((a2, k2))
+    assert len(flat1) == len(flat2)
+    for x, y in zip(flat1, flat2):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y

@@ -9,6 +9,12 @@ Conservation tolerance: the epsilon preset routes every stabiliser share and bia
 ledger ``seed == inputs + absorbed`` holds up to float32 rounding of sums over the graph; relative to the seed (the
 explained logit) that is ~1e-7 .. 1e-5 on these models. :data:`TOL` = 1e-3 leaves room for small seeds (a logit near
 zero inflates the relative error) while still catching any leaked share (a lost residual branch or head is > 1e-2).
+Measured (float32, epsilon): 0 .. 4.3e-6 on the paper's models, hubert 1.2e-4 the largest that passes.
+
+Outputs that mix samples (CLIP/SigLIP ``logits_per_image``: image i against every text j) send relevance from
+sample i's seed to sample j's inputs, so only the batch-total ledger can close; those entries are checked with
+``conservation_error_total``. :data:`KNOWN_LEDGER_GAPS` are entries whose per-sample ledger does not close today
+(strict xfail: they flip to a failure when fixed, so the mark gets removed).
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ from dynlrp_fx import zoo
 from dynlrp_fx.coverage import coverage
 
 TOL = 1e-3
+#: entries whose explained output compares every sample with every other (checked on batch totals)
+CROSS_SAMPLE = {"clip", "siglip2"}
+#: per-sample ledger gaps found by this test, reported to the pipeline owners
+KNOWN_LEDGER_GAPS = {
+    "swin": "torchvision Swin: per-sample error 452 while the batch total closes; absorbed is identical for both "
+    "samples (13.80), pointing at the per-sample attribution of relevance absorbed by batch-less constants "
+    "(relative position bias / shift mask) in passes/pair.py",
+    "wavlm": "per-sample error 4.0e-3 while the batch total closes (1.9e-5); WavLM adds a gated relative position "
+    "bias, the same pattern as swin",
+}
 DEFAULT = set(zoo.names(paper_only=True)) | {"clip", "bart"}
 
 #: inputs that must receive relevance (encoder-decoder and multimodal models explain with all their inputs)
@@ -30,15 +46,20 @@ MUST_EXPLAIN = {
 }
 
 
-def _tensor_inputs(args: tuple, kwargs: dict, model) -> set[str]:
+def _explained_inputs(args: tuple, kwargs: dict, model) -> set[str]:
+    """Inputs that must receive relevance: float tensors other than masks, and token ids (``*_ids``)."""
     import inspect
 
     import torch
 
     params = list(inspect.signature(model.forward).parameters)
-    names = {params[i] for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-    names |= {k for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    return names
+    named = [(params[i], a) for i, a in enumerate(args)] + list(kwargs.items())
+    return {
+        n
+        for n, v in named
+        if isinstance(v, torch.Tensor)
+        and ((v.is_floating_point() and "mask" not in n) or (not v.is_floating_point() and n.endswith("_ids")))
+    }
 
 
 def _check(name: str, full: bool = False, explain: bool = True):
@@ -57,16 +78,23 @@ def _check(name: str, full: bool = False, explain: bool = True):
     assert rep.relevant > 0 and rep.covered_nodes == rep.relevant and rep.node_coverage == 100.0
     if explain:
         assert rep.finite, f"{name}: non-finite relevance"
-        assert rep.conservation_error < TOL, f"{name}: conservation error {rep.conservation_error:.3g}"
-        # every tensor input except masks receives relevance (float inputs, and token ids through embeddings)
-        wanted = {n for n in _tensor_inputs(tuple(args), dict(kwargs or {}), model) if "mask" not in n}
+        err = rep.conservation_error_total if name in CROSS_SAMPLE else rep.conservation_error
+        assert err < TOL, f"{name}: conservation error {err:.3g} (batch total {rep.conservation_error_total:.3g})"
+        wanted = _explained_inputs(tuple(args), dict(kwargs or {}), model)
         wanted |= MUST_EXPLAIN.get(name, set())
         missing = wanted - set(rep.inputs)
         assert not missing, f"{name}: inputs {sorted(missing)} got no relevance (explained: {rep.inputs})"
     return rep
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in zoo.names()])
+def _marks(name: str) -> list:
+    marks = [] if name in DEFAULT else [pytest.mark.slow]
+    if name in KNOWN_LEDGER_GAPS:
+        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_LEDGER_GAPS[name]))
+    return marks
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in zoo.names()])
 def test_zoo_entry_full_coverage_and_ledger(name):
     _check(name)
 

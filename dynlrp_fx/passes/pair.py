@@ -154,7 +154,8 @@ def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Relevance seed: the output value at the target index of each sample (``-1``: argmax), zero elsewhere."""
     flat = y.reshape(y.shape[0], -1)
     idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
-    mask = torch.zeros_like(flat).scatter(1, idx, 1.0)
+    # a comparison with arange, not scatter: Inductor's scatter lowering guards on batch >= 2
+    mask = (torch.arange(flat.shape[1], device=flat.device).unsqueeze(0) == idx).to(flat.dtype)
     return (flat * mask).reshape(y.shape)
 
 

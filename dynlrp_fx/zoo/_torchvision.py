@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from ._core import BATCH, ZooEntry, register
@@ -23,18 +21,16 @@ def _tv(name: str, tiny, full=None, size: int = 32, full_size: int = 224, paper:
     default entry already is the real architecture, only the input is small).
     """
 
-    def build(full_: bool = False):
+    def build(full: bool = False):
         torch.manual_seed(0)
-        ctor = full if (full_ and full is not None) else tiny
-        model = ctor().eval()
-        return model, (_images(full_size if full_ else size),), {}
+        use_full = bool(full)
+        model = (full_ctor if (use_full and full_ctor is not None) else tiny)().eval()
+        return model, (_images(full_size if use_full else size),), {}
 
-    def build_kw(full: bool = False):  # keep the documented keyword name
-        return build(full)
-
-    build_kw.__name__ = f"build_{name}"
-    build_kw.__qualname__ = build_kw.__name__
-    return register(ZooEntry(name=name, modality="vision", family="torchvision", build=build_kw, paper=paper))
+    full_ctor = full
+    build.__name__ = f"build_{name}"
+    build.__qualname__ = build.__name__
+    return register(ZooEntry(name=name, modality="vision", family="torchvision", build=build, paper=paper))
 
 
 def _m(fn_name: str, **kw):
@@ -98,7 +94,8 @@ def _mobilenet_v2_tiny():
 
 
 def _mobilenet_v3_tiny():
-    from torchvision.models.mobilenetv3 import InvertedResidualConfig as C, MobileNetV3
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig as C
+    from torchvision.models.mobilenetv3 import MobileNetV3
 
     setting = [C(16, 3, 16, 16, True, "RE", 2, 1, 1.0),  # SE + ReLU
                C(16, 3, 48, 24, False, "RE", 2, 1, 1.0),
@@ -108,7 +105,8 @@ def _mobilenet_v3_tiny():
 
 
 def _efficientnet_tiny():
-    from torchvision.models.efficientnet import EfficientNet, MBConvConfig as M
+    from torchvision.models.efficientnet import EfficientNet
+    from torchvision.models.efficientnet import MBConvConfig as M
 
     return EfficientNet([M(1, 3, 1, 16, 16, 1), M(6, 3, 2, 16, 24, 2), M(6, 5, 2, 24, 32, 1)], dropout=0.2,
                         stochastic_depth_prob=0.0, num_classes=NUM_CLASSES)
@@ -117,7 +115,9 @@ def _efficientnet_tiny():
 def _efficientnet_v2_tiny():
     """EfficientNetV2-M's building blocks (Fused-MBConv stages, then MBConv+SE stages, 1x1 head
     conv) at a tiny depth/width."""
-    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig as F, MBConvConfig as M
+    from torchvision.models.efficientnet import EfficientNet
+    from torchvision.models.efficientnet import FusedMBConvConfig as F
+    from torchvision.models.efficientnet import MBConvConfig as M
 
     return EfficientNet([F(1, 3, 1, 16, 16, 1), F(4, 3, 2, 16, 24, 2), M(4, 3, 2, 24, 32, 1),
                          M(6, 3, 1, 32, 40, 1)], dropout=0.3, stochastic_depth_prob=0.0,

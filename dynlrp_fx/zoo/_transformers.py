@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -117,7 +119,7 @@ def hf(name: str, modality: str, model_cls: str, config_cls: str, tiny: dict, in
 
         torch.manual_seed(0)
         ccls = getattr(transformers, config_cls)
-        kw = dict(full_cfg if (full and full_cfg is not None) else tiny)
+        kw = copy.deepcopy(full_cfg if (full and full_cfg is not None) else tiny)
         config = make_config(ccls, kw) if make_config else ccls(**kw)
         model = _instantiate(getattr(transformers, model_cls), config, attn, model_kw or {})
         if post is not None and not (full and full_cfg is not None):
