@@ -148,6 +148,10 @@ class Explainer(nn.Module):
             mode=mode,
             batch_symbol=traced.batch_symbol,
             fake_mode=self.fake_mode,
+            example_batch=next(
+                (int(traced.example_flat[i].shape[0]) for u, i in zip(traced.user_inputs, traced.tensor_leaf_index) if u.batched),
+                None,
+            ),
             params=self._param_map,
             capture=self._capture_map,
         )
@@ -246,14 +250,34 @@ class Explainer(nn.Module):
             if x.dtype != ui.dtype:
                 raise DynlrpInputError(f"input {ui.name!r} has dtype {x.dtype}, expected {ui.dtype}")
             ex = traced.example_flat[i]
-            fixed = range(1 if ui.batched else 0, x.ndim)
-            if self.dynamic and any(x.shape[d] != ex.shape[d] for d in fixed):
+            static = self._static_dims(ui.placeholder, ex)
+            if any(x.shape[d] != size for d, size in static.items()):
+                dyn = [d for d in range(x.ndim) if d not in static]
                 raise DynlrpInputError(
-                    f"input {ui.name!r} has shape {tuple(x.shape)}; only dimension 0 (batch) may differ from the "
-                    f"example shape {tuple(ex.shape)}. Compile with dynamic_shapes= for more dynamic dimensions."
+                    f"input {ui.name!r} has shape {tuple(x.shape)}; only dimensions {dyn} may differ from the "
+                    f"example shape {tuple(ex.shape)} (the traced program is static in the others). Compile with "
+                    "dynamic_shapes= for more dynamic dimensions."
+                    + (
+                        f" This model specialised its batch size to {traced.static_batch} when traced."
+                        if traced.static_batch is not None
+                        else ""
+                    )
                 )
             tensors.append(x.detach())
         return tensors
+
+    def _static_dims(self, placeholder: str, example: torch.Tensor) -> dict[int, int]:
+        """``{dim: size}`` for the dims of a user input that the traced program is specialised on."""
+        cache = self.__dict__.setdefault("_static_cache", {})
+        if placeholder not in cache:
+            ph = next(n for n in self.traced.graph_module.graph.nodes if n.op == "placeholder" and n.name == placeholder)
+            val = ph.meta.get("val")
+            shape = val.shape if isinstance(val, torch.Tensor) else example.shape
+            static = {d: int(s) for d, s in enumerate(shape) if not isinstance(s, torch.SymInt)}
+            if self.traced.static_batch is not None and len(shape) >= 1:
+                static[0] = self.traced.static_batch
+            cache[placeholder] = static
+        return cache[placeholder]
 
     def _target_tensor(self, target: Any, batch: int, out_numel: int | None, device) -> torch.Tensor:
         if target is None:

@@ -15,6 +15,7 @@ import inspect
 import linecache
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -79,6 +80,7 @@ class TracedProgram:
     output_names: list[str]
     module_root: nn.Module  #: the module whose parameters/buffers the state specs name (model or wrapper)
     batch_symbol: Any = None  #: sympy symbol (or int) of the batch size in the graph's fake values
+    static_batch: int | None = None  #: set when the model specialised the batch size during tracing
     example_flat: list[Any] = field(default_factory=list)
 
 
@@ -340,6 +342,24 @@ def trace(
     n_user = sum(1 for s in out_specs if s.kind.name == "USER_OUTPUT")
     out_names = _output_names(ep.call_spec.out_spec, n_user)
     out_index = _select_output(None if root is not model else output, out_names, n_user)
+    static_batch = None
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    y_val = out_node.args[0][out_index].meta.get("val") if isinstance(out_node.args[0][out_index], torch.fx.Node) else None
+    if (
+        hasattr(batch_symbol, "free_symbols")
+        and isinstance(y_val, torch.Tensor)
+        and y_val.ndim >= 1
+        and not isinstance(y_val.shape[0], torch.SymInt)
+    ):
+        # the model's code specialised the batch size (e.g. shape arithmetic in Python): the graph only runs
+        # at the traced batch size
+        static_batch = int(flat[tensor_idx[0]].shape[0])
+        batch_symbol = static_batch
+        warnings.warn(
+            f"{type(model).__name__} specialised its batch size to {static_batch} during tracing; the explainer "
+            f"accepts batches of exactly {static_batch} samples.",
+            stacklevel=3,
+        )
     return TracedProgram(
         graph_module=gm,
         exported=ep,
@@ -353,5 +373,6 @@ def trace(
         output_names=out_names,
         module_root=root,
         batch_symbol=batch_symbol,
+        static_batch=static_batch,
         example_flat=flat,
     )

@@ -98,6 +98,7 @@ NONE_REASONS: dict[str, str] = {
 
 #: covered core ops that the sweep does not run through a module, and why
 NOT_EXERCISED: dict[str, str] = {
+    "aten.col2im.default": "exercised by test_col2im_conserves (decomposes to index_put(accumulate=True))",
     "aten.atan2.out": "out= variant: functional export graphs never contain it (aten.atan2.default is exercised)",
     "aten.as_strided.default": "functionalised away by torch.export (becomes a view/copy chain); covered as route",
     "aten.alias.default": "removed by export (no-op alias); covered as route",
@@ -109,10 +110,7 @@ NOT_EXERCISED: dict[str, str] = {
 
 
 #: known gaps: ops whose relevance is NOT conserved today, each checked by a strict xfail below
-KNOWN_GAPS: dict[str, str] = {
-    "aten.col2im.default": "decomposes to index_put(accumulate=True), which the table routes (J^T R) although "
-    "accumulation is a sum: overlapping patches each receive the full relevance (needs the linear class)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 # -- generated tiny inputs ------------------------------------------------------------------------------------------
@@ -388,8 +386,8 @@ def test_every_core_aten_overload_is_classified():
     assert not stale, f"NONE_REASONS lists ops that are not core-tagged (any more): {stale}"
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_GAPS["aten.col2im.default"])
-def test_known_gap_col2im_conserves():
+def test_col2im_conserves():
+    """col2im decomposes to index_put(accumulate=True): a sum of overlapping patches, so the z-rule class."""
     x = torch.randn(2, 12, 4, dtype=F64)
     model = _Fold()
     expl = dynlrp.compile(model, (x,), rules="lrp0", backend="eager", dynamic=False)(x, seed=model(x))

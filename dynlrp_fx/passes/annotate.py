@@ -277,6 +277,13 @@ def _module_types(root: torch.nn.Module | None, node: torch.fx.Node) -> tuple:
     return tuple(types)
 
 
+def _accumulates(node: torch.fx.Node) -> bool:
+    if getattr(node.target, "_opname", "") not in ("index_put", "index_put_"):
+        return False
+    acc = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    return bool(acc)
+
+
 def assign_rules(gm: torch.fx.GraphModule, composite: Composite, root: torch.nn.Module | None = None) -> torch.fx.GraphModule:
     """Give every relevant data node a rule class and a rule; raise for ops without a table entry.
 
@@ -299,6 +306,8 @@ def assign_rules(gm: torch.fx.GraphModule, composite: Composite, root: torch.nn.
                 uncovered[str(node.target)].append(path)
             continue
         ann.rule_class = classify(spec, ann.slots, ann.extra)
+        if ann.rule_class == "route" and _accumulates(node):
+            ann.rule_class = "linear"  # index_put(accumulate=True) sums overlapping writes: a z-rule, not a route
         info = NodeInfo(node.name, node.target, ann.rule_class, ann.module_path, _module_types(root, node), ann.first_layer)
         ann.rule = composite.rule_for(info)
     if uncovered:

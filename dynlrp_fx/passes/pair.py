@@ -173,7 +173,7 @@ def _expr(s: Any) -> Any:
     return s.node.expr if isinstance(s, torch.SymInt) else s
 
 
-def _batch_dim(val: Any, batch_symbol: Any, node: fx.Node | None = None) -> tuple | None:
+def _batch_dim(val: Any, batch_symbol: Any, node: fx.Node | None = None, example_batch: int | None = None) -> tuple | None:
     """Where the batch lies in a value: ``(dim, outer)`` (see :func:`_per_sample`) or ``None``.
 
     An exact batch-sized dim wins. A dim that merges the batch with other dims (``(B*H, T, D)``, or MHA's
@@ -190,6 +190,16 @@ def _batch_dim(val: Any, batch_symbol: Any, node: fx.Node | None = None) -> tupl
     if not hasattr(batch_symbol, "free_symbols"):
         return None
     merged = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and batch_symbol in _expr(s).free_symbols]
+    if not merged and example_batch and all(not isinstance(s, torch.SymInt) for s in val.shape):
+        # the model's code specialised the batch size in this part of the graph (torchvision's Swin pads
+        # and rolls with Python ints): locate the batch by its traced size
+        exact = [d for d, s in enumerate(val.shape) if int(s) == example_batch]
+        if exact:
+            return (exact[0], 1)
+        if int(val.shape[0]) % example_batch == 0 and node is not None:
+            outer = _outer_factor(node, example_batch)
+            return (0, outer) if outer is not None else None
+        return None
     if len(merged) != 1:
         return None
     d = merged[0]
@@ -282,6 +292,7 @@ def pair(
     fake_mode: Any,
     params: dict[str, str] | None = None,
     capture: dict[str, str] | None = None,
+    example_batch: int | None = None,
 ) -> PairResult:
     """Build the forward+relevance graph (see module doc). ``mode`` is ``"target"`` or ``"seed"``.
 
@@ -443,8 +454,8 @@ def pair(
         )
         if not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
             routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
-            out_b = [_batch_dim(_val(x), batch_symbol, n) for x in routs]
-            in_b = [_batch_dim(_val(x), batch_symbol, src) for x, src in r_ins]
+            out_b = [_batch_dim(_val(x), batch_symbol, n, example_batch) for x in routs]
+            in_b = [_batch_dim(_val(x), batch_symbol, src, example_batch) for x, src in r_ins]
             if any(b is None for b in out_b + in_b):
                 unattributed.append(n.name)
             led = LedgerOp(out_b, in_b, n.name)
