@@ -65,17 +65,19 @@ def _gxi(bm: BenchModel, args: tuple, kwargs: dict, compiled: bool) -> Callable[
     return run_text
 
 
-def _ours(bm: BenchModel, args: tuple, kwargs: dict, backend: str, mode: str | None, policy: str, info: dict):
+def _ours(
+    bm: BenchModel, args: tuple, kwargs: dict, backend: str, mode: str | None, policy: str, info: dict, rules=None
+):
     import dynlrp_fx as dynlrp
 
-    key = (bm.name, backend, mode, policy)
+    key = (bm.name, backend, mode, policy, rules)
     if key in _EXPLAINERS and _EXPLAINERS[key].model is not bm.model:
         _EXPLAINERS.clear()  # same name, another model object (a new run)
     if key not in _EXPLAINERS:  # one explainer per model serves every batch size (dynamic batch)
         ex_args, ex_kwargs = bm.make_inputs(2)
         t0 = time.perf_counter()
         explainer = dynlrp.compile(
-            bm.model, ex_args, example_kwargs=ex_kwargs, backend=backend, mode=mode, promise_policy=policy
+            bm.model, ex_args, example_kwargs=ex_kwargs, backend=backend, mode=mode, promise_policy=policy, rules=rules
         )
         info["build_s"] = time.perf_counter() - t0
         if any(k[0] != key[0] for k in _EXPLAINERS):
@@ -178,6 +180,7 @@ METHODS = (
     "ours_eager_recompute",
     "ours_inductor",
     "ours_inductor_cg",
+    "ours_egb_eager",
     "zennit_eps",
     "zennit_egb",
     "captum_lrp",
@@ -203,6 +206,12 @@ def make_method(name: str, bm: BenchModel, args: tuple, kwargs: dict, device: st
         if device != "cuda":
             raise Unavailable("CUDA graphs need a GPU")
         return _ours(bm, args, kwargs, "inductor", "reduce-overhead", "keep", info)
+    if name == "ours_egb_eager":
+        if bm.kind != "cnn":
+            raise Unavailable("EpsilonGammaBox is a CNN composite")
+        from dynlrp_fx import presets
+
+        return _ours(bm, args, kwargs, "eager", None, "keep", info, rules=presets.epsilon_gamma_box(-3.0, 3.0))
     if name == "zennit_eps":
         return _zennit(bm, args, "Epsilon")
     if name == "zennit_egb":

@@ -7,6 +7,7 @@
 """
 
 from . import presets, targets
+from .coverage import coverage
 from .dataset import attribute_dataset, load_shards, merge_shards
 from .errors import (
     DynlrpError,
@@ -15,7 +16,6 @@ from .errors import (
     DynlrpTraceError,
     DynlrpUnsupportedOpError,
 )
-from .coverage import coverage
 from .explainer import Conservation, Explainer, Explanation, compile
 from .export import export, load
 from .rules import Composite, Rule, register_op

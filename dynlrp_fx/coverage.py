@@ -309,6 +309,21 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def entry_coverage(entry, *, full: bool = False, rules=None, explain: bool = True) -> CoverageReport:
+    """Coverage report of one zoo entry (built with its example inputs and explained output)."""
+    model, args, kwargs = entry.build(full=full)
+    return coverage(
+        model,
+        tuple(args),
+        example_kwargs=dict(kwargs or {}),
+        output=entry.output,
+        rules=rules,
+        explain=explain,
+        name=entry.name,
+        modality=entry.modality,
+    )
+
+
 def zoo_coverage(
     names: Iterable[str] | None = None,
     *,
@@ -330,17 +345,7 @@ def zoo_coverage(
         entry = zoo.get(nm)
         t0 = time.perf_counter()
         try:
-            model, args, kwargs = entry.build(full=full)
-            rep = coverage(
-                model,
-                tuple(args),
-                example_kwargs=dict(kwargs or {}),
-                output=entry.output,
-                rules=rules,
-                explain=explain,
-                name=entry.name,
-                modality=entry.modality,
-            )
+            rep = entry_coverage(entry, full=full, rules=rules, explain=explain)
         except Exception as e:  # noqa: BLE001 - reported per model
             rep = CoverageReport(name=entry.name, modality=entry.modality, error=_first_line(e))
             rep.seconds = time.perf_counter() - t0

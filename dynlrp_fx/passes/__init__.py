@@ -9,8 +9,8 @@ The pipeline run by :func:`dynlrp_fx.compile` (``print(explainer.pipeline)`` sho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .annotate import assign_rules, detect_normalizers, mark_data
 from .canonicalize import canonicalize

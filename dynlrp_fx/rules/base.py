@@ -12,7 +12,8 @@ Notation used in the rule docstrings: ``z = f(x_1, ..., x_n)`` is the op's outpu
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

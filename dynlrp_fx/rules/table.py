@@ -20,8 +20,9 @@ none         declared to carry no relevance (statistics, masks, integer/bool or 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

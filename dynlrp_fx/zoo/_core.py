@@ -73,31 +73,12 @@ def names(paper_only: bool = False) -> list[str]:
 
 def batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, batch=None) -> dict:
     """``dynamic_shapes`` for :func:`torch.export.export` making dim 0 of every tensor
-    input (ndim >= 1) one shared ``Dim("batch", min=1)``."""
+    input (ndim >= 1) one shared ``Dim("batch", min=1)`` (the same rule :func:`dynlrp_fx.trace.trace` uses)."""
+    from ..trace import _default_dynamic_shapes
+
     if batch is None:
         batch = torch.export.Dim("batch", min=1)
-
-    def spec(v: Any):
-        if isinstance(v, torch.Tensor):
-            return {0: batch} if v.ndim >= 1 else None
-        if isinstance(v, (list, tuple)):
-            return type(v)(spec(x) for x in v)
-        if isinstance(v, dict):
-            return {k: spec(x) for k, x in v.items()}
-        return None
-
-    sig = inspect.signature(model.forward)
-    bound = sig.bind(*args, **(kwargs or {}))
-    out = {}
-    for pname, value in bound.arguments.items():
-        kind = sig.parameters[pname].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            out[pname] = {k: spec(x) for k, x in value.items()}
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            out[pname] = tuple(spec(x) for x in value)
-        else:
-            out[pname] = spec(value)
-    return out
+    return _default_dynamic_shapes(inspect.signature(model.forward), tuple(args), dict(kwargs or {}), batch)
 
 
 def decomposition_table() -> dict:
