@@ -327,7 +327,14 @@ class Explainer(nn.Module):
                 raise DynlrpInputError("seed= must be a tensor shaped like the explained output")
             extra = seed.detach()
             prog = self._program("seed")
-        if self.backend != "eager" and self.dynamic:
+        compiled = self.backend != "eager" and self.dynamic
+        # torch's meta functions specialise size 1 (conv backend choice, copy_ broadcasting), so a compiled
+        # program would recompile for a batch of 1: run it as a batch of 2 (the sample twice) and keep one
+        pad = compiled and batch == 1 and getattr(self.traced, "static_batch", None) is None
+        if pad:
+            tensors = [torch.cat([x, x]) if u.batched else x for x, u in zip(tensors, self.traced.user_inputs)]
+            extra = torch.cat([extra, extra]) if extra.ndim >= 1 else extra
+        if compiled:
             for x, u in zip(tensors, self.traced.user_inputs):
                 if u.batched:
                     torch._dynamo.mark_dynamic(x, 0)
@@ -336,8 +343,10 @@ class Explainer(nn.Module):
         with torch.no_grad(), _oblivious():
             outs = prog.fn(*state, *tensors, extra)
         prog.calls += 1
-        y, seed_total, absorbed, *rest = outs
         n_in, n_par = len(prog.input_names), len(prog.param_names)
+        if pad:  # every output is per sample except parameter relevance, which sums over the batch
+            outs = [o / 2 if 3 + n_in <= i < 3 + n_in + n_par else o[:1] for i, o in enumerate(outs)]
+        y, seed_total, absorbed, *rest = outs
         rels = rest[:n_in]
         params = dict(zip(prog.param_names, rest[n_in : n_in + n_par]))
         captured = dict(zip(prog.capture_names, rest[n_in + n_par :]))
