@@ -9,7 +9,6 @@ input's dim 0 to one symbol (``passes.lower.unify_batch``): one compilation serv
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
