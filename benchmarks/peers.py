@@ -70,7 +70,7 @@ def _ours(
 ):
     import dynlrp_fx as dynlrp
 
-    key = (bm.name, backend, mode, policy, rules)
+    key = (bm.name, backend, mode, policy, getattr(rules, "name", rules))
     if key in _EXPLAINERS and _EXPLAINERS[key].model is not bm.model:
         _EXPLAINERS.clear()  # same name, another model object (a new run)
     if key not in _EXPLAINERS:  # one explainer per model serves every batch size (dynamic batch)
