@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dynlrp-installed
 
-.PHONY: demo test test-slow bench lint setup
+.PHONY: demo test test-slow test-slow-ci bench lint setup
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --durations=15
+
+# the slow tests that fit CI's budget (~4 min): export/AOTI, datasets under torchrun, the demo command, Zennit
+test-slow-ci: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -p no:xdist tests/test_export.py tests/test_dataset.py tests/test_demo.py \
+		tests/test_zennit.py tests/test_attnlrp.py tests/test_rules.py tests/test_composite.py --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

@@ -449,13 +449,14 @@ def _resolve_capture(traced: TracedProgram, capture: Any) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _oblivious():
-    """Treat the batch size obliviously (no 0/1 specialisation) so batch 1 reuses the compiled program."""
+    """Treat the batch size obliviously (no 0/1 specialisation) where this torch has the option."""
     try:
         import torch.fx.experimental._config as fx_config
 
-        with fx_config.patch(backed_size_oblivious=True):
-            yield
-    except (ImportError, AttributeError):
+        ctx = fx_config.patch(backed_size_oblivious=True)
+    except (ImportError, AttributeError):  # older torch: no such option
+        ctx = contextlib.nullcontext()
+    with ctx:
         yield
 
 
