@@ -442,7 +442,6 @@ def render_text(reports: list[CoverageReport], *, ops: bool = True) -> str:
 
 # -- command line --------------------------------------------------------------------------------------------------
 def _cli_coverage(args: argparse.Namespace) -> int:
-    import os
 
     reports: list[CoverageReport] = []
     quiet = args.json or args.markdown
@@ -463,21 +462,9 @@ def _cli_coverage(args: argparse.Namespace) -> int:
                 names, full=args.full, rules=args.rules, explain=not args.no_explain, progress=progress
             )
         elif args.model:
-            from .export import _factory, _parse_shape
+            from .export import model_from_args
 
-            if not args.input_shape:
-                raise DynlrpError("--model needs at least one --input-shape B,...")
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            dtype = getattr(torch, args.dtype, None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise DynlrpError(f"--dtype {args.dtype!r}: expected a floating dtype such as float32 or float64")
-            torch.manual_seed(args.seed)
-            model = _factory(args.model)()
-            if not isinstance(model, nn.Module):
-                raise DynlrpError(f"--model {args.model!r} returned {type(model).__name__}, not an nn.Module")
-            model = model.to(dtype).eval()
-            example = tuple(torch.randn(_parse_shape(s), dtype=dtype) for s in args.input_shape)
+            model, example = model_from_args(args)
             reports = [coverage(model, example, rules=args.rules, explain=not args.no_explain, name=args.model)]
         else:
             print("dynlrp coverage: error: give --model MODULE:CALLABLE --input-shape ..., or --zoo", file=sys.stderr)

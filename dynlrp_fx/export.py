@@ -612,20 +612,7 @@ def _cli_export(args: argparse.Namespace) -> int:
     from .explainer import compile as dynlrp_compile
 
     try:
-        dtype = getattr(torch, args.dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise DynlrpError(
-                f"--dtype {args.dtype!r}: expected a floating dtype (float32, float64, bfloat16, "
-                "float16); for token inputs use the Python API dynlrp.export"
-            )
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # factories in the working directory, as with python -m
-        torch.manual_seed(args.seed)
-        model = _factory(args.model)()
-        if not isinstance(model, nn.Module):
-            raise DynlrpError(f"--model {args.model!r} returned {type(model).__name__}, not an nn.Module")
-        model = model.to(dtype).eval()
-        example = tuple(torch.randn(_parse_shape(s), dtype=dtype) for s in args.input_shape)
+        model, example = model_from_args(args)
         t0 = time.perf_counter()
         explainer = dynlrp_compile(model, example, rules=args.rules, backend="eager")
         t1 = time.perf_counter()
@@ -641,6 +628,29 @@ def _cli_export(args: argparse.Namespace) -> int:
         f"modes={','.join(modes)}): compile {t1 - t0:.1f} s, export {t2 - t1:.1f} s"
     )
     return 0
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, tuple]:
+    """``--model MODULE:CALLABLE --input-shape ... --dtype --seed`` -> (model in eval mode, random example inputs).
+
+    Shared by the ``export`` and ``coverage`` subcommands.
+    """
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise DynlrpError(
+            f"--dtype {args.dtype!r}: expected a floating dtype (float32, float64, bfloat16, "
+            "float16); for token inputs use the Python API"
+        )
+    if not args.input_shape:
+        raise DynlrpError("--model needs at least one --input-shape B,...")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # factories in the working directory, as with python -m
+    torch.manual_seed(args.seed)
+    model = _factory(args.model)()
+    if not isinstance(model, nn.Module):
+        raise DynlrpError(f"--model {args.model!r} returned {type(model).__name__}, not an nn.Module")
+    model = model.to(dtype).eval()
+    return model, tuple(torch.randn(_parse_shape(s), dtype=dtype) for s in args.input_shape)
 
 
 def register_cli(sub) -> None:
