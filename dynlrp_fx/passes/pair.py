@@ -84,6 +84,18 @@ def _fill(obj: Any, vals: tuple) -> Any:
     return obj
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _fp32(obj: Any) -> Any:
+    """float16/bfloat16 tensors (also inside tuples/lists) as float32; anything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype in _LOW else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fp32(x) for x in obj)
+    return obj
+
+
 class RelevanceOp:
     """The relevance op paired with one forward op: ``(R, out, *operands) -> relevance per data slot``."""
 
@@ -101,6 +113,8 @@ class RelevanceOp:
         self.__module__ = __name__
 
     def __call__(self, R, out, *vals):
+        # relevance is computed in float32 for float16/bfloat16 models (stabilisers vanish in half precision)
+        R, out, vals = _fp32(R), _fp32(out), _fp32(vals)
         args = _fill(self.args_t, vals)
         kwargs = _fill(self.kwargs_t, vals)
         ctx = RuleContext(self.op, args, kwargs, out, R, self.slots, self.factors, self.extra)
@@ -152,16 +166,16 @@ class LedgerOp:
 
 def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Relevance seed: the output value at the target index of each sample (``-1``: argmax), zero elsewhere."""
-    flat = y.reshape(y.shape[0], -1)
+    flat = _fp32(y.reshape(y.shape[0], -1))
     idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
     # a comparison with arange, not scatter: Inductor's scatter lowering guards on batch >= 2
     mask = (torch.arange(flat.shape[1], device=flat.device).unsqueeze(0) == idx).to(flat.dtype)
-    return (flat * mask).reshape(y.shape)
+    return (flat * mask).reshape(y.shape)  # float32 for half-precision models
 
 
 def seed_given(y: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """Relevance seed given explicitly (output-shaped), used as is."""
-    return seed.to(y.dtype).expand(y.shape)
+    return seed.to(torch.promote_types(y.dtype, torch.float32)).expand(y.shape)
 
 
 def per_sample_total(r: torch.Tensor) -> torch.Tensor:
