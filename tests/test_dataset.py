@@ -116,7 +116,9 @@ y = torch.randint(0, 3, (26,), generator=g)
 ex = dynlrp.compile(factories.make_mlp(), torch.randn(2, 6), rules="lrp0", backend="eager")
 run = dynlrp.attribute_dataset(ex, DataLoader(TensorDataset(x, y), batch_size=4), sys.argv[1], shard_size=1,
                                target="label", progress=False)
-print("RANK", run.rank, "WORLD", run.world_size, "COMPUTED", run.computed)
+# one file per rank: the two processes' stdout interleaves
+with open(sys.argv[1] + f"-rank{{run.rank}}.txt", "w") as f:
+    f.write(f"RANK {{run.rank}} WORLD {{run.world_size}} COMPUTED {{run.computed}}")
 """
 
 
@@ -145,8 +147,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "RANK 0 WORLD 2 COMPUTED [0, 2, 4, 6]" in proc.stdout
-    assert "RANK 1 WORLD 2 COMPUTED [1, 3, 5]" in proc.stdout
+    assert (tmp_path / "dist-rank0.txt").read_text() == "RANK 0 WORLD 2 COMPUTED [0, 2, 4, 6]"
+    assert (tmp_path / "dist-rank1.txt").read_text() == "RANK 1 WORLD 2 COMPUTED [1, 3, 5]"
     names = sorted(p.name for p in (tmp_path / "dist").glob("shard-*"))
     assert names == sorted(
         [f"shard-000-{k:06d}.safetensors" for k in (0, 2, 4, 6)] + [f"shard-001-{k:06d}.safetensors" for k in (1, 3, 5)]
