@@ -11,7 +11,6 @@ relevant input positions. ``--out`` saves a dict of tensors (``relevance``, ``ou
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,30 +18,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import DynlrpError
+
 __all__ = ["register_cli", "load_factory", "load_input", "explain_main"]
 
 
 def load_factory(spec: str) -> nn.Module:
     """Import ``module:factory`` (or ``module:attr.attr``) and call it with no arguments; returns the model.
 
+    The spec is resolved like ``dynlrp export --model`` (modules of the working directory are importable).
+
     Raises
     ------
-    ValueError: the spec has no ``:``, the attribute is missing, or the factory returns no ``nn.Module``.
+    DynlrpError: the spec has no ``:``, the module or attribute is missing, or the factory returns no
+        ``nn.Module``.
     """
-    if ":" not in spec:
-        raise ValueError(f"--model must be 'module:factory' (e.g. mypkg.models:make_net), got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`: modules of the working directory are importable
-    module = importlib.import_module(mod_name)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    from .export import _factory
+
+    obj = _factory(spec)
     model = obj if isinstance(obj, nn.Module) else obj()
     if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
+        raise DynlrpError(f"--model {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model.eval()
 
 
@@ -73,7 +69,7 @@ def explain_main(args: argparse.Namespace) -> int:
     try:
         model = load_factory(args.model)
         x = load_input(args.input)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (DynlrpError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"dynlrp explain: {e}", file=sys.stderr)
         return 2
     if args.single:

@@ -107,6 +107,7 @@ class Explainer(nn.Module):
         self.promise_policy = promise_policy  # passes.promises.POLICIES
         self._programs: dict[str, _Program] = {}
         self._const_cache: dict[Any, torch.Tensor] = {}
+        self._static_cache: dict[str, dict[int, int]] = {}  # placeholder -> {dim: size} the program is static in
         gm = traced.graph_module
         P.canonicalize(gm)
         if "fold_batchnorm" in getattr(composite, "canonizers", ()):
@@ -268,7 +269,7 @@ class Explainer(nn.Module):
 
     def _static_dims(self, placeholder: str, example: torch.Tensor) -> dict[int, int]:
         """``{dim: size}`` for the dims of a user input that the traced program is specialised on."""
-        cache = self.__dict__.setdefault("_static_cache", {})
+        cache = self._static_cache
         if placeholder not in cache:
             ph = next(n for n in self.traced.graph_module.graph.nodes if n.op == "placeholder" and n.name == placeholder)
             val = ph.meta.get("val")

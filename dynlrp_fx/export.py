@@ -581,6 +581,8 @@ def _factory(spec: str):
     """``module:callable`` -> the callable (``torchvision:NAME`` means ``torchvision.models:NAME``)."""
     if ":" not in spec:
         raise DynlrpError(f"--model {spec!r}: expected MODULE:CALLABLE, e.g. torchvision.models:resnet18")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # factories in the working directory, as with python -m
     mod_name, _, attr = spec.partition(":")
     candidates = [mod_name] + ([f"{mod_name}.models"] if mod_name == "torchvision" else [])
     for name in candidates:
@@ -643,8 +645,6 @@ def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, tuple]:
         )
     if not args.input_shape:
         raise DynlrpError("--model needs at least one --input-shape B,...")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # factories in the working directory, as with python -m
     torch.manual_seed(args.seed)
     model = _factory(args.model)()
     if not isinstance(model, nn.Module):

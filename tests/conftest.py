@@ -21,3 +21,16 @@ def grad_x_input(model, x, target):
     sel = y.reshape(y.shape[0], -1)[torch.arange(y.shape[0]), target]
     (g,) = torch.autograd.grad(sel.sum(), x)
     return (g * x).detach()
+
+
+def tiny_bert(model_cls: str = "BertForSequenceClassification", *, sdpa: bool = False, **config):
+    """A tiny BERT from a config with random weights (eval mode); ``config`` overrides the defaults below."""
+    import transformers
+
+    cfg = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=32, num_labels=3)
+    cfg.update(config)
+    cls = getattr(transformers, model_cls)
+    bert_config = transformers.BertConfig(**cfg)
+    model = cls._from_config(bert_config, attn_implementation="sdpa") if sdpa else cls(bert_config)
+    return model.eval()

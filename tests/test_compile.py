@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
+from tests.conftest import tiny_bert
 
 
 class CountingInductor:
@@ -58,19 +59,9 @@ def test_compiled_equals_eager_cnn_and_batch_is_dynamic():
 
 
 def test_compiled_equals_eager_bert_2_layers_one_compile_for_batches_1_3_7():
-    import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    model = tf.BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa").eval()
+    model = tiny_bert(sdpa=True)
     kw = {"input_ids": torch.randint(3, 128, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     backend = CountingInductor()
     compiled = dynlrp.compile(model, example_kwargs=kw, backend=backend)

@@ -20,6 +20,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.errors import DynlrpInputError, DynlrpLoadError
+from tests.conftest import tiny_bert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -86,18 +87,7 @@ def _tv_cnn() -> nn.Module:
 
 
 def _tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert(vocab_size=100, num_hidden_layers=1)
 
 
 def _tokens(b: int, s: int) -> dict:

@@ -8,6 +8,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.passes.promises import POLICIES, peak_live_bytes, resolve_promises
+from tests.conftest import tiny_bert
 
 
 def _cnn() -> nn.Module:
@@ -23,18 +24,8 @@ def _cnn() -> nn.Module:
 
 
 def _bert():
-    import transformers as tf
 
-    cfg = tf.BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    model = tf.BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa").eval()
+    model = tiny_bert(sdpa=True, intermediate_size=128)
     ids = torch.randint(3, 128, (2, 12))
     return model, (), {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long)}
 

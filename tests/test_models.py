@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dynlrp_fx as dynlrp
+from tests.conftest import tiny_bert
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -20,8 +21,6 @@ def _tokens(vocab=100, batch=2, seq=8):
 
 def _hf(name):
     from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
@@ -29,9 +28,7 @@ def _hf(name):
     )
 
     if name == "bert":
-        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)
-        return BertForSequenceClassification(cfg).eval(), {}
+        return tiny_bert(vocab_size=100, num_attention_heads=4, max_position_embeddings=64, num_labels=2), {}
     if name == "gpt2":
         cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg).eval(), {"use_cache": False}

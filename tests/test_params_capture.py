@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
+from tests.conftest import tiny_bert
 
 
 def _mlp_bias_free() -> nn.Module:
@@ -90,18 +91,9 @@ def test_linear_parameter_relevance_matches_the_z_rule_formula():
 
 
 def test_params_and_capture_through_an_output_callable_and_embeddings():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(3)
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(cfg).eval()
+    model = tiny_bert(vocab_size=50, hidden_size=16, num_hidden_layers=1, intermediate_size=32, max_position_embeddings=16)
     ids = torch.randint(1, 50, (2, 7))
     mask = torch.ones_like(ids)
     ex = dynlrp.compile(

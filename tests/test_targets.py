@@ -10,6 +10,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx import targets
+from tests.conftest import tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,15 +60,10 @@ def test_next_token_on_gpt2_equals_a_seed_at_the_last_position():
 
 def test_qa_start_end_targets_pick_token_positions():
     torch.manual_seed(1)
-    cfg = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
+    model = tiny_bert(
+        "BertForQuestionAnswering", vocab_size=30, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2,
     )
-    model = transformers.BertForQuestionAnswering(cfg).eval()
     ids = torch.randint(1, 30, (2, 8))
     out = model(input_ids=ids)
     for sel, logits in ((targets.qa_start(), out.start_logits), (targets.qa_end(), out.end_logits)):
@@ -84,16 +80,9 @@ def test_token_relevance_is_aligned_with_the_tokens_and_rendered_as_html():
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     torch.manual_seed(2)
-    cfg = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
+    model = tiny_bert(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, intermediate_size=32, num_labels=2
     )
-    model = transformers.BertForSequenceClassification(cfg).eval()
     enc = tokenizer(
         ["Relevance <flows> back to tokens.", "Short one"], padding="max_length", max_length=12, return_tensors="pt"
     )

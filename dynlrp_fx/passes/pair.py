@@ -355,14 +355,16 @@ def pair(
 
     R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
 
+    def accumulate(store: dict, key: Any, rnode: fx.Node) -> None:
+        """Relevance arriving at a value from several users (fan-out) is summed."""
+        prev = store.get(key)
+        store[key] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+
     def add(target: fx.Node, idx: int | None, rnode: fx.Node) -> None:
         if idx is None:
-            prev = R.get(target)
-            R[target] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+            accumulate(R, target, rnode)
         else:
-            slots = R.setdefault(target, {})
-            prev = slots.get(idx)
-            slots[idx] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+            accumulate(R.setdefault(target, {}), idx, rnode)
 
     add(y_src, None, r_seed)
     ledgers: list[fx.Node] = []
@@ -372,10 +374,6 @@ def pair(
     param_order = [(by_name[ph], pub) for ph, pub in (params or {}).items()]
     derived = param_derived(nodes, {ph for ph, _ in param_order}) if param_order else set()
     RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
-
-    def add_param(target: fx.Node, rnode: fx.Node) -> None:
-        prev = RP.get(target)
-        RP[target] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
 
     cap_of: dict[fx.Node, list[str]] = {}
     for pub, node_name in (capture or {}).items():
@@ -401,19 +399,13 @@ def pair(
         out_p.meta["val"] = _val(n)
         return args_t, kwargs_t, vals, out_p
 
-    def param_shares(n, rule, args_t, kwargs_t, vals, out_p, r_arg, r_fake, extra, skip=()) -> None:
+    def param_shares(n, rule, args_t, kwargs_t, vals, out_p, r_arg, extra, skip=()) -> None:
         """Emit ``rule`` for each parameter-derived operand of ``n`` (one slot at a time)."""
         for slot, a in tensor_slots(n):
             if a not in derived or slot in skip:
                 continue
             op = RelevanceOp(rule, n.target, args_t, kwargs_t, [slot], [], extra, f"{n.name}:{a.name}")
-            rel = g.call_function(op, (r_arg, out_p, *vals))
-            with fake_mode:
-                res_fake = op(r_fake, _val(n), *[_val(v) for v in vals])
-            rel.meta["val"] = res_fake
-            gi = g.call_function(operator.getitem, (rel, 0))
-            gi.meta["val"] = res_fake[0]
-            add_param(a, gi)
+            accumulate(RP, a, emit(operator.getitem, emit(op, r_arg, out_p, *vals), 0))
 
     for n in reversed(nodes):
         if n in cap_of and n in R:
@@ -427,7 +419,7 @@ def pair(
             # a route op between a parameter and its user: pass the parameter relevance back with its VJP
             rp = RP.pop(n)
             args_t, kwargs_t, vals, out_p = operands(n)
-            param_shares(n, Route(), args_t, kwargs_t, vals, out_p, rp, _val(rp), {})
+            param_shares(n, Route(), args_t, kwargs_t, vals, out_p, rp, {})
         if n not in R or n.op != "call_function":
             continue
         if n.target is operator.getitem:
@@ -438,17 +430,10 @@ def pair(
             raise RuntimeError(f"internal: relevance reached node {n.name} ({n.target}) which has no rule")
         args_t, kwargs_t, vals, out_p = operands(n)
         r_in = R.pop(n)
-        if isinstance(r_in, dict):
-            n_out = len(_val(n))
-            r_arg = tuple(r_in.get(i) for i in range(n_out))
-            r_fake = tuple(_val(x) if x is not None else None for x in r_arg)
-        else:
-            r_arg, r_fake = r_in, _val(r_in)
+        r_arg = tuple(r_in.get(i) for i in range(len(_val(n)))) if isinstance(r_in, dict) else r_in
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, ann.extra, n.name)
-        rel = g.call_function(op, (r_arg, out_p, *vals))
-        with fake_mode:
-            res_fake = op(r_fake, _val(n), *[_val(v) for v in vals])
-        rel.meta["val"] = res_fake
+        rel = emit(op, r_arg, out_p, *vals)
+        res_fake = rel.meta["val"]
         rel.meta["dynlrp_rule"] = ann.rule
         rel.meta["dynlrp_for"] = n.name
         slot_nodes = dict(tensor_slots(n))
@@ -477,7 +462,7 @@ def pair(
         if derived:
             prule = _param_rule(ann)
             if prule is not None:
-                param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, r_fake, ann.extra, skip=ann.slots)
+                param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
 
     absorbed = None
     for led in ledgers:
@@ -488,7 +473,7 @@ def pair(
     outs = [env[y_src], seed_total, absorbed]
     names = []
     for ui in user_inputs:
-        ph = next(p for p in nodes if p.op == "placeholder" and p.name == ui.placeholder)
+        ph = by_name[ui.placeholder]
         ann = ph.meta.get("dynlrp")
         if ann is None:
             continue
