@@ -46,6 +46,17 @@ DYNAMICLRP_H200_MS = {
     ("llama_8l", 16): 286.0,
 }
 
+#: LXT (AttnLRP), H200, fp32, measured by the team in a separate environment with transformers 4.53 (DESIGN.md
+#: section 7; quoted, not measured in this run: LXT 2.1 does not import with transformers 5), ms
+LXT_H200_MS = {
+    ("vit_b_16", 1): 18.8,  # HF ViT-B/16
+    ("vit_b_16", 16): 38.6,
+    ("bert_base", 1): 26.7,  # seq 128
+    ("bert_base", 16): 26.6,
+    ("llama_8l", 1): 16.6,  # 8 x 1024, seq 128
+    ("llama_8l", 16): 28.5,
+}
+
 OURS = ("ours_eager", "ours_eager_recompute", "ours_inductor", "ours_inductor_cg")
 PEERS = ("zennit_eps", "zennit_egb", "captum_lrp", "lxt")
 
@@ -97,6 +108,38 @@ def peak_extra_bytes(fn: Callable[[], Any], device: str) -> int | None:
         return None
 
 
+def _relevance_of(out: Any) -> torch.Tensor | None:
+    """The input relevance a method returned (an Explanation's ``relevance`` or a plain tensor)."""
+    rel = getattr(out, "relevance", out)
+    return rel.detach().float() if isinstance(rel, torch.Tensor) else None
+
+
+#: cross-checks on the first call's relevance: (method, reference method); "rel diff" = ||a - b|| / ||b||
+CHECKS = (
+    ("ours_eager", "gxi"),  # LRP-epsilon(1e-6) ~ gradient x input on ReLU CNNs (not on transformers)
+    ("ours_eager_recompute", "ours_eager"),
+    ("ours_inductor", "ours_eager"),
+    ("ours_inductor_cg", "ours_eager"),
+    ("zennit_eps", "ours_eager"),
+    ("captum_lrp", "ours_eager"),
+    ("zennit_egb", "ours_egb_eager"),
+)
+
+
+def cross_checks(rels: dict[str, torch.Tensor], kind: str) -> dict[str, str]:
+    """Relative differences between methods' relevance (same inputs, same target) for the checks in CHECKS."""
+    out = {}
+    for m, ref in CHECKS:
+        if ref == "gxi" and kind != "cnn":
+            continue  # LRP differs from the gradient on transformers by design
+        a, b = rels.get(m), rels.get(ref)
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        d = (a - b).norm() / b.norm().clamp_min(1e-30)
+        out[m] = f"rel diff vs {ref} {d.item():.1e}"
+    return out
+
+
 def time_once(fn: Callable[[], Any], device: str) -> float:
     _sync(device)
     t = time.perf_counter()
@@ -121,13 +164,16 @@ def bench_model(
         fns: dict[str, Callable] = {}
         info: dict[str, dict] = {}
         status: dict[str, str] = {}
+        rels: dict[str, torch.Tensor] = {}
         for m in methods:
             info[m] = {}
             try:
                 fn = make_method(m, bm, args, kwargs, device, info[m])
                 t = time.perf_counter()
-                fn()
+                rel = _relevance_of(fn())
                 _sync(device)
+                if rel is not None:
+                    rels[m] = rel
                 info[m].setdefault("first_call_s", time.perf_counter() - t)
                 fns[m] = fn
                 log(f"  {name} b={batch} {m}: first call {info[m]['first_call_s']:.2f}s")
@@ -136,6 +182,11 @@ def bench_model(
             except Exception as e:  # noqa: BLE001 - a failing peer is a result, not a crash
                 status[m] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 log(f"  {name} b={batch} {m}: {status[m]}")
+        checks = cross_checks(rels, bm.kind)
+        rels.clear()
+        for m, c in checks.items():
+            info[m]["check"] = c
+            log(f"  {name} b={batch} {m}: {c}")
         for _ in range(warmup):
             for fn in fns.values():
                 time_once(fn, device)
@@ -230,6 +281,14 @@ def targets(rows: list[dict], device: str) -> list[dict]:
                 lower_is_better=False,
                 note=best_m,
             )
+        if device == "cuda" and batch == 1 and (model, batch) in LXT_H200_MS:
+            add(
+                ">= 2x faster than LXT, B=1 (quoted H200 ms, not measured)",
+                LXT_H200_MS[(model, batch)] / (best * 1e3),
+                2.0,
+                lower_is_better=False,
+                note=best_m,
+            )
         if g.get("lxt") and batch == 1 and "targets transformers" not in g["lxt"].get("status", ""):
             lx = g["lxt"].get("median_s")
             add(
@@ -240,9 +299,10 @@ def targets(rows: list[dict], device: str) -> list[dict]:
                 note=g["lxt"].get("status", ""),
             )
         gm = g.get("gxi", {}).get("peak_extra_bytes")
-        om = g.get(best_m, {}).get("peak_extra_bytes")
-        if gm and om is not None:
-            add("peak extra memory <= eager grad x input", om / gm, 1.0, note=best_m)
+        mems = {m: g[m]["peak_extra_bytes"] for m in ours if g[m].get("peak_extra_bytes") is not None}
+        if gm and mems:
+            low = min(mems, key=mems.get)  # the memory policy is a choice: report the leanest of our variants
+            add("peak extra memory <= eager grad x input", mems[low] / gm, 1.0, note=low)
     return res
 
 
@@ -273,6 +333,8 @@ def markdown(rows: list[dict], meta: dict, tgt: list[dict]) -> str:
             notes = r.get("status", "")
             if "build_s" in r:
                 notes = (notes + " " if notes else "") + f"trace+passes {r['build_s']:.1f}s"
+            if "check" in r:
+                notes = (notes + "; " if notes else "") + r["check"]
             xg = f"{t / gx:.2f}" if t and gx else "-"
             xf = f"{t / fw:.2f}" if t and fw else "-"
             fc = f"{r['first_call_s']:.1f}" if "first_call_s" in r else "-"
@@ -354,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--inductor-models",
         default=None,
-        help="models on which compiled methods run (default: all; --quick on CPU: vgg16)",
+        help="models on which compiled methods run, or 'none' (default: all; --quick on CPU: vgg16)",
     )
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
@@ -382,28 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         a.methods.split(",") if a.methods else [m for m in METHODS if a.device == "cuda" or m != "ours_inductor_cg"]
     )
     if a.inductor_models is not None:
-        ind_models = set(a.inductor_models.split(","))
+        ind_models = set(a.inductor_models.split(",")) - {"none", ""}
+        skip_reason = "skipped (--inductor-models)"
     else:
         ind_models = {"vgg16"} if cpu_quick else set(MODELS)
+        skip_reason = "skipped (cold Inductor compile too slow for the --quick CPU budget)"
     compiled = {"gxi_compiled", "ours_inductor", "ours_inductor_cg"}
     rows: list[dict] = []
     t_start = time.perf_counter()
-    for name in a.models.split(","):
-        ms = [m for m in methods if m not in compiled or name in ind_models]
-        log(f"{name}: {ms}")
-        rows += bench_model(name, a.device, sizes, ms, reps, warmup, log)
-        for m in methods:
-            if m in compiled and name not in ind_models:
-                for b in sizes["batches"]:
-                    rows.append(
-                        {
-                            "model": name,
-                            "size": "",
-                            "batch": b,
-                            "method": m,
-                            "status": "skipped (cold Inductor compile too slow for the --quick CPU budget)",
-                        }
-                    )
     dev_name = (
         torch.cuda.get_device_name() if a.device == "cuda" else f"{os.cpu_count()}-core CPU ({platform.machine()})"
     )
@@ -417,23 +465,42 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "threads": torch.get_num_threads(),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "total_s": time.perf_counter() - t_start,
     }
-    # keep the skipped rows' size column consistent
+    model_names = a.models.split(",")
+    for i, name in enumerate(model_names):
+        ms = [m for m in methods if m not in compiled or name in ind_models]
+        log(f"{name}: {ms}")
+        rows += bench_model(name, a.device, sizes, ms, reps, warmup, log)
+        for m in methods:
+            if m in compiled and name not in ind_models:
+                for b in sizes["batches"]:
+                    rows.append({"model": name, "size": "", "batch": b, "method": m, "status": skip_reason})
+        # write after every model, so that a run stopped by a time limit keeps what it measured
+        last = i == len(model_names) - 1
+        write_report(rows, dict(meta, total_s=time.perf_counter() - t_start, partial=not last), a, echo=last)
+    return 0
+
+
+def write_report(rows: list[dict], meta: dict, a: argparse.Namespace, echo: bool) -> None:
+    """Render the markdown and JSON reports of ``rows``; print the markdown when ``echo``."""
     sizes_by_model = {r["model"]: r["size"] for r in rows if r.get("size")}
-    for r in rows:
+    for r in rows:  # keep the skipped rows' size column consistent
         r["size"] = r["size"] or sizes_by_model.get(r["model"], "")
-    tgt = targets(rows, a.device)
+    tgt = targets(rows, meta["device"])
     md = markdown(rows, meta, tgt)
-    md += f"\nTotal benchmark time {meta['total_s']:.0f} s.\n"
-    print(md)
+    md += (
+        f"\nTotal benchmark time {meta['total_s']:.0f} s"
+        + (" (partial: the run did not finish)" if meta["partial"] else "")
+        + ".\n"
+    )
+    if echo:
+        print(md)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "targets": tgt}, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -341,8 +341,13 @@ class Explainer(nn.Module):
                     torch._dynamo.mark_dynamic(x, 0)
             if extra.ndim >= 1:
                 torch._dynamo.mark_dynamic(extra, 0)
+        graphs = self.backend != "eager" and self.mode in ("reduce-overhead", "max-autotune")
+        if graphs:  # CUDA graphs: a new step, so the previous call's static outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), _oblivious():
             outs = prog.fn(*state, *tensors, extra)
+        if graphs:  # the next replay overwrites the graph's output buffers: an Explanation owns its tensors
+            outs = [o.clone() for o in outs]
         prog.calls += 1
         n_in, n_par = len(prog.input_names), len(prog.param_names)
         if pad:  # every output is per sample except parameter relevance, which sums over the batch
@@ -504,7 +509,8 @@ def compile(
         in :attr:`Explanation.captured` (per sample, shaped like the output). The relevance of a module whose
         output is a full cut of the network sums to the seed (exactly under LRP-0 without biases).
     mode: ``torch.compile`` mode for compiled backends, e.g. ``"reduce-overhead"`` (CUDA graphs on GPU) or
-        ``"max-autotune"``; ``None`` is torch's default.
+        ``"max-autotune"``; ``None`` is torch's default. With CUDA graphs each call marks a new step and copies
+        the results out of the graph's static buffers, so an :class:`Explanation` stays valid after later calls.
     promise_policy: memory policy for the forward values the relevance half needs (``"keep"`` or
         ``"recompute"``: rematerialise cheap pointwise/view values instead of keeping them alive); see
         :mod:`dynlrp_fx.passes.promises`.

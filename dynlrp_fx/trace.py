@@ -86,15 +86,33 @@ class TracedProgram:
 
 
 class _OutputWrapper(nn.Module):
-    """Applies a user callable to the model output so that it becomes part of the traced graph."""
+    """Applies a user callable to the model output so that it becomes part of the traced graph.
+
+    Called as ``wrapper(args, kwargs)``: two plain parameters rather than ``*args, **kwargs``, whose dynamic
+    shapes torch 2.11's export mis-combines ("Must provide a tree_name"). The flat input order is unchanged.
+    """
 
     def __init__(self, model: nn.Module, fn: Callable[[Any], torch.Tensor]):
         super().__init__()
         self.model = model
         self.fn = fn
 
-    def forward(self, *args, **kwargs):
+    def forward(self, args, kwargs):
         return self.fn(self.model(*args, **kwargs))
+
+
+def _wrapper_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, spec: Any) -> dict:
+    """Re-key a user ``dynamic_shapes`` given for the model's signature to the wrapper's ``(args, kwargs)``."""
+    if spec is None:
+        return None
+    if isinstance(spec, (tuple, list)):
+        spec = list(spec)
+        return {"args": tuple(spec[: len(args)]), "kwargs": dict(zip(kwargs, spec[len(args) :]))}
+    params = [p.name for p in fn_sig.parameters.values()]
+    return {
+        "args": tuple(spec.get(params[i]) if i < len(params) else None for i in range(len(args))),
+        "kwargs": {k: spec.get(k) for k in kwargs},
+    }
 
 
 def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
@@ -259,22 +277,27 @@ def trace(
         args, kwargs = _maybe_grow_batch(args, kwargs)
 
     root: nn.Module = model
-    if callable(output) and not isinstance(output, (str, int)):
-        root = _OutputWrapper(model, output)
-    fn_sig = inspect.signature(root.forward)
+    fn_sig = inspect.signature(model.forward)
     try:
         fn_sig.bind(*args, **kwargs)
     except TypeError as e:
         raise DynlrpTraceError(f"example inputs do not match {type(model).__name__}.forward{fn_sig}: {e}") from None
 
+    export_args, export_kwargs = args, kwargs
+    if callable(output) and not isinstance(output, (str, int)):
+        root = _OutputWrapper(model, output)
+        export_args, export_kwargs = (args, kwargs), {}
+        dynamic_shapes = _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes)
     if dynamic_shapes is None and dynamic:
-        dynamic_shapes = _default_dynamic_shapes(fn_sig, args, kwargs, torch.export.Dim("batch", min=1))
+        dynamic_shapes = _default_dynamic_shapes(
+            inspect.signature(root.forward), export_args, export_kwargs, torch.export.Dim("batch", min=1)
+        )
 
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         try:
-            ep = torch.export.export(root, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(root, export_args, export_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001 - re-raised with a clear message
             raise _trace_error(e) from e
         if root is not model and hasattr(ep, "_guards_code"):

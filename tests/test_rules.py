@@ -101,8 +101,10 @@ def test_gamma_formula_positive_inputs():
     ids=["gamma", "gamma2", "zplus", "alpha2beta1", "alpha1beta0", "zbox", "flat", "wsquare", "epsilon"],
 )
 @pytest.mark.parametrize("layer", ["linear", "conv"])
-def test_rule_equals_zennit_on_one_layer(ours, theirs, layer):
-    """Mixed-sign inputs, weights and biases: each rule equals Zennit's hook on a single layer."""
+@pytest.mark.parametrize("nonneg", [False, True], ids=["mixed", "nonneg"])
+def test_rule_equals_zennit_on_one_layer(ours, theirs, layer, nonneg):
+    """Mixed-sign inputs, weights and biases: each rule equals Zennit's hook on a single layer. ``nonneg``: the
+    input is >= 0 and declared so (as the passes do after a ReLU), which takes the rules' fast paths."""
     g = torch.Generator().manual_seed(3)
     if layer == "linear":
         mod = nn.Linear(6, 4).double()
@@ -110,6 +112,8 @@ def test_rule_equals_zennit_on_one_layer(ours, theirs, layer):
     else:
         mod = nn.Conv2d(3, 4, 3, padding=1, stride=2).double()
         x = torch.randn(2, 3, 5, 5, generator=g, dtype=D)
+    if nonneg:
+        x = x.relu()
     with torch.no_grad():
         mod.bias.normal_(0, 0.5, generator=g)
         out = mod(x)
@@ -126,6 +130,8 @@ def test_rule_equals_zennit_on_one_layer(ours, theirs, layer):
     else:
         args = (x, mod.weight.detach(), mod.bias.detach(), [2, 2], [1, 1], [1, 1], False, [0, 0], 1)
         ctx = RuleContext(aten.convolution.default, args, {}, aten.convolution.default(*args), r, [(0,)], [(0,)])
+    if nonneg:
+        ctx.meta["nonneg_slots"] = tuple(ctx.slots)
     (got,) = ours().relevance(ctx)
     assert torch.allclose(got, ref, atol=1e-10, rtol=1e-8)
 

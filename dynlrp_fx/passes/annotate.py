@@ -277,6 +277,55 @@ def _module_types(root: torch.nn.Module | None, node: torch.fx.Node) -> tuple:
     return tuple(types)
 
 
+#: ops whose output is >= 0 whatever their input
+_NONNEG_SOURCES = {"relu", "sigmoid", "_softmax", "softmax", "exp", "abs", "sqrt", "hardsigmoid"}
+#: ops whose output is >= 0 when every floating tensor operand is (values moved, pooled, summed or multiplied)
+_NONNEG_KEEP = {
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "slice", "select", "squeeze",
+    "unsqueeze", "clone", "_to_copy", "alias", "contiguous", "cat", "flatten", "index", "gather", "max_pool2d",
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "mean", "sum", "amax", "add", "mul", "upsample_nearest2d",
+    "pixel_shuffle", "repeat", "stack", "dropout", "native_dropout",
+}
+
+
+def _clamp_floor(node: torch.fx.Node) -> float | None:
+    """The lower bound of ``clamp``/``clamp_min``/``hardtanh`` as a number, if it is one."""
+    name = node.target._opname
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val", -1.0 if name == "hardtanh" else None))
+    return float(lo) if isinstance(lo, (int, float)) else None
+
+
+def nonnegative_nodes(gm: torch.fx.GraphModule) -> set:
+    """Nodes whose value is provably ``>= 0`` (ReLU outputs and what pooling, reshaping, sums and products of
+    such values give). Rules use it to skip the negative-input terms of gamma, z+ and alpha-beta."""
+    nonneg: set = set()
+
+    def tensor_args(n: torch.fx.Node) -> list:
+        return [a for _, a in tensor_slots(n) if _is_float_val(a.meta.get("val"))]
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is operator.getitem:
+            src = n.args[0]
+            if n.args[1] == 0 and src in nonneg:
+                nonneg.add(n)
+            continue
+        name = getattr(n.target, "_opname", "")
+        if name in _NONNEG_SOURCES:
+            nonneg.add(n)
+        elif name in ("clamp", "clamp_min", "hardtanh"):
+            lo = _clamp_floor(n)
+            if lo is not None and lo >= 0:
+                nonneg.add(n)
+        elif name in _NONNEG_KEEP:
+            args = tensor_args(n)
+            if args and all(a in nonneg for a in args):
+                nonneg.add(n)
+    return nonneg
+
+
 def _accumulates(node: torch.fx.Node) -> bool:
     if getattr(node.target, "_opname", "") not in ("index_put", "index_put_"):
         return False
@@ -287,12 +336,16 @@ def _accumulates(node: torch.fx.Node) -> bool:
 def assign_rules(gm: torch.fx.GraphModule, composite: Composite, root: torch.nn.Module | None = None) -> torch.fx.GraphModule:
     """Give every relevant data node a rule class and a rule; raise for ops without a table entry.
 
+    Also records ``ann.extra["nonneg_slots"]``: the data operands that are provably ``>= 0``
+    (:func:`nonnegative_nodes`), which rules read as ``ctx.meta["nonneg_slots"]``.
+
     Raises
     ------
     DynlrpUnsupportedOpError
         listing every uncovered op with the module paths that use it.
     """
     _mark_first_layers(gm)
+    nonneg = nonnegative_nodes(gm)
     uncovered: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         ann = node.meta.get("dynlrp")
@@ -308,6 +361,8 @@ def assign_rules(gm: torch.fx.GraphModule, composite: Composite, root: torch.nn.
         ann.rule_class = classify(spec, ann.slots, ann.extra)
         if ann.rule_class == "route" and _accumulates(node):
             ann.rule_class = "linear"  # index_put(accumulate=True) sums overlapping writes: a z-rule, not a route
+        slot_nodes = dict(tensor_slots(node))
+        ann.extra["nonneg_slots"] = tuple(s for s in ann.slots if slot_nodes.get(s) in nonneg)
         info = NodeInfo(node.name, node.target, ann.rule_class, ann.module_path, _module_types(root, node), ann.first_layer)
         ann.rule = composite.rule_for(info)
     if uncovered:

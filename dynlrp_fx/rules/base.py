@@ -23,6 +23,7 @@ __all__ = [
     "Rule",
     "stabilize",
     "safe_divide",
+    "batched_matmul",
 ]
 
 #: an operand position: ``(i,)`` for ``args[i]``, ``(i, j)`` for ``args[i][j]`` (tensor lists), ``("kw", name)``.
@@ -46,6 +47,17 @@ def safe_divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tenso
         zero = den == 0
         return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
     return num / stabilize(den, eps)
+
+
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``[..., L, E] x [..., E, S]`` with equal batch dims, as one ``bmm`` over the flattened batch.
+
+    Rules use it instead of ``@``: on torch < 2.13 the ``matmul`` decomposition reads sizes as ints under fake
+    tensors, which specialises the symbolic batch size of a compiled explainer to the example's.
+    """
+    lead = a.shape[:-2]
+    out = torch.bmm(a.reshape(-1, a.shape[-2], a.shape[-1]), b.reshape(-1, b.shape[-2], b.shape[-1]))
+    return out.reshape(*lead, a.shape[-2], b.shape[-1])
 
 
 def _get(container: Any, slot: Slot, kwargs: dict) -> Any:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .base import Rule, RuleContext, safe_divide
+from .base import Rule, RuleContext, batched_matmul, safe_divide
 
 __all__ = [
     "Epsilon",
@@ -195,10 +195,10 @@ class AttnLRPAttention(Rule):
             return t
 
         def scores_fn(q_, k_):
-            return (q_ @ expand_kv(k_).transpose(-2, -1)) * scale
+            return batched_matmul(q_, expand_kv(k_).transpose(-2, -1)) * scale
 
         def out_fn(p_, v_):
-            return p_ @ expand_kv(v_)
+            return batched_matmul(p_, expand_kv(v_))
 
         scores = scores_fn(q, k)
         L, S = scores.size(-2), scores.size(-1)

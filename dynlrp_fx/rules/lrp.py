@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .base import Rule, RuleContext, Slot, safe_divide, stabilize
+from .base import Rule, RuleContext, Slot, batched_matmul, safe_divide, stabilize
 from .core import LINEAR, Epsilon, Route, _sum_to
 from .table import lookup
 
@@ -102,6 +102,12 @@ def modified(
     return out, lambda v: pullback(v.to(out.dtype))[0]
 
 
+def nonnegative_input(ctx: RuleContext, parts: LinearParts) -> bool:
+    """True when the passes proved the data operand ``>= 0`` (e.g. a ReLU output): ``x^- = 0``, so the
+    negative-input terms of gamma, z+ and alpha-beta vanish and need not be computed."""
+    return parts.x_slot in ctx.meta.get("nonneg_slots", ())
+
+
 class _ModifiedLinear(Rule):
     """Shared parts of the weight-modifying rules: fallback to epsilon for ops without a weight operand."""
 
@@ -144,6 +150,11 @@ class Gamma(_ModifiedLinear):
     For non-negative inputs (after ReLU) and ``z > 0`` this is the original gamma rule
     ``R_i = \sum_j x_i (w_{ij} + \gamma w_{ij}^+) / \sum_i x_i (w_{ij} + \gamma w_{ij}^+) R_j``; ``gamma = 0`` is
     LRP-0 (with the stabiliser). Ops without a weight operand: epsilon (see the module doc).
+
+    Inputs proved non-negative (``x^- = 0``) take a fast path with the same values: with
+    ``p = f(x; W^+, b^+)`` and the forward output ``z``, the two denominators are ``z + \gamma p`` and
+    ``z + \gamma (z - p)``, and ``R_x = x \odot (W^T (u^+ + (1+\gamma) u^-) + \gamma W^{+T} (u^+ - u^-))``:
+    one extra op and two pullbacks instead of four of each.
     """
 
     name = "gamma"
@@ -155,6 +166,14 @@ class Gamma(_ModifiedLinear):
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         g = self.gamma
         x, w, b = p.x, p.w, p.b
+        if nonnegative_input(ctx, p):
+            pos, pb_pos = modified(ctx, p, x, w.clamp(min=0), _pos(b))
+            _, pb = modified(ctx, p, x, w, b)
+            z = ctx.outputs[0].to(pos.dtype)
+            r = ctx.relevances[0].to(pos.dtype)
+            up = (z > 0).to(r.dtype) * r / stabilize(z + g * pos, self.stabilizer)
+            un = (z < 0).to(r.dtype) * r / stabilize(z + g * (z - pos), self.stabilizer)
+            return x * (pb(up + (1 + g) * un) + pb_pos(g * (up - un)))
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
         bp = None if b is None else b + g * b.clamp(min=0)
@@ -176,13 +195,17 @@ class ZPlus(_ModifiedLinear):
     .. math::  u = R / \mathrm{stab}\big(f(x^+; W^+, b^+) + f(x^-; W^-, 0)\big), \qquad
                R_x = x^+ \odot W^{+T} u + x^- \odot W^{-T} u
 
-    Only the positive contributions ``x_i^+ w_{ij}^+`` and ``x_i^- w_{ij}^-`` receive relevance.
+    Only the positive contributions ``x_i^+ w_{ij}^+`` and ``x_i^- w_{ij}^-`` receive relevance. Inputs proved
+    non-negative skip the ``x^-`` terms (one op and one pullback).
     """
 
     name = "zplus"
 
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         x, w, b = p.x, p.w, p.b
+        if nonnegative_input(ctx, p):
+            z0, pb0 = modified(ctx, p, x, w.clamp(min=0), _pos(b))
+            return x * pb0(ctx.relevances[0].to(z0.dtype) / stabilize(z0, self.stabilizer))
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         z0, pb0 = modified(ctx, p, xp, w.clamp(min=0), _pos(b))
         z1, pb1 = modified(ctx, p, xn, w.clamp(max=0), None)
@@ -199,6 +222,8 @@ class AlphaBeta(_ModifiedLinear):
         R_x &= \alpha\,(x^+ \odot W^{+T} u^+ + x^- \odot W^{-T} u^+) - \beta\,(x^+ \odot W^{-T} u^- + x^- \odot W^{+T} u^-)
 
     Positive contributions share ``alpha R``, negative ones ``-beta R`` (conservative up to bias and stabiliser).
+    Inputs proved non-negative take a fast path with the same values: with ``p = f(x; W^+, b^+)`` the
+    denominators are ``p`` and ``z - p``, and ``R_x = x \odot (W^{+T}(\alpha u^+ + \beta u^-) - \beta W^T u^-)``.
     """
 
     name = "alpha_beta"
@@ -214,6 +239,14 @@ class AlphaBeta(_ModifiedLinear):
 
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         x, w, b = p.x, p.w, p.b
+        if nonnegative_input(ctx, p):
+            pos, pb_pos = modified(ctx, p, x, w.clamp(min=0), _pos(b))
+            _, pb = modified(ctx, p, x, w, b)
+            z = ctx.outputs[0].to(pos.dtype)
+            r = ctx.relevances[0].to(pos.dtype)
+            up = r / stabilize(pos, self.stabilizer)
+            un = r / stabilize(z - pos, self.stabilizer)
+            return x * (pb_pos(self.alpha * up + self.beta * un) - self.beta * pb(un))
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         z0, pb0 = modified(ctx, p, xp, wp, _pos(b))
@@ -419,14 +452,14 @@ def _sdpa_math(ctx: RuleContext):
         if gqa and k.size(-3) != q.size(-3):
             k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
             v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
-        s = (q @ k.transpose(-2, -1)) * s_
+        s = batched_matmul(q, k.transpose(-2, -1)) * s_
         L, S = s.size(-2), s.size(-1)
         if is_causal:
             keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L if L != S else 0)
             s = s.masked_fill(~keep, float("-inf"))
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-        return torch.softmax(s, -1) @ v
+        return batched_matmul(torch.softmax(s, -1), v)
 
     return fn
 
