@@ -31,7 +31,7 @@ run() {  # run LIMIT NAME ARGS...: one benchmark invocation with its own time li
 # 2) VGG16: every method (compiled gradient, Inductor, CUDA graphs, Zennit, Captum), batch 1 and 16
 run 170 vgg16 --models vgg16
 # 3) transformers: eager variants (their targets compare with quoted DynamicLRP / LXT H200 numbers)
-run 100 text --models bert_base,gpt2_small,llama_8l --inductor-models none \
+run 110 text --models bert_base,gpt2_small,llama_8l --inductor-models none \
   --methods forward,gxi,ours_eager,ours_eager_recompute
 # 4) ViT-B/16 with Inductor and CUDA graphs, ResNet-50 eager and peers (Inductor compiles are the cost)
 run $((560 - (SECONDS - t0))) vit_resnet --models vit_b_16,resnet50 --inductor-models vit_b_16 \
