@@ -4,6 +4,11 @@ Each ``make_*`` returns a zero-argument callable that explains one batch (or rai
 reason). All methods explain the same scalar per sample: the model output at the argmax of the flattened
 per-sample output. Parameters are frozen (``requires_grad=False``) for every method, so gradient baselines
 compute input gradients only (the fastest fair gradient).
+
+Our variants: ``ours_eager`` (eager backend, ``keep`` memory policy), ``ours_eager_recompute`` (eager, ``recompute``,
+the default policy), ``ours_inductor`` / ``ours_inductor_cg`` (Inductor, without / with CUDA graphs, default
+policy), ``ours_egb_eager`` (EpsilonGammaBox, eager, default policy). The H200 table of 2026-11-26 predates the
+default change: there every variant but ``ours_eager_recompute`` used ``keep``.
 """
 
 from __future__ import annotations
@@ -208,18 +213,18 @@ def make_method(name: str, bm: BenchModel, args: tuple, kwargs: dict, device: st
         return _ours(bm, args, kwargs, "eager", None, "keep", info)
     if name == "ours_eager_recompute":
         return _ours(bm, args, kwargs, "eager", None, "recompute", info)
-    if name == "ours_inductor":
-        return _ours(bm, args, kwargs, "inductor", None, "keep", info)
+    if name == "ours_inductor":  # the default memory policy (recompute)
+        return _ours(bm, args, kwargs, "inductor", None, "recompute", info)
     if name == "ours_inductor_cg":
         if device != "cuda":
             raise Unavailable("CUDA graphs need a GPU")
-        return _ours(bm, args, kwargs, "inductor", "reduce-overhead", "keep", info)
+        return _ours(bm, args, kwargs, "inductor", "reduce-overhead", "recompute", info)
     if name == "ours_egb_eager":
         if bm.kind != "cnn":
             raise Unavailable("EpsilonGammaBox is a CNN composite")
         from dynlrp_fx import presets
 
-        return _ours(bm, args, kwargs, "eager", None, "keep", info, rules=presets.epsilon_gamma_box(-3.0, 3.0))
+        return _ours(bm, args, kwargs, "eager", None, "recompute", info, rules=presets.epsilon_gamma_box(-3.0, 3.0))
     if name == "zennit_eps":
         return _zennit(bm, args, "Epsilon")
     if name == "zennit_egb":

@@ -57,6 +57,9 @@ LXT_H200_MS = {
     ("llama_8l", 16): 28.5,
 }
 
+#: methods that replay CUDA graphs (their memory lives in the graph pool)
+CUDA_GRAPHS = ("ours_inductor_cg",)
+
 OURS = ("ours_eager", "ours_eager_recompute", "ours_inductor", "ours_inductor_cg")
 PEERS = ("zennit_eps", "zennit_egb", "captum_lrp", "lxt")
 
@@ -194,7 +197,9 @@ def bench_model(
         for _ in range(reps):
             for m, fn in fns.items():
                 times[m].append(time_once(fn, device))
-        mem = {m: peak_extra_bytes(fn, device) for m, fn in fns.items()}
+        # a CUDA-graph program allocates from its graph's private pool when captured, not per call: its peak
+        # is not comparable (it would read ~0), so it is not reported
+        mem = {m: None if m in CUDA_GRAPHS else peak_extra_bytes(fn, device) for m, fn in fns.items()}
         for m in methods:
             row = {"model": name, "size": bm.size, "batch": batch, "method": m, **info.get(m, {})}
             if m in fns:

@@ -14,6 +14,7 @@ from torch import nn
 from . import passes as P
 from .errors import DynlrpInputError
 from .passes.annotate import FLOAT
+from .passes.promises import DEFAULT_POLICY
 from .presets import resolve
 from .rules.composite import Composite
 from .trace import TracedProgram, _OutputWrapper, trace
@@ -94,7 +95,7 @@ class Explainer(nn.Module):
 
     def __init__(self, model: nn.Module, traced: TracedProgram, composite: Composite, backend: str = "inductor",
                  dynamic: bool = True, params: Any = None, capture: Any = None, mode: str | None = None,
-                 promise_policy: str = "keep"):
+                 promise_policy: str = DEFAULT_POLICY):
         super().__init__()
         if not (backend in BACKENDS or isinstance(backend, str) or callable(backend)):
             raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
@@ -160,6 +161,7 @@ class Explainer(nn.Module):
         fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
         lowered = P.lower(gm, fake_args)
         lowered = P.unify_batch(lowered, traced.batch_symbol)
+        lowered = P.eliminate_common_subexpressions(lowered)
         lowered = P.eliminate_dead_code(lowered)
         fn = self._compile_backend(lowered)
         prog = _Program(
@@ -250,6 +252,12 @@ class Explainer(nn.Module):
                 )
             if x.dtype != ui.dtype:
                 raise DynlrpInputError(f"input {ui.name!r} has dtype {x.dtype}, expected {ui.dtype}")
+            if ui.batched and traced.max_batch is not None and x.ndim >= 1 and x.shape[0] > traced.max_batch:
+                raise DynlrpInputError(
+                    f"input {ui.name!r} has a batch of {x.shape[0]}, but this model's ops bound the batch to "
+                    f"{traced.max_batch} (a torch guard found when tracing, e.g. cuDNN batch norm on CUDA); "
+                    "explain it in chunks of at most that many samples"
+                )
             ex = traced.example_flat[i]
             static = self._static_dims(ui.placeholder, ex)
             if any(x.shape[d] != size for d, size in static.items()):
@@ -479,7 +487,7 @@ def compile(
     params: Any = None,
     capture: Any = None,
     mode: str | None = None,
-    promise_policy: str = "keep",
+    promise_policy: str = DEFAULT_POLICY,
 ) -> Explainer:
     """Compile ``model`` into an :class:`Explainer` that returns LRP explanations.
 
@@ -511,8 +519,8 @@ def compile(
     mode: ``torch.compile`` mode for compiled backends, e.g. ``"reduce-overhead"`` (CUDA graphs on GPU) or
         ``"max-autotune"``; ``None`` is torch's default. With CUDA graphs each call marks a new step and copies
         the results out of the graph's static buffers, so an :class:`Explanation` stays valid after later calls.
-    promise_policy: memory policy for the forward values the relevance half needs (``"keep"`` or
-        ``"recompute"``: rematerialise cheap pointwise/view values instead of keeping them alive); see
+    promise_policy: memory policy for the forward values the relevance half needs: ``"recompute"`` (default:
+        rematerialise cheap pointwise/view values instead of keeping them alive) or ``"keep"``; see
         :mod:`dynlrp_fx.passes.promises`.
 
     Returns

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
+import re
 import traceback
 import warnings
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class TracedProgram:
     module_root: nn.Module  #: the module whose parameters/buffers the state specs name (model or wrapper)
     batch_symbol: Any = None  #: sympy symbol (or int) of the batch size in the graph's fake values
     static_batch: int | None = None  #: set when the model specialised the batch size during tracing
+    max_batch: int | None = None  #: largest batch the graph is valid for, when the model's ops bound it
     example_flat: list[Any] = field(default_factory=list)
 
 
@@ -154,6 +156,13 @@ def _trace_error(exc: BaseException) -> DynlrpTraceError:
     else:
         lines.append("Check that the model runs on the example inputs and is exportable with torch.export.")
     return DynlrpTraceError("\n".join(lines))
+
+
+def _suggested_max_batch(exc: BaseException) -> int | None:
+    """The upper batch bound torch.export suggests when the model's ops bound the batch dimension
+    (``Suggested fixes: batch = Dim('batch', max=N)``), or ``None``."""
+    m = re.search(r"batch = Dim\('batch'(?:, min=\d+)?, max=(\d+)\)", str(exc))
+    return int(m.group(1)) if m else None
 
 
 def _default_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, batch) -> Any:
@@ -288,16 +297,29 @@ def trace(
         root = _OutputWrapper(model, output)
         export_args, export_kwargs = (args, kwargs), {}
         dynamic_shapes = _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes)
-    if dynamic_shapes is None and dynamic:
-        dynamic_shapes = _default_dynamic_shapes(
-            inspect.signature(root.forward), export_args, export_kwargs, torch.export.Dim("batch", min=1)
-        )
+    default_shapes = dynamic_shapes is None and dynamic
+
+    def batch_shapes(max_batch: int | None) -> Any:
+        dim = torch.export.Dim("batch", min=1) if max_batch is None else torch.export.Dim("batch", min=1, max=max_batch)
+        return _default_dynamic_shapes(inspect.signature(root.forward), export_args, export_kwargs, dim)
+
+    max_batch = None
+    if default_shapes:
+        dynamic_shapes = batch_shapes(None)
 
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         try:
-            ep = torch.export.export(root, export_args, export_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            try:
+                ep = torch.export.export(root, export_args, export_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            except Exception as e:  # noqa: BLE001
+                max_batch = _suggested_max_batch(e) if default_shapes else None
+                if max_batch is None:
+                    raise
+                # an op bounds the batch (cuDNN batch norm on CUDA: <= 65535): trace again within that bound
+                dynamic_shapes = batch_shapes(max_batch)
+                ep = torch.export.export(root, export_args, export_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001 - re-raised with a clear message
             raise _trace_error(e) from e
         if root is not model and hasattr(ep, "_guards_code"):
@@ -398,5 +420,6 @@ def trace(
         module_root=root,
         batch_symbol=batch_symbol,
         static_batch=static_batch,
+        max_batch=max_batch,
         example_flat=flat,
     )

@@ -151,6 +151,29 @@ def test_dynamic_batch_eager_graph_is_batch_generic():
         assert torch.allclose(ex(x, target=0).relevance, grad_x_input(model, x, 0), atol=1e-10)
 
 
+class _BoundedBatch(nn.Module):
+    """An op that bounds the batch, as cuDNN batch norm does on CUDA (batch <= 65535)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        torch._check(x.shape[0] <= 100)
+        return self.fc(x).relu()
+
+
+def test_a_batch_bound_from_the_model_is_traced_and_enforced():
+    model = _BoundedBatch().double()
+    ex = dynlrp.compile(model, torch.randn(2, 5, dtype=torch.float64), rules="lrp0", backend="eager")
+    assert ex.traced.max_batch == 100
+    for b in (1, 100):
+        x = torch.randn(b, 5, dtype=torch.float64)
+        assert torch.allclose(ex(x, target=0).relevance, grad_x_input(model, x, 0), atol=1e-10)
+    with pytest.raises(dynlrp.DynlrpInputError, match="bound the batch to 100"):
+        ex(torch.randn(101, 5, dtype=torch.float64))
+
+
 def test_input_errors():
     model = _mlp()
     ex = dynlrp.compile(model, torch.randn(2, 5, dtype=torch.float64), backend="eager")

@@ -4,7 +4,8 @@ The pipeline run by :func:`dynlrp_fx.compile` (``print(explainer.pipeline)`` sho
 
     canonicalize -> fold_batchnorm -> mark_data -> detect_normalizers -> assign_rules   (analysis, once;
                                                                       fold_batchnorm when the composite asks)
-    pair -> resolve_promises -> lower -> unify_batch -> eliminate_dead_code             (per seed mode: target / seed)
+    pair -> resolve_promises -> lower -> unify_batch -> eliminate_common_subexpressions
+    -> eliminate_dead_code                                                               (per seed mode: target / seed)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from .annotate import assign_rules, detect_normalizers, mark_data
 from .canonicalize import canonicalize
-from .dce import eliminate_dead_code
+from .dce import eliminate_common_subexpressions, eliminate_dead_code
 from .fold_batchnorm import fold_batchnorm
 from .lower import lower, unify_batch
 from .pair import pair
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_promises",
     "lower",
     "unify_batch",
+    "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "PIPELINE",
 ]
@@ -55,6 +57,9 @@ class Pipeline:
 PIPELINE = Pipeline(
     (
         ("analysis", (canonicalize, fold_batchnorm, mark_data, detect_normalizers, assign_rules)),
-        ("synthesis", (pair, resolve_promises, lower, unify_batch, eliminate_dead_code)),
+        (
+            "synthesis",
+            (pair, resolve_promises, lower, unify_batch, eliminate_common_subexpressions, eliminate_dead_code),
+        ),
     )
 )

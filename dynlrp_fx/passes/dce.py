@@ -2,13 +2,87 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["eliminate_dead_code"]
+from .promises import _is_cheap
+
+__all__ = ["eliminate_dead_code", "eliminate_common_subexpressions"]
 
 
 def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Remove nodes whose values are never used (impure nodes such as asserts are kept); returns ``gm``."""
     gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _freeze(a: Any, canon: dict) -> Any:
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_freeze(x, canon) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple(sorted((k, _freeze(v, canon)) for k, v in a.items())))
+    if isinstance(a, torch.fx.Node):
+        return ("Node", canon.get(a, a))
+    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(a)
+    if isinstance(a, (int, float, bool, str, type(None))):
+        return (type(a).__name__, a)
+    raise TypeError  # anything else (tensors, symbolic values): not merged
+
+
+def _cse_key(node: torch.fx.Node, canon: dict) -> Any:
+    """A hashable key of a pure ATen call (operands by value number), or ``None`` when it must not be merged."""
+    op = node.target
+    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        return None
+    if op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
+        return None
+    try:
+        return (op, _freeze(node.args, canon), _freeze(node.kwargs, canon))
+    except TypeError:
+        return None
+
+
+_REDUCTIONS = ("sum", "mean", "amax", "amin", "argmax", "argmin")
+
+
+def eliminate_common_subexpressions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Merge repeated pure ATen calls that compute the same value into one; returns ``gm``.
+
+    Rules that pull relevance back through an op with its VJP re-run the op (e.g. max-pooling, for its indices)
+    on the very values the forward pass used, and the conservation ledger sums a relevance tensor both as the
+    output of one op and as the input of the next. Such repeats are merged. Values are numbered through cheap
+    pointwise and view ops without merging those: the ``recompute`` memory policy duplicates them on purpose,
+    and an op that reads a recomputed copy is merged with its forward twin only when it is a reduction (whose
+    small result costs no memory to keep); a max-pool over a recomputed activation is recomputed too.
+    """
+    # values that an in-place op writes to stay distinct (two zeros_like() buffers may be filled differently)
+    mutated = {
+        a
+        for n in gm.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+        for a in n.all_input_nodes
+    }
+    canon: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> first node known to compute the same value
+    seen: dict[Any, torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node in mutated:
+            continue
+        key = _cse_key(node, canon)
+        if key is None:
+            continue
+        prev = seen.get(key)
+        if prev is None:
+            seen[key] = node
+            continue
+        same_operands = _cse_key(node, {}) == _cse_key(prev, {})
+        reduction = node.target._opname.startswith(_REDUCTIONS)
+        if _is_cheap(node) or not (same_operands or reduction):
+            canon[node] = prev  # the same value, kept as a separate computation
+            continue
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
     gm.recompile()
     return gm
