@@ -213,6 +213,7 @@ def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras
         "in_spec": pytree.treespec_dumps(traced.in_spec),
         "const_leaves": {str(i): _json_leaf(i, v) for i, v in traced.const_leaves.items()},
         "tensor_leaf_index": list(traced.tensor_leaf_index),
+        "max_batch": traced.max_batch,
         "inputs": inputs,
         "output": {"name": traced.output_name, **(_tensor_spec(y_val) if y_val is not None else {})},
         "relevance_outputs": {m: _output_names(explainer, m) for m in modes},
@@ -395,6 +396,7 @@ class _Signature:
     user_inputs: list[UserInput]
     tensor_leaf_index: list[int]
     example_flat: list[Any]
+    max_batch: int | None = None
 
 
 class _Meta:
@@ -447,7 +449,9 @@ class LoadedExplainer:
             shape = [d if isinstance(d, int) else 2 for d in s["shape"]]
             flat[i] = torch.empty(shape, dtype=_dtype(s["dtype"]), device="meta")
             users.append(UserInput(s["name"], s["name"], flat[i].dtype, len(shape), bool(s["batched"])))
-        self.traced = _Signature(pytree.treespec_loads(meta["in_spec"]), const, users, idx, flat)
+        self.traced = _Signature(
+            pytree.treespec_loads(meta["in_spec"]), const, users, idx, flat, meta.get("max_batch")
+        )
         out_shape = meta["output"].get("shape")
         rest = out_shape[1:] if out_shape else None
         ok = rest is not None and all(isinstance(d, int) for d in rest)
