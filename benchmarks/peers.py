@@ -83,18 +83,23 @@ def _ours(
 ):
     import dynlrp_fx as dynlrp
 
-    key = (bm.name, backend, mode, policy, getattr(rules, "name", rules))
-    if key in _EXPLAINERS and _EXPLAINERS[key].model is not bm.model:
-        _EXPLAINERS.clear()  # same name, another model object (a new run)
-    if key not in _EXPLAINERS:  # one explainer per model serves every batch size (dynamic batch)
-        ex_args, ex_kwargs = bm.make_inputs(2)
+    rules_name = getattr(rules, "name", rules)
+    key = (bm.name, backend, mode, policy, rules_name)
+    if any(e.model is not bm.model for e in _EXPLAINERS.values()):
+        _EXPLAINERS.clear()  # a new model (or a new run): drop the previous model's explainers
+    if key not in _EXPLAINERS:  # one explainer per model and variant serves every batch size (dynamic batch)
+        base = next((e for k, e in _EXPLAINERS.items() if k[4] == rules_name), None)
         t0 = time.perf_counter()
-        explainer = dynlrp.compile(
-            bm.model, ex_args, example_kwargs=ex_kwargs, backend=backend, mode=mode, promise_policy=policy, rules=rules
-        )
+        if base is not None:  # same model and rules: reuse the traced, analysed graph (Explainer.recompile)
+            explainer = base.recompile(backend=backend, mode=mode, promise_policy=policy)
+            info["derived"] = True
+        else:
+            ex_args, ex_kwargs = bm.make_inputs(2)
+            explainer = dynlrp.compile(
+                bm.model, ex_args, example_kwargs=ex_kwargs, backend=backend, mode=mode, promise_policy=policy,
+                rules=rules,
+            )
         info["build_s"] = time.perf_counter() - t0
-        if any(k[0] != key[0] for k in _EXPLAINERS):
-            _EXPLAINERS.clear()  # a new model: drop the previous model's explainers
         _EXPLAINERS[key] = explainer
     explainer = _EXPLAINERS[key]
     first = [True]

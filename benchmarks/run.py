@@ -138,6 +138,7 @@ def cross_checks(rels: dict[str, torch.Tensor], kind: str) -> dict[str, str]:
         a, b = rels.get(m), rels.get(ref)
         if a is None or b is None or a.shape != b.shape:
             continue
+        a, b = a.double(), b.double()  # float32 norms overflow on exploding peer relevance
         d = (a - b).norm() / b.norm().clamp_min(1e-30)
         out[m] = f"rel diff vs {ref} {d.item():.1e}"
     return out
@@ -337,7 +338,8 @@ def markdown(rows: list[dict], meta: dict, tgt: list[dict]) -> str:
             t = r.get("median_s")
             notes = r.get("status", "")
             if "build_s" in r:
-                notes = (notes + " " if notes else "") + f"trace+passes {r['build_s']:.1f}s"
+                what = "recompile" if r.get("derived") else "trace+passes"
+                notes = (notes + " " if notes else "") + f"{what} {r['build_s']:.1f}s"
             if "check" in r:
                 notes = (notes + "; " if notes else "") + r["check"]
             xg = f"{t / gx:.2f}" if t and gx else "-"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -170,6 +170,36 @@ class Explainer(nn.Module):
         )
         self._programs[mode] = prog
         return prog
+
+    def recompile(
+        self, *, backend: Any = None, mode: Any = "unchanged", promise_policy: str | None = None
+    ) -> Explainer:
+        """A new explainer for the same model, rules and inputs with another backend, ``torch.compile`` mode or
+        memory policy, built without tracing the model again (the traced and analysed graph is shared; with the
+        same memory policy the lowered relevance program is shared too, and only the backend compile differs).
+
+        ``explainer.recompile(backend="inductor", mode="reduce-overhead")`` turns an eager explainer into a
+        CUDA-graph one; arguments left out keep this explainer's values. This explainer is unchanged.
+        """
+        backend = self.backend if backend is None else backend
+        if not (isinstance(backend, str) or callable(backend)):
+            raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
+        policy = self.promise_policy if promise_policy is None else promise_policy
+        if policy not in P.promises.POLICIES:
+            raise ValueError(f"unknown promise policy {policy!r}; expected one of {P.promises.POLICIES}")
+        new = Explainer.__new__(Explainer)
+        nn.Module.__init__(new)
+        for name in ("_model_ref", "traced", "composite", "dynamic", "_y_src", "fake_mode", "_param_map", "_capture_map"):
+            setattr(new, name, getattr(self, name))
+        new.backend = backend
+        new.mode = self.mode if mode == "unchanged" else mode
+        new.promise_policy = policy
+        new._programs, new._const_cache, new._static_cache = {}, {}, dict(self._static_cache)
+        if policy == self.promise_policy:
+            for name, prog in self._programs.items():
+                new._programs[name] = replace(prog, fn=new._compile_backend(prog.graph), calls=0)
+        new._program("target")
+        return new
 
     def _compile_backend(self, lowered: torch.fx.GraphModule):
         if self.backend == "eager":

@@ -9,6 +9,7 @@ input's dim 0 to one symbol (``passes.lower.unify_batch``): one compilation serv
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,3 +78,23 @@ def test_compiled_equals_eager_bert_2_layers_one_compile_for_batches_1_3_7():
             assert _close(c.inputs[name], e.inputs[name]), name
         assert _close(c.output, e.output) and _close(c.absorbed, e.absorbed)
     assert backend.compilations == 1, f"recompiled per batch size ({backend.compilations} compilations)"
+
+
+def test_recompile_switches_backend_and_policy_without_tracing_again():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    eager = dynlrp.compile(model, torch.randn(2, 6), backend="eager", promise_policy="keep")
+    backend = CountingInductor()
+    compiled = eager.recompile(backend=backend)
+    recomputing = eager.recompile(promise_policy="recompute")
+    assert compiled.traced is eager.traced and recomputing.traced is eager.traced  # no new trace
+    assert compiled.graph() is eager.graph()  # same policy: the lowered program is shared
+    assert eager.backend == "eager" and eager.promise_policy == "keep"  # the original is unchanged
+    x = torch.randn(5, 6)
+    ref = eager(x)
+    for other in (compiled, recomputing):
+        got = other(x)
+        assert _close(got.relevance, ref.relevance) and _close(got.absorbed, ref.absorbed)
+    assert backend.compilations == 1
+    with pytest.raises(ValueError, match="promise policy"):
+        eager.recompile(promise_policy="hoard")
