@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from tests.conftest import tiny_bert
+from tests.conftest import small_cnn, tiny_bert
 
 
 class CountingInductor:
@@ -35,18 +35,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
 
 
 def test_compiled_equals_eager_cnn_and_batch_is_dynamic():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 5),
-    ).eval()
+    model = small_cnn()
     backend = CountingInductor()
     compiled = dynlrp.compile(model, torch.randn(2, 3, 16, 16), backend=backend)
     eager = dynlrp.compile(model, torch.randn(2, 3, 16, 16), backend="eager")

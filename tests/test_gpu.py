@@ -16,7 +16,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx import presets
-from tests.conftest import grad_x_input, tiny_bert
+from tests.conftest import grad_x_input, small_cnn, tiny_bert
 from tests.test_compile import CountingInductor
 
 pytestmark = [
@@ -37,18 +37,7 @@ def _exact_fp32():
 
 
 def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    ).eval()
+    return small_cnn(width=16, classes=10)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -171,11 +171,14 @@ def test_nonnegative_analysis():
             c = a.sum(1, keepdim=True) + b  # >= 0
             d = a.sum(1, keepdim=True) - b  # unknown
             e = torch.relu(x) + x  # unknown
-            return c, d, e
+            f = torch.relu(x) * -1.0  # <= 0
+            g = torch.relu(x) + (-0.5)  # unknown
+            h = torch.relu(x) * 2.0 + 0.5  # >= 0
+            return c, d, e, f, g, h
 
     gm = torch.export.export(M(), (torch.randn(2, 3, 4, 4),)).run_decompositions().module()
     nonneg = nonnegative_nodes(gm)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    assert [o in nonneg for o in out] == [True, False, False]
+    assert [o in nonneg for o in out] == [True, False, False, False, False, True]
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     assert x not in nonneg

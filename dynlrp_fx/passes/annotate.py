@@ -321,6 +321,13 @@ def nonnegative_nodes(gm: torch.fx.GraphModule) -> set:
                 nonneg.add(n)
         elif name in _NONNEG_KEEP:
             args = tensor_args(n)
+            scalars = [
+                a
+                for a in (*n.args, *n.kwargs.values())
+                if isinstance(a, (int, float)) and not isinstance(a, bool)
+            ]
+            if name in ("add", "mul") and any(a < 0 for a in scalars):
+                continue  # relu(x) * -1, relu(x) + (-0.5), add(a, b, alpha=-1)
             if args and all(a in nonneg for a in args):
                 nonneg.add(n)
     return nonneg
