@@ -85,6 +85,11 @@ class _Program:
     calls: int = 0
 
 
+def _check_backend(backend: Any) -> None:
+    if not (isinstance(backend, str) or callable(backend)):
+        raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
+
+
 class Explainer(nn.Module):
     """An explainable version of a model; create it with :func:`dynlrp_fx.compile`.
 
@@ -97,8 +102,7 @@ class Explainer(nn.Module):
                  dynamic: bool = True, params: Any = None, capture: Any = None, mode: str | None = None,
                  promise_policy: str = DEFAULT_POLICY):
         super().__init__()
-        if not (backend in BACKENDS or isinstance(backend, str) or callable(backend)):
-            raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
+        _check_backend(backend)
         self._model_ref = [model]
         self.traced = traced
         self.composite = composite
@@ -182,11 +186,8 @@ class Explainer(nn.Module):
         CUDA-graph one; arguments left out keep this explainer's values. This explainer is unchanged.
         """
         backend = self.backend if backend is None else backend
-        if not (isinstance(backend, str) or callable(backend)):
-            raise ValueError(f"backend must be one of {BACKENDS} or a torch.compile backend, got {backend!r}")
-        policy = self.promise_policy if promise_policy is None else promise_policy
-        if policy not in P.promises.POLICIES:
-            raise ValueError(f"unknown promise policy {policy!r}; expected one of {P.promises.POLICIES}")
+        _check_backend(backend)
+        policy = self.promise_policy if promise_policy is None else promise_policy  # checked by resolve_promises
         new = Explainer.__new__(Explainer)
         nn.Module.__init__(new)
         for name in ("_model_ref", "traced", "composite", "dynamic", "_y_src", "fake_mode", "_param_map", "_capture_map"):

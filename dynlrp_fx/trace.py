@@ -310,16 +310,18 @@ def trace(
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
+        def export(shapes: Any) -> torch.export.ExportedProgram:
+            return torch.export.export(root, export_args, export_kwargs, dynamic_shapes=shapes, strict=False)
+
         try:
             try:
-                ep = torch.export.export(root, export_args, export_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+                ep = export(dynamic_shapes)
             except Exception as e:  # noqa: BLE001
                 max_batch = _suggested_max_batch(e) if default_shapes else None
                 if max_batch is None:
                     raise
                 # an op bounds the batch (cuDNN batch norm on CUDA: <= 65535): trace again within that bound
-                dynamic_shapes = batch_shapes(max_batch)
-                ep = torch.export.export(root, export_args, export_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+                ep = export(batch_shapes(max_batch))
         except Exception as e:  # noqa: BLE001 - re-raised with a clear message
             raise _trace_error(e) from e
         if root is not model and hasattr(ep, "_guards_code"):

@@ -23,24 +23,6 @@ def grad_x_input(model, x, target):
     return (g * x).detach()
 
 
-def small_cnn(width: int = 8, classes: int = 5):
-    """conv -> BN -> ReLU -> max-pool -> conv -> ReLU -> adaptive avg-pool -> linear (eval mode, seeded)."""
-    from torch import nn
-
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(width, width, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * width, classes),
-    ).eval()
-
-
 def tiny_bert(model_cls: str = "BertForSequenceClassification", *, sdpa: bool = False, **config):
     """A tiny BERT from a config with random weights (eval mode); ``config`` overrides the defaults below."""
     import transformers

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from tests.conftest import small_cnn, tiny_bert
+from tests._factories import pooled_cnn
+from tests.conftest import tiny_bert
 
 
 class CountingInductor:
@@ -35,7 +36,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
 
 
 def test_compiled_equals_eager_cnn_and_batch_is_dynamic():
-    model = small_cnn()
+    model = pooled_cnn()
     backend = CountingInductor()
     compiled = dynlrp.compile(model, torch.randn(2, 3, 16, 16), backend=backend)
     eager = dynlrp.compile(model, torch.randn(2, 3, 16, 16), backend="eager")

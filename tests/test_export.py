@@ -251,34 +251,20 @@ def test_target_only_file_refuses_seed(tmp_path):
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
+def _cli_export(model: str, shape: str, out, *extra: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m dynlrp_fx export`` in a fresh process; asserts that it succeeded."""
+    cmd = [sys.executable, "-m", "dynlrp_fx", "export", "--model", model, "--input-shape", shape, *extra, "-o", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_cli_export_lrp0_equals_grad_x_input(tmp_path):
     from tests._factories import small_cnn
     from tests.conftest import grad_x_input
 
     out = tmp_path / "cli.pt2"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dynlrp_fx",
-            "export",
-            "--model",
-            "tests._factories:small_cnn",
-            "--input-shape",
-            "2,3,8,8",
-            "--rules",
-            "lrp0",
-            "--seed",
-            "3",
-            "-o",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _cli_export("tests._factories:small_cnn", "2,3,8,8", out, "--rules", "lrp0", "--seed", "3", timeout=600)
     assert f"wrote {out}" in proc.stdout and "rules=lrp0" in proc.stdout
     f = dynlrp.load(out)
     assert f.rules == "lrp0"
@@ -343,25 +329,7 @@ def test_aoti_package_on_cpu(tmp_path):
 def test_resnet18_cli_fresh_process(tmp_path):
     """The issue's example: `dynlrp export --model torchvision:resnet18` (small images to keep it fast)."""
     out = tmp_path / "resnet18.pt2"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dynlrp_fx",
-            "export",
-            "--model",
-            "torchvision:resnet18",
-            "--input-shape",
-            "2,3,64,64",
-            "-o",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli_export("torchvision:resnet18", "2,3,64,64", out, timeout=1200)
     import torchvision
 
     torch.manual_seed(0)

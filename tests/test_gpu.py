@@ -16,7 +16,8 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx import presets
-from tests.conftest import grad_x_input, small_cnn, tiny_bert
+from tests._factories import pooled_cnn
+from tests.conftest import grad_x_input, tiny_bert
 from tests.test_compile import CountingInductor
 
 pytestmark = [
@@ -37,7 +38,7 @@ def _exact_fp32():
 
 
 def _cnn() -> nn.Module:
-    return small_cnn(width=16, classes=10)
+    return pooled_cnn(width=16, classes=10)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

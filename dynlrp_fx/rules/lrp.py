@@ -108,6 +108,14 @@ def nonnegative_input(ctx: RuleContext, parts: LinearParts) -> bool:
     return parts.x_slot in ctx.meta.get("nonneg_slots", ())
 
 
+def _positive_split(ctx: RuleContext, p: LinearParts):
+    """For a non-negative input: ``z`` (the forward output), ``R``, ``pos = f(x; W^+, b^+)`` and the pullbacks of
+    ``f(.; W^+)`` and ``f(.; W)``; the negative-weight part is ``z - pos``."""
+    pos, pb_pos = modified(ctx, p, p.x, p.w.clamp(min=0), _pos(p.b))
+    _, pb = modified(ctx, p, p.x, p.w, p.b)
+    return ctx.outputs[0].to(pos.dtype), ctx.relevances[0].to(pos.dtype), pos, pb_pos, pb
+
+
 class _ModifiedLinear(Rule):
     """Shared parts of the weight-modifying rules: fallback to epsilon for ops without a weight operand."""
 
@@ -167,10 +175,7 @@ class Gamma(_ModifiedLinear):
         g = self.gamma
         x, w, b = p.x, p.w, p.b
         if nonnegative_input(ctx, p):
-            pos, pb_pos = modified(ctx, p, x, w.clamp(min=0), _pos(b))
-            _, pb = modified(ctx, p, x, w, b)
-            z = ctx.outputs[0].to(pos.dtype)
-            r = ctx.relevances[0].to(pos.dtype)
+            z, r, pos, pb_pos, pb = _positive_split(ctx, p)
             up = (z > 0).to(r.dtype) * r / stabilize(z + g * pos, self.stabilizer)
             un = (z < 0).to(r.dtype) * r / stabilize(z + g * (z - pos), self.stabilizer)
             return x * (pb(up + (1 + g) * un) + pb_pos(g * (up - un)))
@@ -240,10 +245,7 @@ class AlphaBeta(_ModifiedLinear):
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         x, w, b = p.x, p.w, p.b
         if nonnegative_input(ctx, p):
-            pos, pb_pos = modified(ctx, p, x, w.clamp(min=0), _pos(b))
-            _, pb = modified(ctx, p, x, w, b)
-            z = ctx.outputs[0].to(pos.dtype)
-            r = ctx.relevances[0].to(pos.dtype)
+            z, r, pos, pb_pos, pb = _positive_split(ctx, p)
             up = r / stabilize(pos, self.stabilizer)
             un = r / stabilize(z - pos, self.stabilizer)
             return x * (pb_pos(self.alpha * up + self.beta * un) - self.beta * pb(un))
