@@ -34,3 +34,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dynlrp_fx tests benchmarks
+
+# LXT (AttnLRP) vs ours, same run, in a separate venv (transformers 4.53, lxt 2.1; LXT_VENV, default /tmp/lxtenv)
+.PHONY: bench-lxt
+bench-lxt:
+	benchmarks/lxt_env.sh

@@ -48,6 +48,8 @@ def _vision(name: str, res: int, device: torch.device) -> BenchModel:
         model = torchvision.models.resnet50()
     elif name == "vit_b_16":
         model = torchvision.models.vit_b_16(image_size=res)
+        # torchvision zero-initialises the classification head: every logit and every relevance would be 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     else:
         raise ValueError(name)
     model = model.eval().to(device)

@@ -7,14 +7,19 @@ compute input gradients only (the fastest fair gradient).
 
 Our variants: ``ours_eager`` (eager backend, ``keep`` memory policy), ``ours_eager_recompute`` (eager, ``recompute``,
 the default policy), ``ours_inductor`` / ``ours_inductor_cg`` (Inductor, without / with CUDA graphs, default
-policy), ``ours_egb_eager`` (EpsilonGammaBox, eager, default policy). The H200 table of 2026-11-26 predates the
-default change: there every variant but ``ours_eager_recompute`` used ``keep``.
+policy), ``ours_egb_eager`` (EpsilonGammaBox, eager, default policy), ``ours_attnlrp_eager`` / ``ours_cp_lrp_eager``
+(the AttnLRP / CP-LRP presets, eager, default policy: the rules LXT implements, for the same-rules LXT comparison). The H200
+table of 2026-11-26 predates the default change: there every variant but ``ours_eager_recompute`` used ``keep``.
+
+``lxt`` (LXT 2.1, efficient AttnLRP) needs transformers 4.x: run it in the venv of ``benchmarks/lxt_env.sh``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -180,14 +185,122 @@ def _captum(bm: BenchModel, args: tuple) -> Callable[[], Any]:
     return run
 
 
-def _lxt(bm: BenchModel) -> Callable[[], Any]:
-    if bm.kind == "cnn":
-        raise Unavailable("LXT targets transformers")
+#: the LXT 2.1 efficient-AttnLRP patch module per benchmark model (LXT supports torchvision's ViT with CP-LRP only)
+_LXT_MODULES = {
+    "bert_base": "transformers.models.bert.modeling_bert",
+    "gpt2_small": "transformers.models.gpt2.modeling_gpt2",
+    "llama_8l": "transformers.models.llama.modeling_llama",
+    "vit_b_16": "torchvision.models.vision_transformer",
+}
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _lxt_patched(module: Any, patch_map: dict):
+    """LXT's ``monkey_patch(module, patch_map)`` inside the block only: it rewrites attributes of classes (some of
+    them torch's own: ``nn.Dropout``, ``nn.LayerNorm``, ...) and of modelling modules for the whole process, which
+    would change every other method's model; on exit every patched class's and module's attributes are restored."""
+    from lxt.efficient import monkey_patch
+
+    saved = [(t, dict(vars(t))) for t in patch_map]
     try:
-        import lxt  # noqa: F401
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monkey_patch(module, patch_map, verbose=False)
+        if caught:  # "already patched" / "Failed to patch": a leaked or partial patch
+            raise RuntimeError(f"LXT patching failed: {'; '.join(str(w.message) for w in caught)}")
+        yield
+    finally:
+        for target, before in saved:
+            now = vars(target)
+            for k in [k for k in now if k not in before]:
+                delattr(target, k)
+            for k, v in before.items():
+                if now.get(k, _MISSING) is not v:
+                    setattr(target, k, v)
+
+
+def _lxt_model(bm: BenchModel) -> tuple[torch.nn.Module, Any, dict]:
+    """LXT's model, patch module and the patch map applied around each of its forward passes."""
+    import importlib
+
+    from lxt.efficient.models import get_default_map
+
+    module = importlib.import_module(_LXT_MODULES[bm.name])
+    patch_map = dict(get_default_map(module))
+    if bm.name != "bert_base":  # LXT patches the model's own classes (and the module's attention functions)
+        return bm.model, module, patch_map
+    # LXT's BERT is its own copy of transformers' modelling code (swapped into modeling_bert by monkey_patch):
+    # build that model with the benchmark's weights; its forward passes then need only the torch-class patches
+    from lxt.efficient.models import bert as lxt_bert
+
+    del patch_map[module]
+    model = lxt_bert.BertForSequenceClassification._from_config(bm.model.config, attn_implementation="sdpa")
+    model.load_state_dict(bm.model.state_dict())
+    return model.eval().to(next(bm.model.parameters()).device).requires_grad_(False), module, patch_map
+
+
+def _lxt(bm: BenchModel, args: tuple, kwargs: dict, info: dict) -> Callable[[], Any]:
+    """LXT 2.1's efficient AttnLRP (CP-LRP for torchvision's ViT, LXT's only ViT map): the patched model's gradient
+    x input w.r.t. the input embeddings (the image for ViT), the same target as every method. Its monkey patches
+    are applied around each forward pass only (the backward runs LXT's recorded autograd functions); the build
+    checks that eager gradient x input is bitwise the same before and after LXT ran, and compares the relevance with
+    our explainer's under the same rules (``info["check"]``)."""
+    if bm.name not in _LXT_MODULES:
+        raise Unavailable("LXT targets transformers" if bm.kind == "cnn" else f"LXT has no patch map for {bm.name}")
+    try:
+        import lxt.efficient  # noqa: F401
     except ImportError as e:
         raise Unavailable(f"LXT not importable ({e}); LXT's patch maps also predate transformers 5") from e
-    raise Unavailable("LXT is importable but its monkey-patching is not supported with transformers 5")
+    gxi_before = _gxi(bm, args, kwargs, compiled=False)()
+    model, module, patch_map = _lxt_model(bm)
+
+    def run():
+        if bm.embed is None:
+            x = args[0].detach().requires_grad_()
+            with _lxt_patched(module, patch_map):
+                y = model(x)
+            (g,) = torch.autograd.grad(_target_scalar(y), x)
+            return g * x.detach()
+        kw = dict(kwargs)
+        ids = kw.pop("input_ids")
+        with torch.no_grad():
+            emb = model.get_input_embeddings()(ids)
+        e = emb.requires_grad_()
+        with _lxt_patched(module, patch_map):
+            y = model(inputs_embeds=e, **kw).logits
+        (g,) = torch.autograd.grad(_target_scalar(y), e)
+        return (g * emb.detach()).sum(-1)
+
+    rel = run()
+    gxi_after = _gxi(bm, args, kwargs, compiled=False)()
+    if not torch.equal(gxi_before, gxi_after):
+        d = (gxi_after - gxi_before).abs().max().item()
+        raise RuntimeError(f"LXT's monkey patch leaked: eager gradient x input changed by {d:.2e}")
+    t = time.perf_counter()
+    for _ in range(10):
+        with _lxt_patched(module, patch_map):
+            pass
+    patch_ms = (time.perf_counter() - t) * 100
+    from dynlrp_fx import presets
+
+    if bm.kind == "vit":
+        ours_name, rules = "ours_cp_lrp_eager", presets.cp_lrp()
+    else:
+        ours_name, rules = "ours_attnlrp_eager", presets.attnlrp()
+    try:
+        ours = _ours(bm, args, kwargs, "eager", None, "recompute", {}, rules=rules)().relevance.detach().double()
+        if not ours.any() and not rel.any():
+            check = f"relevance all zero here and in {ours_name} (zero logits)"
+        else:
+            d = (rel.double() - ours).norm() / ours.norm().clamp_min(1e-30)
+            check = f"rel diff vs {ours_name} {d.item():.1e}"
+    except Exception as e:  # noqa: BLE001 - the cross-check is a note; LXT itself ran
+        check = f"no cross-check ({ours_name}: {type(e).__name__})"
+    info["check"] = f"{check}; patch+restore {patch_ms:.2f} ms/call; no leak into gxi"
+    return run
 
 
 METHODS = (
@@ -199,6 +312,8 @@ METHODS = (
     "ours_inductor",
     "ours_inductor_cg",
     "ours_egb_eager",
+    "ours_attnlrp_eager",
+    "ours_cp_lrp_eager",
     "zennit_eps",
     "zennit_egb",
     "captum_lrp",
@@ -230,6 +345,13 @@ def make_method(name: str, bm: BenchModel, args: tuple, kwargs: dict, device: st
         from dynlrp_fx import presets
 
         return _ours(bm, args, kwargs, "eager", None, "recompute", info, rules=presets.epsilon_gamma_box(-3.0, 3.0))
+    if name in ("ours_attnlrp_eager", "ours_cp_lrp_eager"):  # the rules LXT implements
+        if bm.kind == "cnn":
+            raise Unavailable("AttnLRP / CP-LRP are transformer presets")
+        from dynlrp_fx import presets
+
+        rules = presets.attnlrp() if name == "ours_attnlrp_eager" else presets.cp_lrp()
+        return _ours(bm, args, kwargs, "eager", None, "recompute", info, rules=rules)
     if name == "zennit_eps":
         return _zennit(bm, args, "Epsilon")
     if name == "zennit_egb":
@@ -237,5 +359,5 @@ def make_method(name: str, bm: BenchModel, args: tuple, kwargs: dict, device: st
     if name == "captum_lrp":
         return _captum(bm, args)
     if name == "lxt":
-        return _lxt(bm)
+        return _lxt(bm, args, kwargs, info)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")

@@ -4,8 +4,8 @@ For each model and batch size, every method is built once, called once (compilat
 as ``first call``), warmed up, then timed ``--reps`` times *interleaved* (method A, B, C, A, B, C, ...) so that
 load on a shared machine hits all methods alike; the median is reported. Peak extra memory is measured in a
 separate call per method: on GPU ``torch.cuda.max_memory_allocated`` above the memory allocated before the call;
-on CPU the peak resident set size above the one before the call (``/proc/self/clear_refs`` resets the peak,
-``malloc_trim`` returns freed heap first). Prints a markdown table of times, ratios to eager gradient x input
+on CPU the peak of the bytes torch's allocator holds during the call, from the profiler's memory events (exact and
+repeatable; peak RSS was blurred by the C allocator's caching). Prints a markdown table of times, ratios to eager gradient x input
 and to each peer, memory, compile times and the issue-7 targets; ``--json`` writes everything.
 
 ``--cache-test MODEL`` measures Inductor compile time of our explainer cold and warm in two fresh processes that
@@ -47,7 +47,8 @@ DYNAMICLRP_H200_MS = {
 }
 
 #: LXT (AttnLRP), H200, fp32, measured by the team in a separate environment with transformers 4.53 (DESIGN.md
-#: section 7; quoted, not measured in this run: LXT 2.1 does not import with transformers 5), ms
+#: section 7; quoted where LXT is not importable, as with transformers 5; ``benchmarks/lxt_env.sh`` runs LXT in the
+#: same run as ours in a transformers 4.53 venv), ms
 LXT_H200_MS = {
     ("vit_b_16", 1): 18.8,  # HF ViT-B/16
     ("vit_b_16", 16): 38.6,
@@ -60,7 +61,7 @@ LXT_H200_MS = {
 #: methods that replay CUDA graphs (their memory lives in the graph pool)
 CUDA_GRAPHS = ("ours_inductor_cg",)
 
-OURS = ("ours_eager", "ours_eager_recompute", "ours_inductor", "ours_inductor_cg")
+OURS = ("ours_eager", "ours_eager_recompute", "ours_inductor", "ours_inductor_cg", "ours_attnlrp_eager", "ours_cp_lrp_eager")
 PEERS = ("zennit_eps", "zennit_egb", "captum_lrp", "lxt")
 
 
@@ -68,14 +69,6 @@ PEERS = ("zennit_eps", "zennit_egb", "captum_lrp", "lxt")
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _trim() -> None:
@@ -86,10 +79,37 @@ def _trim() -> None:
         pass
 
 
+def _cpu_peak_allocated(fn: Callable[[], Any]) -> int:
+    """Peak of the bytes torch's CPU allocator holds above the level before the call, from the profiler's memory
+    events (every allocation and free, in order): deterministic, unlike peak RSS, which the C allocator's caching
+    and page reuse blur. Memory a library allocates outside torch's allocator (oneDNN scratch space) is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    del out
+    steps = sorted(
+        (e["args"]["Ev Idx"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    )
+    cur = peak = 0
+    for _, nbytes in steps:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
 def peak_extra_bytes(fn: Callable[[], Any], device: str) -> int | None:
-    """Peak memory above the level before one call of ``fn`` (GPU allocator peak, or CPU peak RSS)."""
+    """Peak memory above the level before one call of ``fn``, the call's output included (GPU: the caching
+    allocator's peak; CPU: the peak of torch's allocations, see :func:`_cpu_peak_allocated`)."""
+    _trim()
     if device == "cuda":
-        _trim()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -98,17 +118,7 @@ def peak_extra_bytes(fn: Callable[[], Any], device: str) -> int | None:
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return peak
-    try:
-        _trim()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _status_kb("VmRSS")
-        out = fn()
-        peak = _status_kb("VmHWM") - base
-        del out
-        return peak * 1024
-    except OSError:
-        return None
+    return _cpu_peak_allocated(fn)
 
 
 def _relevance_of(out: Any) -> torch.Tensor | None:
@@ -297,12 +307,14 @@ def targets(rows: list[dict], device: str) -> list[dict]:
             )
         if g.get("lxt") and batch == 1 and "targets transformers" not in g["lxt"].get("status", ""):
             lx = g["lxt"].get("median_s")
+            same_m = "ours_cp_lrp_eager" if model == "vit_b_16" else "ours_attnlrp_eager"  # LXT's rules
+            same = g.get(same_m, {}).get("median_s")
             add(
                 ">= 2x faster than LXT, B=1",
-                None if lx is None else lx / best,
+                None if lx is None else lx / (same or best),
                 2.0,
                 lower_is_better=False,
-                note=g["lxt"].get("status", ""),
+                note=(same_m if same else best_m) + "; " + g["lxt"].get("status", ""),
             )
         gm = g.get("gxi", {}).get("peak_extra_bytes")
         mems = {m: g[m]["peak_extra_bytes"] for m in ours if g[m].get("peak_extra_bytes") is not None}
@@ -325,7 +337,7 @@ def markdown(rows: list[dict], meta: dict, tgt: list[dict]) -> str:
         + (
             "`max_memory_allocated` above the allocated memory before the call"
             if meta["device"] == "cuda"
-            else "peak RSS above the RSS before the call (MiB; CPU, so allocator caching adds noise)"
+            else "peak of torch's CPU allocations during the call (profiler memory events; exact, output included)"
         ),
         "",
         "| model | input | B | method | median ms | x gxi | x fwd | peak extra MiB | first call s | notes |",

@@ -165,8 +165,10 @@ class Explainer(nn.Module):
         fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
         lowered = P.lower(gm, fake_args)
         lowered = P.unify_batch(lowered, traced.batch_symbol)
+        lowered = P.transpose_convolution_pullbacks(lowered)
         lowered = P.eliminate_common_subexpressions(lowered)
         lowered = P.eliminate_dead_code(lowered)
+        lowered = P.sink_cheap_ops(lowered)
         fn = self._compile_backend(lowered)
         prog = _Program(
             mode, lowered, fn, res.input_names, res.unattributed, res.param_names, res.capture_names,
@@ -203,8 +205,8 @@ class Explainer(nn.Module):
         return new
 
     def _compile_backend(self, lowered: torch.fx.GraphModule):
-        if self.backend == "eager":
-            return lowered
+        if self.backend == "eager":  # Inductor reuses buffers itself (and would functionalise in-place ops)
+            return P.reuse_buffers(lowered)[0]
         return torch.compile(lowered, backend=self.backend, dynamic=None if self.dynamic else False, mode=self.mode)
 
     # -- inspection ---------------------------------------------------------------------------------------------

@@ -210,10 +210,27 @@ def _leaf_names(fn_sig: inspect.Signature, args: tuple, kwargs: dict) -> list[st
 def _output_names(out_spec: pytree.TreeSpec, n: int) -> list[str]:
     struct = pytree.tree_unflatten(list(range(n)), out_spec)
     names = [""] * n
-    for path, idx in pytree.tree_flatten_with_path(struct)[0]:
-        s = pytree.keystr(path)
+    try:
+        flat = [(pytree.keystr(path), idx) for path, idx in pytree.tree_flatten_with_path(struct)[0]]
+    except ValueError:  # a pytree node registered without key paths (transformers < 5's ModelOutput)
+        flat = list(zip(_spec_paths(out_spec), range(n)))
+    for s, idx in flat:
         names[idx] = s.lstrip(".") if s else "output"
     return names
+
+
+def _spec_paths(spec: pytree.TreeSpec, prefix: str = "") -> list[str]:
+    """Leaf paths of a TreeSpec in ``keystr`` style, from its context: ``['key']`` for string keys, else ``[i]``."""
+    if spec.is_leaf():
+        return [prefix]
+    ctx = spec.context
+    keys = list(ctx) if isinstance(ctx, (list, tuple)) and len(ctx) == spec.num_children else None
+    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs  # torch < 2.10
+    out = []
+    for i, child in enumerate(children):
+        key = keys[i] if keys is not None else i
+        out += _spec_paths(child, prefix + (f"[{key!r}]" if isinstance(key, str) else f"[{i}]"))
+    return out
 
 
 def _select_output(output: Any, names: list[str], n_user: int) -> int:

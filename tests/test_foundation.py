@@ -278,3 +278,25 @@ def test_register_op_makes_custom_op_explainable():
         assert torch.allclose(c.seed, c.inputs + c.absorbed, atol=1e-10)
     finally:
         OP_TABLE.pop(op, None)
+
+
+class _KeylessOutput(dict):
+    """An output container registered as a pytree node without key paths (as transformers < 5 registers
+    ``ModelOutput``)."""
+
+
+torch.utils._pytree.register_pytree_node(
+    _KeylessOutput,
+    lambda d: (list(d.values()), list(d.keys())),
+    lambda values, keys: _KeylessOutput(zip(keys, values)),
+)
+
+
+def test_output_names_without_key_paths():
+    """Output naming (``output="logits"``) works for pytree nodes that lack key paths."""
+    from dynlrp_fx.trace import _output_names
+
+    _, spec = torch.utils._pytree.tree_flatten(_KeylessOutput(logits=torch.zeros(1), hidden=(torch.zeros(1),) * 2))
+    with pytest.raises(ValueError):  # the path torch offers fails for such nodes ...
+        torch.utils._pytree.tree_flatten_with_path(_KeylessOutput(a=1))
+    assert _output_names(spec, 3) == ["['logits']", "['hidden'][0]", "['hidden'][1]"]  # ... ours does not

@@ -4,8 +4,9 @@ The pipeline run by :func:`dynlrp_fx.compile` (``print(explainer.pipeline)`` sho
 
     canonicalize -> fold_batchnorm -> mark_data -> detect_normalizers -> assign_rules   (analysis, once;
                                                                       fold_batchnorm when the composite asks)
-    pair -> resolve_promises -> lower -> unify_batch -> eliminate_common_subexpressions
-    -> eliminate_dead_code                                                               (per seed mode: target / seed)
+    pair -> resolve_promises -> lower -> unify_batch -> transpose_convolution_pullbacks
+    -> eliminate_common_subexpressions -> eliminate_dead_code -> sink_cheap_ops          (per seed mode: target / seed)
+    reuse_buffers                                                           (backend="eager" only, on a copy)
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from .annotate import assign_rules, detect_normalizers, mark_data
 from .canonicalize import canonicalize
 from .dce import eliminate_common_subexpressions, eliminate_dead_code
 from .fold_batchnorm import fold_batchnorm
+from .inplace import reuse_buffers
 from .lower import lower, unify_batch
 from .pair import pair
 from .promises import resolve_promises
+from .pullbacks import transpose_convolution_pullbacks
+from .schedule import sink_cheap_ops
 
 __all__ = [
     "Pipeline",
@@ -32,8 +36,11 @@ __all__ = [
     "resolve_promises",
     "lower",
     "unify_batch",
+    "transpose_convolution_pullbacks",
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
+    "sink_cheap_ops",
+    "reuse_buffers",
     "PIPELINE",
 ]
 
@@ -59,7 +66,17 @@ PIPELINE = Pipeline(
         ("analysis", (canonicalize, fold_batchnorm, mark_data, detect_normalizers, assign_rules)),
         (
             "synthesis",
-            (pair, resolve_promises, lower, unify_batch, eliminate_common_subexpressions, eliminate_dead_code),
+            (
+                pair,
+                resolve_promises,
+                lower,
+                unify_batch,
+                transpose_convolution_pullbacks,
+                eliminate_common_subexpressions,
+                eliminate_dead_code,
+                sink_cheap_ops,
+            ),
         ),
+        ("eager backend", (reuse_buffers,)),
     )
 )

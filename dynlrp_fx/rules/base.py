@@ -33,9 +33,11 @@ Slot = tuple
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Zennit's stabiliser: ``z + eps * (sign(z) + [z == 0])`` (moves zeros to ``+eps``).
 
-    Written as ``where(z >= 0, z + eps, z - eps)``: the same values in one fused pointwise op, no temporaries.
+    Written as ``where(z >= 0, eps, -eps) + z`` (``eps`` in ``z``'s dtype): the same values, one fused pointwise
+    op when compiled, and in eager execution one ``z``-sized temporary that the addition can overwrite
+    (:func:`dynlrp_fx.passes.reuse_buffers`); the ``where(z >= 0, z + eps, z - eps)`` form holds three.
     """
-    return torch.where(z >= 0, z + eps, z - eps)
+    return torch.where(z >= 0, z.new_full((), eps), z.new_full((), -eps)) + z
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Scheduling: compute cheap values just before they are needed.
+
+Lowering emits a rule's ops in the order the rule's Python code runs, and the ``recompute`` memory policy puts a
+rematerialised activation before the whole rule that reads it. In ``R_in = x * W^T (R / stab(z))`` the recomputed
+``x = relu(z_prev)`` is then alive during the stabiliser and the pullback, one activation more than needed.
+:func:`sink_cheap_ops` moves every cheap (pointwise or view) op down to just before its first user when that cannot
+make anything live longer: each tensor it reads is an input of the graph or is read again at or after the new
+position. The op's own output is then allocated later and nothing else changes (values are bit-identical; only
+the order of independent ops moves).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from .promises import _is_cheap, _tensor_inputs
+
+__all__ = ["sink_cheap_ops"]
+
+
+def sink_cheap_ops(gm: fx.GraphModule, max_rounds: int = 4) -> fx.GraphModule:
+    """Move cheap ops to just before their first user where no lifetime grows (see module doc); returns ``gm``.
+
+    Runs to a fixed point (at most ``max_rounds`` sweeps), so a chain of cheap ops (batch norm -> getitem -> relu)
+    moves down together.
+    """
+    g = gm.graph
+    for _ in range(max_rounds):
+        order = {n: i for i, n in enumerate(g.nodes)}
+        # the positions at which each value is read
+        reads: dict[fx.Node, list[int]] = {}
+        for n in g.nodes:
+            for a in n.all_input_nodes:
+                reads.setdefault(a, []).append(order[n])
+        moved = False
+        for n in reversed(list(g.nodes)):
+            if n.op != "call_function" or not n.users or not _is_cheap_or_part(n):
+                continue
+            first = min(n.users, key=order.__getitem__)
+            j = order[first]
+            if j <= order[n] + 1:
+                continue
+            if not all(
+                u.op in ("placeholder", "get_attr") or any(p >= j for p in reads.get(u, ())) for u in _tensor_inputs(n)
+            ):
+                continue
+            first.prepend(n)
+            order[n] = (order[n.prev] + j) / 2  # between its new neighbours
+            for u in n.all_input_nodes:
+                reads.setdefault(u, []).append(order[n])
+            moved = True
+        if not moved:
+            break
+    gm.recompile()
+    return gm
+
+
+def _is_cheap_or_part(n: fx.Node) -> bool:
+    if n.target is operator.getitem:
+        src = n.args[0]
+        return isinstance(src, fx.Node) and _is_cheap(src)
+    return _is_cheap(n)

@@ -1,0 +1,200 @@
+"""Passes that lower eager memory without changing a value: buffer reuse (in-place rewrites), sinking cheap ops to
+their first user, transposed-convolution pullbacks, and batch-norm recomputation under the ``recompute`` policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import dynlrp_fx as dynlrp
+from dynlrp_fx.passes import reuse_buffers, sink_cheap_ops
+from dynlrp_fx.passes.inplace import inplace_variant, out_variant
+from dynlrp_fx.passes.promises import peak_live_bytes
+from tests._factories import pooled_cnn
+from tests.conftest import grad_x_input, tiny_bert
+
+aten = torch.ops.aten
+
+
+def _graph(build) -> fx.GraphModule:
+    """A GraphModule from ``build(graph, x)`` -> outputs, with ``val`` metadata (shapes, strides) from a real run."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(build(g, x))
+    gm = fx.GraphModule(nn.Module(), g)
+    ShapeProp(gm).propagate(torch.randn(64))
+    for n in gm.graph.nodes:  # reuse_buffers reads node.meta["val"] as lowering leaves it
+        tm = n.meta.get("tensor_meta")
+        if n.op != "output" and tm is not None:
+            n.meta["val"] = torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype)
+    return gm
+
+
+def _targets(gm: fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_twins_of_pointwise_ops():
+    assert inplace_variant(aten.add.Tensor) is aten.add_.Tensor
+    assert inplace_variant(aten.mul.Scalar) is aten.mul_.Scalar
+    assert inplace_variant(aten.mm.default) is None  # not pointwise
+    assert out_variant(aten.div.Tensor) is aten.div.out
+    assert out_variant(aten.where.self) is aten.where.self_out
+
+
+def test_reuse_buffers_writes_into_dying_temporaries_only():
+    """``a = x*2; b = a+1; c = -b``: ``b`` may overwrite ``a`` and ``c`` may overwrite ``b``; ``x`` (an input) is
+    never written; the values are the same."""
+    gm = _graph(lambda g, x: g.call_function(aten.neg.default, (
+        g.call_function(aten.add.Tensor, (g.call_function(aten.mul.Tensor, (x, 2.0)), 1.0)),)))
+    new, k = reuse_buffers(gm)
+    assert k == 2 and _targets(new) == [aten.mul.Tensor, aten.add_.Tensor, aten.neg_.default]
+    assert _targets(gm) == [aten.mul.Tensor, aten.add.Tensor, aten.neg.default]  # the input graph is untouched
+    x = torch.randn(64)
+    x0 = x.clone()
+    assert torch.equal(new(x), gm(x)) and torch.equal(x, x0)
+    assert peak_live_bytes(new, x)[0] == 64 * 4 < peak_live_bytes(gm, x)[0]
+
+
+def test_reuse_buffers_respects_views_outputs_and_operand_order():
+    """A storage that a view still reads later, or that is a graph output, is not written; a dying second operand
+    is written through ``out=``."""
+
+    def build(g, x):
+        a = g.call_function(aten.mul.Tensor, (x, 2.0))
+        v = g.call_function(aten.view.default, (a, [8, 8]))
+        b = g.call_function(aten.add.Tensor, (a, 1.0))  # a is still read through v: not in place
+        t = g.call_function(aten.exp.default, (x,))
+        d = g.call_function(aten.div.Tensor, (b, t))  # t dies here, b too: b first (in place)
+        e = g.call_function(aten.sub.Tensor, (x, d))  # d dies, but it is operand 1: sub.out(x, d, out=d)
+        return (v, e)
+
+    gm = _graph(build)
+    new, _ = reuse_buffers(gm)
+    assert _targets(new) == [aten.mul.Tensor, aten.view.default, aten.add.Tensor, aten.exp.default,
+                             aten.div_.Tensor, aten.sub.out]
+    x = torch.randn(64)
+    for a, b in zip(new(x), gm(x)):
+        assert torch.equal(a, b)
+
+
+def test_sink_moves_a_recomputation_to_its_user_and_lowers_the_peak():
+    """``r = relu(z)`` computed early stays alive through a temporary-heavy stretch; it moves down to its user
+    because ``z`` is read after that point anyway, and the peak drops."""
+
+    def build(g, x):
+        z = g.call_function(aten.mul.Tensor, (x, 3.0))
+        r = g.call_function(aten.relu.default, (z,))
+        w = g.call_function(aten.sin.default, (x,))
+        s = g.call_function(aten.exp.default, (w,))
+        t = g.call_function(aten.add.Tensor, (s, w))
+        u = g.call_function(aten.mul.Tensor, (r, t))
+        return (g.call_function(aten.add.Tensor, (u, z)),)
+
+    gm = _graph(build)
+    x = torch.randn(64)
+    before_peak, before = peak_live_bytes(gm, x)
+    sink_cheap_ops(gm)
+    order = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    i = order.index("aten.relu.default")
+    assert i > order.index("aten.add.Tensor") and order[i + 1] == "aten.mul.Tensor"  # right before its user
+    after_peak, after = peak_live_bytes(gm, x)
+    assert after_peak < before_peak
+    assert torch.equal(before[0], after[0])
+
+
+def test_sink_never_makes_an_input_live_longer():
+    """``p = exp(q)`` is the last read of ``q``: moving ``p`` down to its distant user would keep ``q`` alive
+    longer, so it stays."""
+
+    def build(g, x):
+        q = g.call_function(aten.sin.default, (x,))
+        p = g.call_function(aten.exp.default, (q,))
+        k = g.call_function(aten.cos.default, (x,))
+        m = g.call_function(aten.mul.Tensor, (k, 2.0))
+        return (g.call_function(aten.add.Tensor, (p, m)),)
+
+    gm = sink_cheap_ops(_graph(build))
+    order = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert order.index("aten.exp.default") == order.index("aten.sin.default") + 1
+    assert order.index("aten.exp.default") < order.index("aten.cos.default")
+
+
+class _Convs(nn.Module):
+    """Strided, dilated, grouped and 1d/3d convolutions with odd sizes: every output-padding case."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # 11 -> 6 (output padding 0)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)  # 6 -> 3 (output padding 1)
+        self.c3 = nn.Conv2d(8, 6, 2, dilation=2, padding=1)
+        self.c4 = nn.Conv1d(6, 4, 3, stride=2)
+        self.c5 = nn.Conv3d(1, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        h = torch.relu(self.c4(h.flatten(2)))
+        h3 = torch.relu(self.c5(x[:, :1, None, :5, :5].expand(-1, 1, 5, 5, 5).contiguous()))
+        return torch.cat([h.flatten(1), h3.flatten(1)], 1)
+
+
+def test_convolution_pullbacks_become_transposed_convolutions():
+    """No ``convolution_backward`` is left in the program, and LRP-0 still equals gradient x input."""
+    torch.manual_seed(0)
+    model = _Convs().eval().double()
+    x = torch.randn(3, 3, 11, 11, dtype=torch.float64)
+    ex = dynlrp.compile(model, (x[:2],), rules=dynlrp.presets.lrp0(), backend="eager")
+    targets = [str(n.target) for n in ex.graph().graph.nodes]
+    assert "aten.convolution_backward.default" not in targets
+    assert sum(t == "aten.convolution.default" for t in targets) == 10  # 5 forward + 5 transposed
+    e = ex(x, target=4)
+    torch.testing.assert_close(e.relevance, grad_x_input(model, x, torch.full((3,), 4)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["cnn", "bert"])
+def test_eager_program_reuses_buffers_and_equals_the_functional_graph(which):
+    """The eager backend runs the buffer-reusing copy: bit-identical results, lower peak, the model untouched."""
+    if which == "cnn":
+        model, args, kwargs = pooled_cnn(), (torch.randn(4, 3, 16, 16),), {}
+    else:
+        model = tiny_bert(sdpa=True)
+        args, kwargs = (), {"input_ids": torch.randint(3, 128, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager")
+    prog = ex._program("target")
+    assert prog.fn is not prog.graph
+    def mutating(gm):
+        return sum(isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable for t in _targets(gm))
+
+    assert mutating(prog.fn) > mutating(prog.graph)
+    tensors = ex._flatten_inputs(args, kwargs)
+    call = [*ex._state(None), *tensors, torch.full((tensors[0].shape[0],), -1, dtype=torch.long)]
+    peak_f, out_f = peak_live_bytes(prog.graph, *call)
+    peak_r, out_r = peak_live_bytes(prog.fn, *call)
+    assert peak_r < peak_f
+    for a, b in zip(out_f, out_r):
+        assert torch.equal(a, b)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_recompute_rematerialises_batch_norm():
+    """Under ``recompute`` an inference batch norm is recomputed from the convolution output that the relevance
+    half holds anyway (one activation fewer per conv-bn layer), with the same relevance as ``keep``."""
+    torch.manual_seed(0)
+    layers = [m for c in (3, 8, 8) for m in (nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 16 * 16, 5)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    res = {}
+    for policy in ("keep", "recompute"):
+        ex = dynlrp.compile(model, (x,), backend="eager", promise_policy=policy)
+        bns = [n for n in ex.graph().graph.nodes if "batch_norm" in str(n.target)]
+        tensors = ex._flatten_inputs((x,), {})
+        peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, torch.full((4,), -1, dtype=torch.long))
+        res[policy] = (len(bns), peak, ex(x).relevance)
+    assert res["recompute"][0] == res["keep"][0] + 3  # each forward batch norm once more
+    assert res["recompute"][1] < res["keep"][1]
+    assert torch.equal(res["keep"][2], res["recompute"][2])
