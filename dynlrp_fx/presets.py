@@ -1,7 +1,10 @@
 """Named rule presets (composites), selectable by name: ``dynlrp.compile(model, x, rules="epsilon_gamma_box")``.
 
 Every preset keeps the attention-aware defaults for what Zennit has no rule for (AttnLRP: softmax deep-Taylor rule,
-uniform-epsilon for ``q k^T`` and ``p v``, uniform for gates, normaliser identity for LayerNorm/RMSNorm).
+uniform-epsilon for ``q k^T`` and ``p v``, uniform for gates, normaliser identity for RMSNorm, and for LayerNorm /
+GroupNorm only the division by the standard deviation as identity, the mean subtraction and the affine part by epsilon:
+:class:`~dynlrp_fx.rules.NormEpsilon`, as AttnLRP's implementation LXT and Ali et al. 2022; the native op and a
+decomposed ``xc * rsqrt(mean(xc * xc) + eps)`` with ``xc = x - mean(x)`` give the same relevance).
 
 ``epsilon``: LRP-epsilon (eps=1e-6, Zennit's default) on linear ops, identity through activations.
 ``lrp0``: the same with eps = 0 (equals gradient x input on piecewise-linear networks).
@@ -176,7 +179,11 @@ def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, c
 def attnlrp(eps: float = 1e-6) -> Composite:
     """AttnLRP (Achtibat et al. 2024): epsilon for linear ops, the deep-Taylor softmax rule, uniform-epsilon for
     the bilinear ``q k^T`` and ``p v`` (SDPA included), uniform for gates (SiLU/GLU products), identity for
-    activations and for LayerNorm/RMSNorm normalisation (LayerNorm's affine part by epsilon)."""
+    activations and for the RMSNorm scaling, and for LayerNorm (and GroupNorm) the standard deviation as a constant:
+    ``y = w (x - mean(x)) / std + b`` with ``std`` fixed is an affine map of ``x`` and gets epsilon, mean subtraction
+    included (:class:`~dynlrp_fx.rules.NormEpsilon`; Ali et al. 2022, as in LXT). With ``eps -> 0`` the result is
+    LXT's efficient AttnLRP (gradient x input of the patched model); LXT has no stabiliser, so the default
+    ``eps=1e-6`` differs from it where ``|z|`` is small. The rules are those of :func:`epsilon`."""
     c = epsilon(eps)
     c.name = "attnlrp"
     return c

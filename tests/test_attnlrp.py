@@ -42,9 +42,14 @@ def ref_add(a, b, r, eps):
 
 
 def ref_layernorm(x, ln: nn.LayerNorm, r, eps):
-    """normalisation as identity, the affine part by epsilon: R_x = (y - b) R / stab(y)."""
+    """AttnLRP / LXT (Ali et al. 2022): only the division by the standard deviation is identity (rstd a constant),
+    the affine map y = w (x - mean(x)) rstd + b gets epsilon: s = w rstd R / stab(y), R_x = x (s - mean(s))."""
     y = ln(x)
-    return r if ln.bias is None else (y - ln.bias) * r / _stab(y, eps)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    s = r / _stab(y, eps) * rstd
+    if ln.weight is not None:
+        s = s * ln.weight
+    return x * (s - s.mean(-1, keepdim=True))
 
 
 def ref_softmax(x, r):

@@ -20,6 +20,7 @@ __all__ = [
     "AttnLRPSoftmax",
     "AttnLRPAttention",
     "NormAffine",
+    "NormEpsilon",
     "NormalizerIdentity",
     "Numerator",
     "EmbeddingRows",
@@ -249,12 +250,15 @@ class AttnLRPAttention(Rule):
 
 
 class NormAffine(Rule):
-    r"""Normaliser identity for ``native_layer_norm`` / ``native_group_norm`` (AttnLRP): the normalisation
+    r"""Whole-normalisation identity for ``native_layer_norm`` / ``native_group_norm``: the normalisation
     ``x_hat = (x - mean) / std`` is treated as identity, the affine part ``y = x_hat * w + b`` by epsilon:
 
     .. math::  R_x = (y - b) \odot R / \mathrm{stab}(y)
 
-    (``R_x = R`` exactly when there is no bias)."""
+    (``R_x = R`` exactly when there is no bias). Not the AttnLRP rule (see :class:`NormEpsilon`, the default):
+    the mean subtraction is a linear map that this rule skips. Kept for comparisons and custom composites
+    (``{"layernorm": NormAffine()}``); training-mode ``_native_batch_norm_legit`` still uses it through
+    :class:`NormEpsilon`."""
 
     name = "norm_identity"
     conservative = False
@@ -277,6 +281,61 @@ class NormAffine(Rule):
         y = ctx.outputs[0].to(r.dtype)
         y_nobias = ctx.call({(pos,): None}, keep=True)[0].to(r.dtype)
         res[0] = y_nobias * safe_divide(r, y, self.epsilon)
+        return res
+
+
+class NormEpsilon(Rule):
+    r"""LayerNorm / GroupNorm with the standard deviation as a constant (Ali et al. 2022; AttnLRP, Achtibat et
+    al. 2024, and its implementation LXT): only the division by the standard deviation is treated as identity,
+    the rest ``y = w \odot (x - \mu(x)) \odot \mathrm{rstd} + b`` is an affine map of ``x`` (the mean
+    subtraction included) and gets the epsilon rule:
+
+    .. math::  s = w \odot \mathrm{rstd} \odot R / \mathrm{stab}(y), \qquad
+               R_x = x \odot \big(s - \mathrm{mean}_{\mathcal{N}}(s)\big)
+
+    with the mean over the normalised elements ``N`` (LayerNorm: the trailing ``normalized_shape`` dims;
+    GroupNorm: the elements of each group); ``rstd`` is the op's own output. Equal to gradient x input through
+    ``w * (x - mean(x)) / std(x).detach() + b`` when ``R = y * grad`` (LXT's efficient LayerNorm), and to the
+    decomposed LayerNorm ``xc * rsqrt(mean(xc * xc) + eps) * w + b``, ``xc = x - mean(x)``, with its detected
+    normaliser (identity to ``xc``) and epsilon through the ``sub``/``mean``. Without a bias it is conservative up to the
+    stabiliser: ``sum R_x = sum (x - mean) * s = sum R``. Other ops of the class (training-mode batch norm) use
+    :class:`NormAffine`."""
+
+    name = "norm_epsilon"
+    conservative = False
+    classes = frozenset({"layernorm"})
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def relevance(self, ctx: RuleContext):
+        opname = ctx.op._opname
+        if opname not in ("native_layer_norm", "native_group_norm") or not ctx.slots or ctx.slots[0] != (0,):
+            return NormAffine(self.epsilon).relevance(ctx)
+        r = ctx.relevances[0]
+        x = ctx.value((0,)).to(r.dtype)
+        y, rstd = ctx.out[0].to(r.dtype), ctx.out[2].to(r.dtype)
+        u = safe_divide(r, y, self.epsilon)
+        res: list = [None] * len(ctx.slots)
+        if opname == "native_layer_norm":
+            # native_layer_norm(x, normalized_shape, weight, bias, eps) -> (y, mean, rstd)
+            k = len(ctx.args[1])
+            w = ctx.args[2] if len(ctx.args) > 2 else None
+            if w is not None:
+                u = u * w.to(r.dtype)
+            if rstd.ndim != x.ndim:  # the stats keep the normalised dims as size-1 dims
+                rstd = rstd.reshape(tuple(x.shape[: x.ndim - k]) + (1,) * k)
+            s = u * rstd
+            dims = tuple(range(x.ndim - k, x.ndim))
+            res[0] = x * (s - s.mean(dims, keepdim=True))
+            return res
+        # native_group_norm(x, weight, bias, N, C, HxW, group, eps) -> (y, mean, rstd), stats of shape (N, group)
+        w = ctx.args[1]
+        if w is not None:
+            u = u * w.to(r.dtype).reshape((-1,) + (1,) * (x.ndim - 2))
+        n, g = rstd.shape[0], rstd.shape[1]
+        s = u.reshape(n, g, -1) * rstd.reshape(n, g, 1)
+        res[0] = x * (s - s.mean(-1, keepdim=True)).reshape(x.shape)
         return res
 
 
