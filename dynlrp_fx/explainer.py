@@ -369,14 +369,9 @@ class Explainer(nn.Module):
                 raise DynlrpInputError("seed= must be a tensor shaped like the explained output")
             extra = seed.detach()
             prog = self._program("seed")
-        compiled = self.backend != "eager" and self.dynamic
-        # torch's meta functions specialise size 1 (conv backend choice, copy_ broadcasting), so a compiled
-        # program would recompile for a batch of 1: run it as a batch of 2 (the sample twice) and keep one
-        pad = compiled and batch == 1 and getattr(self.traced, "static_batch", None) is None
-        if pad:
-            tensors = [torch.cat([x, x]) if u.batched else x for x, u in zip(tensors, self.traced.user_inputs)]
-            extra = torch.cat([extra, extra]) if extra.ndim >= 1 else extra
-        if compiled:
+        # torch specialises size-1 dims (conv backend choice, broadcasting), so a batch of 1 gets its own static
+        # compilation the first time it is seen; every other batch size shares one dynamic-batch program
+        if self.backend != "eager" and self.dynamic and batch > 1:
             for x, u in zip(tensors, self.traced.user_inputs):
                 if u.batched:
                     torch._dynamo.mark_dynamic(x, 0)
@@ -391,8 +386,6 @@ class Explainer(nn.Module):
             outs = [o.clone() for o in outs]
         prog.calls += 1
         n_in, n_par = len(prog.input_names), len(prog.param_names)
-        if pad:  # every output is per sample except parameter relevance, which sums over the batch
-            outs = [o / 2 if 3 + n_in <= i < 3 + n_in + n_par else o[:1] for i, o in enumerate(outs)]
         y, seed_total, absorbed, *rest = outs
         rels = rest[:n_in]
         params = dict(zip(prog.param_names, rest[n_in : n_in + n_par]))
