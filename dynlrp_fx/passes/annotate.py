@@ -24,6 +24,7 @@ from ..errors import DynlrpUnsupportedOpError
 from ..rules.base import Rule
 from ..rules.composite import Composite, NodeInfo
 from ..rules.table import classify, lookup
+from .values import value_numbers
 
 __all__ = ["NodeAnn", "mark_data", "detect_normalizers", "assign_rules", "module_path", "tensor_slots"]
 
@@ -166,9 +167,13 @@ def _data_args(n: torch.fx.Node) -> list[torch.fx.Node]:
     return [x for s, x in tensor_slots(n) if (x.meta.get("dynlrp") or NodeAnn(OTHER)).status == FLOAT]
 
 
-def _reaches(b: torch.fx.Node, bases: set, ops: set, need_reduction: bool, limit: int = 32) -> bool:
+def _reaches(
+    b: torch.fx.Node, bases: set, ops: set, need_reduction: bool, limit: int = 32, canon: dict | None = None
+) -> bool:
     """True when every data path upwards from ``b`` through ``ops`` ends in ``bases`` (and, with
-    ``need_reduction``, every path passes a reduction)."""
+    ``need_reduction``, every path passes a reduction); ``canon`` maps nodes to the first node computing the same
+    value (:func:`~dynlrp_fx.passes.values.value_numbers`), so a recomputed copy of a base counts as the base."""
+    canon = canon or {}
     found = False
     stack = [(b, False)]
     steps = 0
@@ -177,7 +182,7 @@ def _reaches(b: torch.fx.Node, bases: set, ops: set, need_reduction: bool, limit
         steps += 1
         if steps > limit:
             return False
-        if n in bases:
+        if canon.get(n, n) in bases:
             if need_reduction and not red:
                 return False
             found = True
@@ -210,6 +215,18 @@ def _strip_scaling(n: torch.fx.Node) -> list[torch.fx.Node]:
     return chain
 
 
+def _centered(n: torch.fx.Node) -> torch.fx.Node | None:
+    """``u`` when ``n`` is ``u - mean(u, dims, keepdim=True)`` (its variance is ``u``'s: ``x.var()`` scales it)."""
+    if n.op != "call_function" or getattr(n.target, "_opname", "") != "sub" or len(n.args) < 2:
+        return None
+    u, m = n.args[0], n.args[1]
+    if not (isinstance(u, torch.fx.Node) and isinstance(m, torch.fx.Node)) or m.op != "call_function":
+        return None
+    if getattr(m.target, "_opname", "") == "mean" and m.args and m.args[0] is u and n.kwargs.get("alpha", 1) == 1:
+        return u
+    return None
+
+
 def detect_normalizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Mark products whose second factor is a function of the first as identity to the first factor.
 
@@ -219,7 +236,11 @@ def detect_normalizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
       ``0.5x * (1 + tanh(...x...))``): the activation as a whole gets the identity rule.
 
     Sets ``ann.extra["normalizer_slot"]`` to the slot of ``a``; the node's rule class becomes ``normalizer``.
+    Values are compared by value number: in ConvNeXt's ``(x - u) / sqrt(((x - u) ** 2).mean() + eps)`` the two
+    ``x - u`` are one value; a centred value ``x - mean(x)`` may also be scaled by a function of ``x`` itself
+    (``(x - mean(x)) / sqrt(x.var() + eps)``).
     """
+    canon = value_numbers(gm)
     for node in gm.graph.nodes:
         ann = node.meta.get("dynlrp")
         if ann is None or ann.status != FLOAT or node.op != "call_function":
@@ -231,12 +252,13 @@ def detect_normalizers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         x0, x1 = node.args[s0[0]], node.args[s1[0]]
         pairs = [(s0, x0, x1), (s1, x1, x0)] if name == "mul" else [(s0, x0, x1)]
         for slot, a, b in pairs:
-            bases = set(_strip_scaling(a))
-            if _reaches(b, bases, _SCALE_OPS, True):
+            bases = {canon.get(x, x) for x in _strip_scaling(a)}
+            bases |= {canon.get(u, u) for u in map(_centered, list(bases)) if u is not None}
+            if _reaches(b, bases, _SCALE_OPS, True, canon=canon):
                 ann.extra["normalizer_slot"] = slot
                 ann.extra["pattern"] = "normalizer"
                 break
-            if name == "mul" and _reaches(b, bases, _ELEMENTWISE, False):
+            if name == "mul" and _reaches(b, bases, _ELEMENTWISE, False, canon=canon):
                 ann.extra["normalizer_slot"] = slot
                 ann.extra["pattern"] = "activation"
                 break

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .promises import _is_cheap
+from .values import cse_key as _cse_key
 
 __all__ = ["eliminate_dead_code", "eliminate_common_subexpressions"]
 
@@ -16,33 +17,6 @@ def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _freeze(a: Any, canon: dict) -> Any:
-    if isinstance(a, (list, tuple)):
-        return (type(a).__name__, tuple(_freeze(x, canon) for x in a))
-    if isinstance(a, dict):
-        return ("dict", tuple(sorted((k, _freeze(v, canon)) for k, v in a.items())))
-    if isinstance(a, torch.fx.Node):
-        return ("Node", canon.get(a, a))
-    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return str(a)
-    if isinstance(a, (int, float, bool, str, type(None))):
-        return (type(a).__name__, a)
-    raise TypeError  # anything else (tensors, symbolic values): not merged
-
-
-def _cse_key(node: torch.fx.Node, canon: dict) -> Any:
-    """A hashable key of a pure ATen call (operands by value number), or ``None`` when it must not be merged."""
-    op = node.target
-    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
-        return None
-    if op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
-        return None
-    try:
-        return (op, _freeze(node.args, canon), _freeze(node.kwargs, canon))
-    except TypeError:
-        return None
 
 
 _REDUCTIONS = ("sum", "mean", "amax", "amin", "argmax", "argmin")

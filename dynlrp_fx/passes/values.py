@@ -1,0 +1,51 @@
+"""Value numbering: which pure ATen calls of a graph compute the same value (shared by CSE and pattern analyses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["cse_key", "value_numbers"]
+
+
+def _freeze(a: Any, canon: dict) -> Any:
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_freeze(x, canon) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple(sorted((k, _freeze(v, canon)) for k, v in a.items())))
+    if isinstance(a, torch.fx.Node):
+        return ("Node", canon.get(a, a))
+    if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(a)
+    if isinstance(a, (int, float, bool, str, type(None))):
+        return (type(a).__name__, a)
+    raise TypeError  # anything else (tensors, symbolic values): not merged
+
+
+def cse_key(node: torch.fx.Node, canon: dict) -> Any:
+    """A hashable key of a pure ATen call (operands by value number), or ``None`` when it must not be merged."""
+    op = node.target
+    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        return None
+    if op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
+        return None
+    try:
+        return (op, _freeze(node.args, canon), _freeze(node.kwargs, canon))
+    except TypeError:
+        return None
+
+
+def value_numbers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
+    """``{node: first node computing the same value}`` for pure ATen calls that repeat an earlier one (operands
+    compared by value number, so ``x - mean(x)`` written twice maps to its first occurrence)."""
+    canon: dict[torch.fx.Node, torch.fx.Node] = {}
+    seen: dict[Any, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        key = cse_key(node, canon)
+        if key is None:
+            continue
+        prev = seen.setdefault(key, node)
+        if prev is not node:
+            canon[node] = prev
+    return canon
