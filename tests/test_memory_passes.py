@@ -195,6 +195,6 @@ def test_recompute_rematerialises_batch_norm():
         tensors = ex._flatten_inputs((x,), {})
         peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, torch.full((4,), -1, dtype=torch.long))
         res[policy] = (len(bns), peak, ex(x).relevance)
-    assert res["recompute"][0] == res["keep"][0] + 3  # each forward batch norm once more
+    assert res["recompute"][0] >= res["keep"][0] + 3  # each forward batch norm recomputed
     assert res["recompute"][1] < res["keep"][1]
     assert torch.equal(res["keep"][2], res["recompute"][2])

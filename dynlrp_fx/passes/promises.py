@@ -9,23 +9,30 @@ binds it at compile time. Two policies:
     the last relevance op that reads it.
 ``recompute``
     Rematerialise *cheap* forward values (pointwise ops such as ``relu``, ``gelu``, ``add``, ``mul``, dtype casts,
-    and view-like ops) in the relevance half, right before their first relevance use, when every tensor operand is
-    a graph input (parameters, user inputs) or another promised value (which the relevance half holds anyway).
-    The forward copy then dies as soon as the forward pass is done with it. Example: in ``conv -> relu -> conv`` the
-    first conv's output ``z`` is promised (its rule needs it) and so is ``relu(z)`` (the second conv's input);
-    with ``recompute`` only ``z`` is held across the turn from forward to relevance, and ``relu(z)`` is recomputed
-    from it, which costs one pointwise kernel and saves one activation per layer.
+    ``cat``, view-like ops and inference batch norm) in the relevance half, right before their first relevance use,
+    when every tensor operand is a graph input (parameters, user inputs), another promised value (which the
+    relevance half holds or recomputes anyway) or a cheap intermediate of the same kind (up to four levels: rotary
+    embeddings ``q * cos + cat(-q2, q1) * sin`` from ``q``). The forward copy then dies as soon as the forward pass
+    is done with it. Example: in ``conv -> relu -> conv`` the first conv's output ``z`` is promised (its rule needs
+    it) and so is ``relu(z)`` (the second conv's input); with ``recompute`` only ``z`` is held across the turn
+    from forward to relevance, and ``relu(z)`` is recomputed from it, which costs one pointwise kernel and saves
+    one activation per layer (with batch norm, ``relu(bn(z))``: two). Inputs of a recomputation that are
+    recomputed themselves get private copies that die with it, so a chain (a residual stream of ``add`` s) is
+    recomputed, not brought to life at its first use; a value whose recomputation would run more than 32 ops is
+    kept instead.
 
 Why a rule rather than a min-cut: AOTAutograd's min-cut partitioner (``min_cut_rematerialization_partition``)
 needs the graph split into a forward and a backward part by ``tangents_*`` dependence; our relevance half depends
 on the forward output through the seed, and DESIGN.md section 4 measured min-cut at -35% memory on a small Llama but
-+66% on a CNN. The rule above never extends the lifetime of any value (recomputations read only values that are
++66% on a CNN. The rule above never extends the lifetime of a forward value (recomputations read only values that are
 alive in the relevance half anyway), so it cannot raise peak memory in eager execution except by the transient
-recomputed value itself; :func:`peak_live_bytes` measures the effect (see ``tests/test_memory_policy.py`` and the
+recomputed values themselves; :func:`peak_live_bytes` measures the effect (see ``tests/test_memory_policy.py`` and the
 benchmark tables under ``benchmarks/results``).
 
 ``recompute`` is the default: on an H200 (``benchmarks/results/NVIDIA_H200.md``, batch 16) it lowered the peak
-extra memory by 24% (VGG16), 36% (ViT-B/16) and 37% (BERT-base) for 0-5% more time; ``keep`` remains available.
+extra memory by 24% (VGG16), 36% (ViT-B/16) and 37% (BERT-base) for 0-5% more time, and on the CPU
+(``benchmarks/results/cpu.md``) it is what brings the eager peak to or below that of gradient x input on the CNNs;
+``keep`` remains available.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from .pair import promise
 __all__ = ["resolve_promises", "count_promises", "peak_live_bytes", "POLICIES", "DEFAULT_POLICY"]
 
 POLICIES = ("keep", "recompute")
+_MAX_DEPTH = 4  # cheap intermediates (not promised) a recomputation may pass through
+_MAX_COST = 32  # ops one recomputation may run (bounds chains along residual streams of cheap ops)
 DEFAULT_POLICY = "recompute"
 
 _aten = torch.ops.aten
@@ -60,10 +69,13 @@ _CHEAP_EXTRA = {
     _aten.select.int,
     _aten.alias.default,
     _aten._to_copy.default,
+    _aten.cat.default,  # rotary embeddings: cat(-q2, q1)
     # inference batch norm is a per-channel affine map (its other two outputs are empty): recomputing it from the
     # convolution output that the relevance half holds anyway saves one activation per conv-bn layer (ResNets)
     _aten._native_batch_norm_legit_no_training.default,
 }
+# not native_layer_norm: measured on BERT-base (CPU), recomputing it takes the peak from 1.20x to 1.02x that of
+# gradient x input but the time from 1.29x to 1.41x, and on ViT it saves nothing
 
 
 def count_promises(gm: fx.GraphModule) -> int:
@@ -95,38 +107,74 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
         raise ValueError(f"unknown promise policy {policy!r}; expected one of {POLICIES}")
     g = gm.graph
     promises = [n for n in g.nodes if n.op == "call_function" and n.target is promise]
-    recompute: set[fx.Node] = set()
+    recompute: set[fx.Node] = set()  # promised values and the cheap intermediates they are recomputed from
     if policy == "recompute":
         promised = {p.meta["promise_of"] for p in promises}
         order = {n: i for i, n in enumerate(g.nodes)}
-        def recomputable(v: fx.Node) -> bool:
-            return _is_cheap(v) and all(u.op == "placeholder" or u in promised for u in _tensor_inputs(v))
+        known: dict[fx.Node, bool] = {}
+
+        def recomputable(v: fx.Node, depth: int = 0) -> bool:
+            """A cheap op (or one output of a cheap multi-output op) whose tensor inputs are graph inputs, promised
+            values (held or recomputed themselves), or cheap intermediates of the same kind (a few levels deep:
+            rotary embeddings are ``q * cos + cat(-q2, q1) * sin``)."""
+            if v not in known:
+                src = v.args[0] if v.target is operator.getitem else v
+                known[v] = (
+                    isinstance(src, fx.Node)
+                    and depth <= _MAX_DEPTH
+                    and _is_cheap(src)
+                    and all(
+                        u.op == "placeholder" or u in promised or recomputable(u, depth + 1)
+                        for u in _tensor_inputs(src)
+                    )
+                )
+                if known[v] and src is not v:
+                    known[src] = True
+            return known[v]
+
+        size: dict[fx.Node, int] = {}
+
+        def cost(v: fx.Node) -> int:
+            """Ops one private recomputation of ``v`` runs (through recomputed inputs; views and held values: 0)."""
+            if v.op != "call_function" or v not in recompute:
+                return 0
+            if v not in size:
+                src = v.args[0] if v.target is operator.getitem else v
+                own = isinstance(src.target, torch._ops.OpOverload) and not any(
+                    r.alias_info is not None for r in src.target._schema.returns
+                )
+                size[v] = own + sum(cost(u) for u in _tensor_inputs(src))
+            return size[v]
 
         for v in sorted(promised, key=order.__getitem__):  # topological: inputs are decided first
-            if v.op == "call_function" and v.target is operator.getitem:  # one output of a cheap multi-output op
-                src = v.args[0]
-                if isinstance(src, fx.Node) and recomputable(src):
-                    recompute.update((src, v))
-            elif recomputable(v):
+            if recomputable(v):
                 recompute.add(v)
+                recompute.update(u for u, ok in known.items() if ok and u not in promised)
+                if cost(v) > _MAX_COST:  # a long chain (a residual stream of cheap ops): keep this one
+                    recompute.discard(v)
+                    size.pop(v, None)
     copies: dict[fx.Node, fx.Node] = {}
 
-    def materialize(v: fx.Node, before: fx.Node) -> fx.Node:
+    def materialize(v: fx.Node, before: fx.Node, share: bool) -> fx.Node:
+        """The value of ``v`` at ``before``: ``v`` itself when held, else a recomputation. ``share``: the copy may
+        serve later uses (a promise's own value); inputs of a recomputation get private copies, which die with it,
+        so recomputing one value never materialises another one early (a chain along a residual stream would
+        otherwise bring every layer's copy to life at the first layer)."""
         if v not in recompute:
             return v
-        if v in copies:
+        if share and v in copies:
             return copies[v]
-        for u in _tensor_inputs(v):
-            materialize(u, before)
+        inputs = {u: materialize(u, before, False) for u in _tensor_inputs(v)}
         with g.inserting_before(before):
-            c = g.node_copy(v, lambda a: copies.get(a, a))
+            c = g.node_copy(v, lambda a: inputs.get(a, a))
         c.meta = dict(v.meta)
         c.meta["dynlrp_recomputed_from"] = v.name
-        copies[v] = c
+        if share:
+            copies[v] = c
         return c
 
     for p in promises:  # graph order: a copy is created at its first use and dominates all later ones
-        target = materialize(p.meta["promise_of"], p)
+        target = materialize(p.meta["promise_of"], p, True)
         p.replace_all_uses_with(target)
         g.erase_node(p)
     gm.recompile()
