@@ -314,7 +314,7 @@ def targets(rows: list[dict], device: str) -> list[dict]:
                 None if lx is None else lx / (same or best),
                 2.0,
                 lower_is_better=False,
-                note=(same_m if same else best_m) + "; " + g["lxt"].get("status", ""),
+                note="; ".join(x for x in (same_m if same else best_m, g["lxt"].get("status", "")) if x),
             )
         gm = g.get("gxi", {}).get("peak_extra_bytes")
         mems = {m: g[m]["peak_extra_bytes"] for m in ours if g[m].get("peak_extra_bytes") is not None}
