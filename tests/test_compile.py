@@ -89,3 +89,20 @@ def test_recompile_switches_backend_and_policy_without_tracing_again():
     assert backend.compilations == 1
     with pytest.raises(ValueError, match="promise policy"):
         eager.recompile(promise_policy="hoard")
+
+
+def test_auto_backend_is_eager_on_cpu_and_compiled_when_asked():
+    """``backend="auto"`` (the default) runs the eager program on CPU (Inductor measured slower there), compiles
+    when a ``torch.compile`` mode is given, and leaves explicit choices alone."""
+    from dynlrp_fx.explainer import resolve_backend
+
+    model = pooled_cnn()
+    ex = dynlrp.compile(model, torch.randn(2, 3, 16, 16))
+    assert ex.backend == "eager"
+    assert ex.recompile(mode="max-autotune").backend == "inductor"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "inductor"
+    assert resolve_backend("auto", torch.device("cpu"), mode="reduce-overhead") == "inductor"
+    assert resolve_backend("inductor", torch.device("cpu")) == "inductor"
+    assert resolve_backend("eager", torch.device("cuda", 0)) == "eager"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend(3, None)
