@@ -75,8 +75,12 @@ def out_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     return None
 
 
+#: ops that return a view of their first operand without saying so in their schema
+_UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}
+
+
 def _returns_alias(op: torch._ops.OpOverload) -> bool:
-    return any(r.alias_info is not None for r in op._schema.returns)
+    return op in _UNANNOTATED_VIEWS or any(r.alias_info is not None for r in op._schema.returns)
 
 
 def _holds_tensors(n: fx.Node) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from .promises import _is_cheap, _tensor_inputs
@@ -27,6 +28,11 @@ def sink_cheap_ops(gm: fx.GraphModule, max_rounds: int = 4) -> fx.GraphModule:
     moves down together.
     """
     g = gm.graph
+    # in-place ops (a VJP's index_put_ into zeros): nothing moves past one, it might change what the op reads
+    writers = [
+        n for n in g.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+    ]
     for _ in range(max_rounds):
         order = {n: i for i, n in enumerate(g.nodes)}
         # the positions at which each value is read
@@ -40,7 +46,7 @@ def sink_cheap_ops(gm: fx.GraphModule, max_rounds: int = 4) -> fx.GraphModule:
                 continue
             first = min(n.users, key=order.__getitem__)
             j = order[first]
-            if j <= order[n] + 1:
+            if j <= order[n] + 1 or any(order[n] < order[w] < j for w in writers):
                 continue
             if not all(
                 u.op in ("placeholder", "get_attr") or any(p >= j for p in reads.get(u, ())) for u in _tensor_inputs(n)
