@@ -60,11 +60,20 @@ def _gxi(bm: BenchModel, args: tuple, kwargs: dict, compiled: bool) -> Callable[
             _COMPILED.clear()
             _COMPILED[id(bm.model)] = torch.compile(bm.model, dynamic=True)
         model = _COMPILED[id(bm.model)]
+    return _grad_x_input(bm, model, bm.model, args, kwargs)
+
+
+def _grad_x_input(
+    bm: BenchModel, model: Any, embedder: torch.nn.Module, args: tuple, kwargs: dict, around=contextlib.nullcontext
+) -> Callable[[], Any]:
+    """Gradient x input of the target logit through ``model`` (its forward pass inside ``around()``): w.r.t. the
+    image, or for text models w.r.t. ``embedder``'s input embeddings, summed over the embedding."""
     if bm.embed is None:
 
         def run():
             x = args[0].detach().requires_grad_()
-            y = model(x, *args[1:], **kwargs)
+            with around():
+                y = model(x, *args[1:], **kwargs)
             (g,) = torch.autograd.grad(_target_scalar(y), x)
             return g * x.detach()
 
@@ -74,9 +83,10 @@ def _gxi(bm: BenchModel, args: tuple, kwargs: dict, compiled: bool) -> Callable[
         kw = dict(kwargs)
         ids = kw.pop("input_ids")
         with torch.no_grad():
-            emb = bm.model.get_input_embeddings()(ids)
+            emb = embedder.get_input_embeddings()(ids)
         e = emb.requires_grad_()
-        y = model(inputs_embeds=e, **kw).logits
+        with around():
+            y = model(inputs_embeds=e, **kw).logits
         (g,) = torch.autograd.grad(_target_scalar(y), e)
         return (g * emb.detach()).sum(-1)
 
@@ -257,23 +267,7 @@ def _lxt(bm: BenchModel, args: tuple, kwargs: dict, info: dict) -> Callable[[], 
     gxi_before = _gxi(bm, args, kwargs, compiled=False)()
     model, module, patch_map = _lxt_model(bm)
 
-    def run():
-        if bm.embed is None:
-            x = args[0].detach().requires_grad_()
-            with _lxt_patched(module, patch_map):
-                y = model(x)
-            (g,) = torch.autograd.grad(_target_scalar(y), x)
-            return g * x.detach()
-        kw = dict(kwargs)
-        ids = kw.pop("input_ids")
-        with torch.no_grad():
-            emb = model.get_input_embeddings()(ids)
-        e = emb.requires_grad_()
-        with _lxt_patched(module, patch_map):
-            y = model(inputs_embeds=e, **kw).logits
-        (g,) = torch.autograd.grad(_target_scalar(y), e)
-        return (g * emb.detach()).sum(-1)
-
+    run = _grad_x_input(bm, model, model, args, kwargs, around=lambda: _lxt_patched(module, patch_map))
     rel = run()
     gxi_after = _gxi(bm, args, kwargs, compiled=False)()
     if not torch.equal(gxi_before, gxi_after):

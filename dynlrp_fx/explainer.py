@@ -115,10 +115,10 @@ class Explainer(nn.Module):
                  dynamic: bool = True, params: Any = None, capture: Any = None, mode: str | None = None,
                  promise_policy: str = DEFAULT_POLICY):
         super().__init__()
-        self._backend_request = backend  # "auto" is resolved again when recompile() changes the mode
-        backend = resolve_backend(backend, next((p.device for p in model.parameters()), None), mode)
         self._model_ref = [model]
         self.traced = traced
+        self._backend_request = backend  # "auto" is resolved again when recompile() changes the mode
+        backend = resolve_backend(backend, self._device(), mode)
         self.composite = composite
         self.backend = backend
         self.dynamic = dynamic
@@ -203,7 +203,7 @@ class Explainer(nn.Module):
         """
         new_mode = self.mode if mode == "unchanged" else mode
         request = self._backend_request if backend is None else backend
-        backend = resolve_backend(request, next((p.device for p in self.model.parameters()), None), new_mode)
+        backend = resolve_backend(request, self._device(), new_mode)
         policy = self.promise_policy if promise_policy is None else promise_policy  # checked by resolve_promises
         new = Explainer.__new__(Explainer)
         nn.Module.__init__(new)
@@ -218,6 +218,13 @@ class Explainer(nn.Module):
                 new._programs[name] = replace(prog, fn=new._compile_backend(prog.graph), calls=0)
         new._program("target")
         return new
+
+    def _device(self) -> torch.device | None:
+        """Where the model runs: the device of the first example input tensor, else of the first parameter."""
+        return next(
+            (t.device for t in self.traced.example_flat if isinstance(t, torch.Tensor)),
+            next((p.device for p in self.model.parameters()), None),
+        )
 
     def _compile_backend(self, lowered: torch.fx.GraphModule):
         if self.backend == "eager":  # Inductor reuses buffers itself (and would functionalise in-place ops)
@@ -591,13 +598,7 @@ def compile(
         dynamic=dynamic,
         dynamic_shapes=dynamic_shapes,
     )
-    device = next(
-        (t.device for t in pytree.tree_leaves((example_inputs, example_kwargs)) if isinstance(t, torch.Tensor)),
-        next((p.device for p in model.parameters()), None),
-    )
-    explainer = Explainer(model, traced, composite, backend=resolve_backend(backend, device, mode), dynamic=dynamic,
-                          params=params, capture=capture, mode=mode, promise_policy=promise_policy)
-    explainer._backend_request = backend  # "auto" is resolved again when recompile() changes the mode
-    return explainer
+    return Explainer(model, traced, composite, backend=backend, dynamic=dynamic, params=params, capture=capture,
+                     mode=mode, promise_policy=promise_policy)
 
 

@@ -79,7 +79,8 @@ def out_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
 _UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}
 
 
-def _returns_alias(op: torch._ops.OpOverload) -> bool:
+def returns_alias(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op``'s result aliases an operand (a view or an in-place op), schema annotation or not."""
     return op in _UNANNOTATED_VIEWS or any(r.alias_info is not None for r in op._schema.returns)
 
 
@@ -108,29 +109,26 @@ def reuse_buffers(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
 
     # storage owner of every tensor value: the node that allocated it, or _ESCAPED
     owner: dict[fx.Node, object] = {}
+    escaped: set = set()  # owners whose storage an opaque callable has seen
     for n in nodes:
         if n.op != "call_function" or not _holds_tensors(n):
             owner[n] = _ESCAPED
             continue
         op = n.target
         if isinstance(op, torch._ops.OpOverload):
-            if _returns_alias(op):  # views and in-place ops alias their first operand
+            if returns_alias(op):  # views and in-place ops alias their first operand
                 src = n.args[0] if n.args else None
                 owner[n] = owner.get(src, _ESCAPED) if isinstance(src, fx.Node) else _ESCAPED
             else:
                 owner[n] = n
         elif op is operator.getitem and isinstance(n.args[0], fx.Node):
             src = n.args[0]
-            fresh = isinstance(src.target, torch._ops.OpOverload) and not _returns_alias(src.target)
+            fresh = isinstance(src.target, torch._ops.OpOverload) and not returns_alias(src.target)
             owner[n] = n if fresh else owner.get(src, _ESCAPED)
         else:  # sym-int arithmetic or an opaque callable: whatever tensors it sees may be kept by it
             owner[n] = _ESCAPED
-            for a in n.all_input_nodes:
-                if owner.get(a) is not _ESCAPED:
-                    escaped = owner[a]
-                    for k, v in owner.items():
-                        if v is escaped:
-                            owner[k] = _ESCAPED
+            escaped.update(owner.get(a, _ESCAPED) for a in n.all_input_nodes)
+    owner = {n: _ESCAPED if o in escaped else o for n, o in owner.items()}
     # the last position at which each storage is read (through any alias)
     last: dict[object, int] = {}
     for n in nodes:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .inplace import returns_alias
 from .pair import promise
 
 __all__ = ["resolve_promises", "count_promises", "peak_live_bytes", "POLICIES", "DEFAULT_POLICY"]
@@ -84,6 +85,9 @@ def count_promises(gm: fx.GraphModule) -> int:
 
 
 def _is_cheap(node: fx.Node) -> bool:
+    """A pointwise, view-like or other cheap op (:data:`_CHEAP_EXTRA`), or one output of such a multi-output op."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_cheap(node.args[0])
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
     op = node.target
@@ -130,6 +134,8 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
                 )
                 if known[v] and src is not v:
                     known[src] = True
+                # cheap intermediates are recomputed (as private inputs) wherever a recomputed value reads them
+                recompute.update(u for u in (v, src) if known[v] and u not in promised)
             return known[v]
 
         size: dict[fx.Node, int] = {}
@@ -140,16 +146,13 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
                 return 0
             if v not in size:
                 src = v.args[0] if v.target is operator.getitem else v
-                own = isinstance(src.target, torch._ops.OpOverload) and not any(
-                    r.alias_info is not None for r in src.target._schema.returns
-                )
+                own = isinstance(src.target, torch._ops.OpOverload) and not returns_alias(src.target)  # views: free
                 size[v] = own + sum(cost(u) for u in _tensor_inputs(src))
             return size[v]
 
         for v in sorted(promised, key=order.__getitem__):  # topological: inputs are decided first
             if recomputable(v):
                 recompute.add(v)
-                recompute.update(u for u, ok in known.items() if ok and u not in promised)
                 if cost(v) > _MAX_COST:  # a long chain (a residual stream of cheap ops): keep this one
                     recompute.discard(v)
                     size.pop(v, None)

@@ -11,8 +11,6 @@ the order of independent ops moves).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -35,36 +33,28 @@ def sink_cheap_ops(gm: fx.GraphModule, max_rounds: int = 4) -> fx.GraphModule:
     ]
     for _ in range(max_rounds):
         order = {n: i for i, n in enumerate(g.nodes)}
-        # the positions at which each value is read
-        reads: dict[fx.Node, list[int]] = {}
+        # the last position at which each value is read
+        last_read: dict[fx.Node, float] = {}
         for n in g.nodes:
             for a in n.all_input_nodes:
-                reads.setdefault(a, []).append(order[n])
+                last_read[a] = order[n]
         moved = False
         for n in reversed(list(g.nodes)):
-            if n.op != "call_function" or not n.users or not _is_cheap_or_part(n):
+            if n.op != "call_function" or not n.users or not _is_cheap(n):
                 continue
             first = min(n.users, key=order.__getitem__)
             j = order[first]
             if j <= order[n] + 1 or any(order[n] < order[w] < j for w in writers):
                 continue
-            if not all(
-                u.op in ("placeholder", "get_attr") or any(p >= j for p in reads.get(u, ())) for u in _tensor_inputs(n)
-            ):
+            if not all(u.op in ("placeholder", "get_attr") or last_read.get(u, -1) >= j for u in _tensor_inputs(n)):
                 continue
             first.prepend(n)
             order[n] = (order[n.prev] + j) / 2  # between its new neighbours
             for u in n.all_input_nodes:
-                reads.setdefault(u, []).append(order[n])
+                last_read[u] = max(last_read[u], order[n])
             moved = True
         if not moved:
             break
     gm.recompile()
     return gm
 
-
-def _is_cheap_or_part(n: fx.Node) -> bool:
-    if n.target is operator.getitem:
-        src = n.args[0]
-        return isinstance(src, fx.Node) and _is_cheap(src)
-    return _is_cheap(n)
