@@ -180,6 +180,7 @@ class Explainer(nn.Module):
         lowered = P.lower(gm, fake_args)
         lowered = P.unify_batch(lowered, traced.batch_symbol)
         lowered = P.transpose_convolution_pullbacks(lowered)
+        lowered = P.fold_broadcast_bmm(lowered)
         lowered = P.eliminate_common_subexpressions(lowered)
         lowered = P.eliminate_dead_code(lowered)
         lowered = P.sink_cheap_ops(lowered)

@@ -233,3 +233,58 @@ def test_recompute_rematerialises_batch_norm():
     assert res["recompute"][0] >= res["keep"][0] + 3  # each forward batch norm recomputed
     assert res["recompute"][1] < res["keep"][1]
     assert torch.equal(res["keep"][2], res["recompute"][2])
+
+
+class _TransposedLinear(nn.Module):
+    """``nn.MultiheadAttention``'s projection pattern: a linear layer over ``x.transpose(0, 1)`` (which
+    ``torch.export`` traces as a ``bmm`` against the weight expanded along the sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 12)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x):  # x: (batch, seq, 6)
+        h = torch.relu(self.proj(x.transpose(0, 1)))  # (seq, batch, 12)
+        return self.out(h.transpose(0, 1)).sum(1)
+
+
+def _broadcast_bmms(gm: fx.GraphModule) -> int:
+    return sum(
+        n.target is aten.bmm.default and n.args[1].meta["val"].stride(0) == 0
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    )
+
+
+def test_broadcast_bmm_becomes_one_matmul():
+    """A ``bmm`` against a broadcast weight is one ``mm`` in both halves of the program, and LRP-0 still equals
+    gradient x input (forward and pullbacks rewritten alike); without the pass the traced graph has such ``bmm`` s."""
+    from dynlrp_fx.passes import fold_broadcast_bmm
+
+    torch.manual_seed(0)
+    model = _TransposedLinear().double().eval()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    ex = dynlrp.compile(model, (x[:2],), rules=dynlrp.presets.lrp0(), backend="eager")
+    assert _broadcast_bmms(ex.traced.graph_module) == 2  # the traced forward has the pattern (both layers)
+    gm = ex.graph()
+    assert _broadcast_bmms(gm) == 0
+    assert sum(n.target is aten.mm.default for n in gm.graph.nodes) >= 2
+    e = ex(x, target=1)
+    torch.testing.assert_close(e.relevance, grad_x_input(model, x, torch.full((3,), 1)), rtol=1e-9, atol=1e-12)
+    # the pattern the pass removes: a bmm of A (B, M, K) with W expanded to (B, K, N); values as the bmm's
+    g = fx.Graph()
+    a, w = g.placeholder("a"), g.placeholder("w")
+    g.output(g.call_function(aten.bmm.default, (a, g.call_function(aten.expand.default, (w, [5, 6, 12])))))
+    raw = fx.GraphModule(nn.Module(), g)
+    av, wv = torch.randn(3, 5, 6, dtype=torch.float64).transpose(0, 1), torch.randn(6, 12, dtype=torch.float64)
+    ShapeProp(raw).propagate(av, wv)
+    for n in raw.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if n.op != "output" and tm is not None:
+            n.meta["val"] = torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype)
+    ref = raw(av, wv)
+    assert _broadcast_bmms(raw) == 1
+    folded = fold_broadcast_bmm(raw)
+    assert _broadcast_bmms(folded) == 0 and aten.mm.default in _targets(folded)
+    torch.testing.assert_close(folded(av, wv), ref, rtol=1e-12, atol=1e-12)

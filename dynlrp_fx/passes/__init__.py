@@ -4,7 +4,7 @@ The pipeline run by :func:`dynlrp_fx.compile` (``print(explainer.pipeline)`` sho
 
     canonicalize -> fold_batchnorm -> mark_data -> detect_normalizers -> assign_rules   (analysis, once;
                                                                       fold_batchnorm when the composite asks)
-    pair -> resolve_promises -> lower -> unify_batch -> transpose_convolution_pullbacks
+    pair -> resolve_promises -> lower -> unify_batch -> transpose_convolution_pullbacks -> fold_broadcast_bmm
     -> eliminate_common_subexpressions -> eliminate_dead_code -> sink_cheap_ops          (per seed mode: target / seed)
     reuse_buffers                                                           (backend="eager" only, on a copy)
 """
@@ -20,6 +20,7 @@ from .dce import eliminate_common_subexpressions, eliminate_dead_code
 from .fold_batchnorm import fold_batchnorm
 from .inplace import reuse_buffers
 from .lower import lower, unify_batch
+from .matmul import fold_broadcast_bmm
 from .pair import pair
 from .promises import resolve_promises
 from .pullbacks import transpose_convolution_pullbacks
@@ -37,6 +38,7 @@ __all__ = [
     "lower",
     "unify_batch",
     "transpose_convolution_pullbacks",
+    "fold_broadcast_bmm",
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "sink_cheap_ops",
@@ -72,6 +74,7 @@ PIPELINE = Pipeline(
                 lower,
                 unify_batch,
                 transpose_convolution_pullbacks,
+                fold_broadcast_bmm,
                 eliminate_common_subexpressions,
                 eliminate_dead_code,
                 sink_cheap_ops,

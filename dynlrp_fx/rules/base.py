@@ -33,11 +33,13 @@ Slot = tuple
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Zennit's stabiliser: ``z + eps * (sign(z) + [z == 0])`` (moves zeros to ``+eps``).
 
-    Written as ``where(z >= 0, eps, -eps) + z`` (``eps`` in ``z``'s dtype): the same values, one fused pointwise
-    op when compiled, and in eager execution one ``z``-sized temporary that the addition can overwrite
-    (:func:`dynlrp_fx.passes.reuse_buffers`); the ``where(z >= 0, z + eps, z - eps)`` form holds three.
+    Written as ``copysign(eps, z + 0.0) + z`` (``eps`` in ``z``'s dtype; ``z + 0.0`` turns ``-0.0`` into
+    ``+0.0``, so both zeros move to ``+eps`` as in Zennit): the same values as ``where(z >= 0, eps, -eps) + z``,
+    one fused pointwise op when compiled, and in eager execution one ``z``-sized temporary that the following ops
+    overwrite (:func:`dynlrp_fx.passes.reuse_buffers`). Not ``where``: its CPU kernel took 0.9 ms on a
+    ViT-B/16 projection output (197 x 2304) where ``copysign`` takes 0.11 ms.
     """
-    return torch.where(z >= 0, z.new_full((), eps), z.new_full((), -eps)) + z
+    return torch.copysign(z.new_full((), eps), z + 0.0) + z
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
