@@ -288,3 +288,29 @@ def test_broadcast_bmm_becomes_one_matmul():
     folded = fold_broadcast_bmm(raw)
     assert _broadcast_bmms(folded) == 0 and aten.mm.default in _targets(folded)
     torch.testing.assert_close(folded(av, wv), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_recompute_rematerialises_layer_norm(monkeypatch):
+    """Under ``recompute`` a LayerNorm output (a linear layer's input, the LayerNorm rule's ``y``) is recomputed
+    from its input instead of held from the forward pass: a lower peak than the same policy without LayerNorm
+    recomputation, and bit-identical relevance to ``keep``."""
+    from dynlrp_fx.passes import promises
+
+    torch.manual_seed(0)
+    model = tiny_bert(num_hidden_layers=3)
+    kwargs = {"input_ids": torch.randint(3, 128, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    ln = aten.native_layer_norm.default
+
+    def run(policy):
+        ex = dynlrp.compile(model, (), example_kwargs=kwargs, backend="eager", promise_policy=policy)
+        tensors = ex._flatten_inputs((), kwargs)
+        peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, torch.full((2,), -1, dtype=torch.long))
+        lns = sum(n.target is ln for n in ex.graph().graph.nodes)
+        return lns, peak, ex(**kwargs).relevance
+
+    keep, rec = run("keep"), run("recompute")
+    monkeypatch.setattr(promises, "_CHEAP_EXTRA", promises._CHEAP_EXTRA - {ln})
+    rec_no_ln = run("recompute")
+    assert rec[0] > rec_no_ln[0] == keep[0]  # LayerNorms recomputed in the relevance half
+    assert rec[1] < rec_no_ln[1]
+    assert torch.equal(keep[2], rec[2]) and torch.equal(keep[2], rec_no_ln[2])

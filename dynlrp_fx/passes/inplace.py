@@ -1,7 +1,7 @@
 """Buffer reuse for eager execution: turn out-of-place pointwise ops into in-place ones where that is safe.
 
 A compiled program gets buffer reuse from Inductor; a lowered graph run eagerly (``backend="eager"``) allocates a
-fresh tensor for every op, so a chain such as the epsilon rule's ``R / (z + where(z >= 0, eps, -eps))`` holds
+fresh tensor for every op, so a chain such as the epsilon rule's ``R / (z + copysign(eps, z + 0.0))`` holds
 several activation-sized temporaries at once. :func:`reuse_buffers` rewrites ``aten.add.Tensor(a, b)`` into
 ``aten.add_.Tensor(a, b)`` (and likewise for every pointwise op with an in-place twin) when writing into ``a`` is
 unobservable:
