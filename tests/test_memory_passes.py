@@ -24,9 +24,13 @@ def _graph(build) -> fx.GraphModule:
     g = fx.Graph()
     x = g.placeholder("x")
     g.output(build(g, x))
-    gm = fx.GraphModule(nn.Module(), g)
-    ShapeProp(gm).propagate(torch.randn(64))
-    for n in gm.graph.nodes:  # reuse_buffers reads node.meta["val"] as lowering leaves it
+    return _with_vals(fx.GraphModule(nn.Module(), g), torch.randn(64))
+
+
+def _with_vals(gm: fx.GraphModule, *args) -> fx.GraphModule:
+    """``gm`` with ``val`` metadata (shapes, strides) from a real run on ``args``, as lowering leaves it."""
+    ShapeProp(gm).propagate(*args)
+    for n in gm.graph.nodes:
         tm = n.meta.get("tensor_meta")
         if n.op != "output" and tm is not None:
             n.meta["val"] = torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype)
@@ -276,13 +280,8 @@ def test_broadcast_bmm_becomes_one_matmul():
     g = fx.Graph()
     a, w = g.placeholder("a"), g.placeholder("w")
     g.output(g.call_function(aten.bmm.default, (a, g.call_function(aten.expand.default, (w, [5, 6, 12])))))
-    raw = fx.GraphModule(nn.Module(), g)
     av, wv = torch.randn(3, 5, 6, dtype=torch.float64).transpose(0, 1), torch.randn(6, 12, dtype=torch.float64)
-    ShapeProp(raw).propagate(av, wv)
-    for n in raw.graph.nodes:
-        tm = n.meta.get("tensor_meta")
-        if n.op != "output" and tm is not None:
-            n.meta["val"] = torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype)
+    raw = _with_vals(fx.GraphModule(nn.Module(), g), av, wv)
     ref = raw(av, wv)
     assert _broadcast_bmms(raw) == 1
     folded = fold_broadcast_bmm(raw)
