@@ -313,3 +313,28 @@ def test_recompute_rematerialises_layer_norm(monkeypatch):
     assert rec[0] > rec_no_ln[0] == keep[0]  # LayerNorms recomputed in the relevance half
     assert rec[1] < rec_no_ln[1]
     assert torch.equal(keep[2], rec[2]) and torch.equal(keep[2], rec_no_ln[2])
+
+
+def test_value_numbers_see_through_reshape_chains():
+    """``view(view(x, s1), s2)``, ``view(permute(x, identity), s2)`` and ``view(x, s2)`` are one value (the
+    conservation ledger reaches a relevance tensor through two such chains; merging them lets CSE reuse its sum and
+    frees the tensor earlier), while a real permute or another shape is not."""
+    from dynlrp_fx.passes.values import value_numbers
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    base = g.call_function(aten.mul.Tensor, (x, 2.0))
+    direct = g.call_function(aten.view.default, (base, [12]))
+    chained = g.call_function(aten.view.default, (g.call_function(aten.view.default, (base, [2, 6])), [12]))
+    ident = g.call_function(aten.permute.default, (g.call_function(aten.view.default, (base, [3, 4])), [0, 1]))
+    via_identity = g.call_function(aten.view.default, (ident, [12]))
+    swapped = g.call_function(aten.permute.default, (g.call_function(aten.view.default, (base, [3, 4])), [1, 0]))
+    via_swap = g.call_function(aten.reshape.default, (swapped, [12]))
+    other = g.call_function(aten.view.default, (base, [4, 3]))
+    g.output([direct, chained, via_identity, via_swap, other])
+    gm = _with_vals(fx.GraphModule(nn.Module(), g), torch.randn(12))
+    canon = value_numbers(gm)
+    assert canon.get(chained) is direct and canon.get(via_identity) is direct
+    assert via_swap not in canon and other not in canon
+    out = gm(torch.arange(12.0))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]) and not torch.equal(out[0], out[3])

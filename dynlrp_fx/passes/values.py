@@ -23,6 +23,35 @@ def _freeze(a: Any, canon: dict) -> Any:
     raise TypeError  # anything else (tensors, symbolic values): not merged
 
 
+_aten = torch.ops.aten
+#: ops whose result is their operand's elements in row-major order under another shape
+_RESHAPES = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.alias.default}
+
+
+def _is_reshape(node: Any) -> bool:
+    """A reshape-like view (:data:`_RESHAPES`) or an identity ``permute``."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is _aten.permute.default:
+        return list(node.args[1]) == list(range(len(node.args[1])))
+    return node.target in _RESHAPES
+
+
+def _reshape_key(node: torch.fx.Node, canon: dict) -> Any:
+    """``("reshape", base, shape, dtype)`` for a chain of reshapes of one base: ``view(view(x, s1), s2)`` and
+    ``view(x, s2)`` hold the same values (the conservation ledger sums a relevance tensor reached through two
+    view chains). ``None`` without a shape to compare."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    base = node
+    while _is_reshape(base):
+        base = base.args[0]
+    if not isinstance(base, torch.fx.Node):
+        return None
+    return ("reshape", canon.get(base, base), tuple(str(s) for s in val.shape), str(val.dtype))
+
+
 def cse_key(node: torch.fx.Node, canon: dict) -> Any:
     """A hashable key of a pure ATen call (operands by value number), or ``None`` when it must not be merged."""
     op = node.target
@@ -30,6 +59,8 @@ def cse_key(node: torch.fx.Node, canon: dict) -> Any:
         return None
     if op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
         return None
+    if _is_reshape(node):
+        return _reshape_key(node, canon)
     try:
         return (op, _freeze(node.args, canon), _freeze(node.kwargs, canon))
     except TypeError:
