@@ -220,6 +220,16 @@ def test_eager_program_reuses_buffers_and_equals_the_functional_graph(which):
         assert torch.equal(v, state[k]), k
 
 
+def _policy_run(model, args, kwargs, policy, counted):
+    """``(ops counted, peak_live_bytes, relevance)`` of the eager explainer of ``model`` under a promise policy;
+    ``counted(node)`` picks the ops to count in its lowered program."""
+    ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager", promise_policy=policy)
+    tensors = ex._flatten_inputs(args, kwargs)
+    seed = torch.full((tensors[0].shape[0],), -1, dtype=torch.long)
+    peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, seed)
+    return sum(map(counted, ex.graph().graph.nodes)), peak, ex(*args, **kwargs).relevance
+
+
 def test_recompute_rematerialises_batch_norm():
     """Under ``recompute`` an inference batch norm is recomputed from the convolution output that the relevance
     half holds anyway (one activation fewer per conv-bn layer), with the same relevance as ``keep``."""
@@ -227,13 +237,10 @@ def test_recompute_rematerialises_batch_norm():
     layers = [m for c in (3, 8, 8) for m in (nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 16 * 16, 5)).eval()
     x = torch.randn(4, 3, 16, 16)
-    res = {}
-    for policy in ("keep", "recompute"):
-        ex = dynlrp.compile(model, (x,), backend="eager", promise_policy=policy)
-        bns = [n for n in ex.graph().graph.nodes if "batch_norm" in str(n.target)]
-        tensors = ex._flatten_inputs((x,), {})
-        peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, torch.full((4,), -1, dtype=torch.long))
-        res[policy] = (len(bns), peak, ex(x).relevance)
+    res = {
+        policy: _policy_run(model, (x,), {}, policy, lambda n: "batch_norm" in str(n.target))
+        for policy in ("keep", "recompute")
+    }
     assert res["recompute"][0] >= res["keep"][0] + 3  # each forward batch norm recomputed
     assert res["recompute"][1] < res["keep"][1]
     assert torch.equal(res["keep"][2], res["recompute"][2])
@@ -301,11 +308,7 @@ def test_recompute_rematerialises_layer_norm(monkeypatch):
     ln = aten.native_layer_norm.default
 
     def run(policy):
-        ex = dynlrp.compile(model, (), example_kwargs=kwargs, backend="eager", promise_policy=policy)
-        tensors = ex._flatten_inputs((), kwargs)
-        peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, torch.full((2,), -1, dtype=torch.long))
-        lns = sum(n.target is ln for n in ex.graph().graph.nodes)
-        return lns, peak, ex(**kwargs).relevance
+        return _policy_run(model, (), kwargs, policy, lambda n: n.target is ln)
 
     keep, rec = run("keep"), run("recompute")
     monkeypatch.setattr(promises, "_CHEAP_EXTRA", promises._CHEAP_EXTRA - {ln})
