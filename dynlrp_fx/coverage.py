@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DynlrpError, DynlrpUnsupportedOpError
+from .errors import DynlrpError
 
 __all__ = [
     "OpRow",
@@ -159,26 +159,15 @@ def _strip(path: str, prefix: str) -> str:
     return path or "<root>"
 
 
-def _analyse(traced, composite, report: CoverageReport) -> None:
-    """Run the analysis passes on ``traced`` and fill ``report``'s node counts and op rows (never raises for
-    uncovered ops)."""
-    from . import passes as P
-    from .passes.annotate import module_path
+def _analyse(analysis, report: CoverageReport) -> None:
+    """Fill ``report``'s node counts and op rows from an analysis (the explainer's own ``analysis`` stage, run
+    without raising for uncovered ops)."""
+    from .passes.nodes import module_path
     from .rules.table import lookup
     from .trace import _OutputWrapper
 
-    gm = traced.graph_module
-    P.canonicalize(gm)
-    float_in = {u.placeholder for u in traced.user_inputs if u.is_float}
-    index_in = {u.placeholder for u in traced.user_inputs if not u.is_float}
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    y_src = out_node.args[0][traced.output_index]
-    P.mark_data(gm, float_in, index_in, y_src)
-    P.detect_normalizers(gm)
-    try:
-        P.assign_rules(gm, composite, traced.module_root)
-    except DynlrpUnsupportedOpError:
-        pass  # covered nodes got their rules before the error; uncovered ones are collected below
+    traced = analysis.traced
+    gm = analysis.graph
     prefix = "model." if isinstance(traced.module_root, _OutputWrapper) else ""
 
     rows: dict[str, dict[str, Any]] = {}
@@ -233,10 +222,10 @@ def _analyse(traced, composite, report: CoverageReport) -> None:
     ]
 
 
-def _explain(model, traced, composite, args: tuple, kwargs: dict, report: CoverageReport) -> None:
+def _explain(model, analysis, args: tuple, kwargs: dict, report: CoverageReport) -> None:
     from .explainer import Explainer
 
-    explainer = Explainer(model, traced, composite, backend="eager")
+    explainer = Explainer(model, analysis.traced, analysis.composite, backend="eager", analysis=analysis)
     expl = explainer(*args, **kwargs)
     tensors = [expl.output, expl.absorbed, *expl.inputs.values()]
     report.finite = all(bool(torch.isfinite(t.float()).all()) for t in tensors if isinstance(t, torch.Tensor))
@@ -288,6 +277,7 @@ def coverage(
     >>> rep.node_coverage, rep.uncovered, rep.conservation_error  # doctest: +SKIP
     """
     from .presets import resolve
+    from .program import Analysis
     from .trace import trace
 
     t0 = time.perf_counter()
@@ -297,9 +287,10 @@ def coverage(
     report = CoverageReport(name=name or type(model).__name__, modality=modality, rules=composite.name)
     traced = trace(model, args, kwargs, output=output)
     report.output = traced.output_name
-    _analyse(traced, composite, report)
+    analysis = Analysis(traced, composite, strict=False)  # the pipeline's analysis stage, as compile runs it
+    _analyse(analysis, report)
     if explain and not report.uncovered:
-        _explain(model, traced, composite, args, kwargs, report)
+        _explain(model, analysis, args, kwargs, report)
     report.seconds = time.perf_counter() - t0
     return report
 

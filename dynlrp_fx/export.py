@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,8 +40,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import DynlrpError, DynlrpInputError, DynlrpLoadError
-from .explainer import Explainer, Explanation
-from .trace import UserInput
+from .explainer import Explainer
+from .passes.pair import ProgramOutputs
+from .runtime import CallPath, CallSpec, Explanation, dim_spec
 
 __all__ = ["export", "load", "LoadedExplainer", "register_cli", "FORMAT_VERSION", "PACKAGES"]
 
@@ -81,16 +81,8 @@ def _version_tuple(v: str) -> tuple[int, int]:
 
 
 # -- specs ----------------------------------------------------------------------------------------------------------
-def _dim_spec(size: Any) -> int | str:
-    """An int for a static size, else the symbol (expression) name of a dynamic one."""
-    if isinstance(size, torch.SymInt):
-        expr = size.node.expr
-        return int(expr) if getattr(expr, "is_number", False) else str(expr)
-    return int(size)
-
-
 def _tensor_spec(val: torch.Tensor) -> dict[str, Any]:
-    return {"dtype": str(val.dtype).removeprefix("torch."), "shape": [_dim_spec(s) for s in val.shape]}
+    return {"dtype": str(val.dtype).removeprefix("torch."), "shape": [dim_spec(s) for s in val.shape]}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -170,7 +162,7 @@ def _export_mode(explainer: Explainer, mode: str, state: list[torch.Tensor], inp
     ph = [n for n in graph.graph.nodes if n.op == "placeholder"]
     n_state = len(state)
     vals = [n.meta["val"] for n in ph[n_state:]]
-    batched = [x for x, u in zip(inputs, explainer.traced.user_inputs) if u.batched]
+    batched = [x for x, s in zip(inputs, explainer.call_spec.inputs) if s.batched]
     batch = batched[0].shape[0] if batched else 1
     device = inputs[0].device if inputs else None
     extra = torch.full((batch,), -1, dtype=torch.long, device=device)  # the target: argmax
@@ -201,7 +193,7 @@ def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras
     inputs = []
     for ui, node in zip(traced.user_inputs, ph):
         inputs.append({"name": ui.name, "batched": ui.batched, **_tensor_spec(node.meta["val"])})
-    y_val = explainer._y_src.meta.get("val")
+    y_val = explainer.analysis.output_node.meta.get("val")
     return {
         "format": "dynlrp-fx",
         "format_version": FORMAT_VERSION,
@@ -222,13 +214,13 @@ def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras
     }
 
 
-#: the per-program output-name lists that :meth:`Explainer.forward` splits the graph outputs by
+#: the per-program output-name lists (:class:`~dynlrp_fx.passes.pair.ProgramOutputs`) the call path splits outputs by
 _NAME_FIELDS = ("input_names", "param_names", "capture_names")
 
 
 def _output_names(explainer: Explainer, mode: str) -> dict[str, list[str]]:
-    prog = explainer._program(mode)
-    return {f: list(getattr(prog, f, None) or []) for f in _NAME_FIELDS}
+    outputs = explainer.program(mode).outputs
+    return {f: list(getattr(outputs, f)) for f in _NAME_FIELDS}
 
 
 def export(
@@ -269,7 +261,7 @@ def export(
     path = os.fspath(path)
     traced = explainer.traced
     inputs = [traced.example_flat[i].detach() for i in traced.tensor_leaf_index]
-    state = explainer._state(inputs[0].device if inputs else None)
+    state = explainer.state_tensors(inputs[0].device if inputs else None)
     programs, extras = {}, {}
     for mode in modes:
         programs[mode], extras[mode] = _export_mode(explainer, mode, state, inputs)
@@ -376,55 +368,19 @@ def _check_versions(path: str, meta: dict) -> None:
         )
 
 
-@dataclass
-class _LoadedProgram:
-    """What :meth:`Explainer.forward` needs of a program: ``fn``, the output-name lists, ``calls``."""
-
-    fn: Any
-    input_names: list[str] = field(default_factory=list)
-    param_names: list[str] = field(default_factory=list)
-    capture_names: list[str] = field(default_factory=list)
-    calls: int = 0
-
-
-@dataclass
-class _Signature:
-    """The input side of a :class:`~dynlrp_fx.trace.TracedProgram`, rebuilt from the file's metadata."""
-
-    in_spec: Any
-    const_leaves: dict[int, Any]
-    user_inputs: list[UserInput]
-    tensor_leaf_index: list[int]
-    example_flat: list[Any]
-    max_batch: int | None = None
-
-
-class _Meta:
-    def __init__(self, val):
-        self.meta = {"val": val}
-
-
 class LoadedExplainer:
     """An explainer loaded from a ``.pt2`` file by :func:`load`; called like the :class:`~dynlrp_fx.Explainer`.
 
     ``f(*args, target=None, seed=None, **kwargs) -> Explanation``, with the same input structure as the example
-    inputs of the original explainer (any batch size). Needs neither the model's code nor a compile step.
+    inputs of the original explainer (any batch size). Needs neither the model's code nor a compile step. Inputs are
+    bound and checked, and outputs unpacked, by the same :class:`~dynlrp_fx.runtime.CallPath` as a live explainer's,
+    with the file's input specification.
 
     Attributes
     ----------
     path, package ("exported" or "aoti"), rules (the composite's name), output_name, input_names,
-    metadata (the file's full metadata dict), modes (the seed modes stored).
+    metadata (the file's full metadata dict), modes (the seed modes stored), call_spec (the input specification).
     """
-
-    # the call path is the Explainer's own (same target handling, checks and Explanation assembly)
-    forward = Explainer.forward
-    _target_tensor = Explainer._target_tensor
-    backend = "eager"
-    _flatten_inputs = Explainer._flatten_inputs  # structure, rank and dtype checks
-    dynamic = False  # sizes are checked against the file's spec just before the program runs
-
-    def _static_dims(self, placeholder: str, example: Any) -> dict[int, int]:
-        return {}  # sizes are checked against the file's spec (see _checked) instead
 
     def __init__(self, path: str, meta: dict, programs: dict[str, Any]):
         self.path = path
@@ -433,41 +389,25 @@ class LoadedExplainer:
         self.rules = meta["rules"]
         self.modes = tuple(meta["modes"])
         self.output_name = meta["output"]["name"]
-        self._specs = meta["inputs"]
-        self._extra_specs = meta["extra_inputs"]
-        self._programs = {
-            m: _LoadedProgram(
-                self._checked(m, fn), **{k: list(meta["relevance_outputs"][m].get(k, [])) for k in _NAME_FIELDS}
-            )
-            for m, fn in programs.items()
+        self._programs = programs
+        self._outputs = {
+            m: ProgramOutputs(**{k: list(meta["relevance_outputs"][m].get(k, [])) for k in _NAME_FIELDS})
+            for m in programs
         }
-        const = {int(k): v for k, v in meta["const_leaves"].items()}
-        idx = list(meta["tensor_leaf_index"])
-        flat: list[Any] = [const.get(i) for i in range(len(idx) + len(const))]
-        users = []
-        for i, s in zip(idx, self._specs):
-            shape = [d if isinstance(d, int) else 2 for d in s["shape"]]
-            flat[i] = torch.empty(shape, dtype=_dtype(s["dtype"]), device="meta")
-            users.append(UserInput(s["name"], s["name"], flat[i].dtype, len(shape), bool(s["batched"])))
-        self.traced = _Signature(
-            pytree.treespec_loads(meta["in_spec"]), const, users, idx, flat, meta.get("max_batch")
-        )
-        out_shape = meta["output"].get("shape")
-        rest = out_shape[1:] if out_shape else None
-        ok = rest is not None and all(isinstance(d, int) for d in rest)
-        self._y_src = _Meta(torch.empty((1, *rest), device="meta") if ok else None)
+        self.call_spec = CallSpec.from_metadata(meta, _dtype)
+        self._call = CallPath(self.call_spec, self._run)
 
     @property
     def input_names(self) -> list[str]:
         """Names of the inputs whose relevance is returned."""
-        return list(self._programs[self.modes[0]].input_names)
+        return list(self._outputs[self.modes[0]].input_names)
 
     def rule_table(self) -> list[dict[str, Any]]:
         """The rule table of the explainer at export time (see :meth:`Explainer.rule_table`)."""
         return list(self.metadata.get("rule_table", []))
 
     def __repr__(self) -> str:
-        ins = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self._specs)
+        ins = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self.metadata["inputs"])
         return (
             f"LoadedExplainer({self.path!r}, package={self.package!r}, rules={self.rules!r}, inputs=({ins}), "
             f"output={self.output_name!r}, modes={self.modes})"
@@ -477,66 +417,20 @@ class LoadedExplainer:
         """Explain on these inputs; see :meth:`Explainer.forward`. Raises :class:`DynlrpLoadError` (also a
         :class:`DynlrpInputError`) when the inputs do not match the file's input specification."""
         try:
-            return self.forward(*args, target=target, seed=seed, **kwargs)
+            return self._call.explain(args, kwargs, target, seed)
         except DynlrpLoadError:
             raise
         except DynlrpInputError as e:
             raise DynlrpLoadedInputError(f"{self.path}: {e}") from None
 
-    def _program(self, mode: str) -> _LoadedProgram:
+    def _run(self, mode: str, tensors: list[torch.Tensor], extra: torch.Tensor, batch: int):
+        """The call path's runner: the stored program of ``mode`` (its state tensors live inside it)."""
         if mode not in self._programs:
             raise DynlrpLoadedInputError(
                 f"{self.path} holds only the {'/'.join(self.modes)} mode(s); {mode}= calls need a file exported "
                 f"with modes=('target', 'seed')"
             )
-        return self._programs[mode]
-
-    def _state(self, device: Any) -> list[torch.Tensor]:
-        return []  # the state tensors live inside the exported programs
-
-    def _bind(self, tensors: list[torch.Tensor]) -> dict[str, int]:
-        """Check static sizes and bind the dynamic symbols (one value per symbol across inputs)."""
-        sizes: dict[str, int] = {}
-        for x, s in zip(tensors, self._specs):
-            for d, want in enumerate(s["shape"]):
-                got = int(x.shape[d])
-                if isinstance(want, int):
-                    if got != want:
-                        raise DynlrpLoadedInputError(
-                            f"{self.path}: input {s['name']!r} has shape {tuple(x.shape)} but dimension {d} must be "
-                            f"{want} (file spec {s['shape']}; named dimensions are dynamic)"
-                        )
-                elif re.fullmatch(r"[A-Za-z_]\w*", want):
-                    if sizes.setdefault(want, got) != got:
-                        raise DynlrpLoadedInputError(
-                            f"{self.path}: input {s['name']!r} dimension {d} is {got} but another input has "
-                            f"{sizes[want]} for the same dynamic dimension {want} (e.g. the batch size)"
-                        )
-        return sizes
-
-    def _checked(self, mode: str, fn: Any):
-        spec = self._extra_specs[mode]
-        label = "target" if mode == "target" else "seed"
-
-        def run(*tensors: torch.Tensor):
-            sizes = self._bind(tensors[:-1])
-            extra = tensors[-1]
-            shape = spec["shape"]
-            dt = _dtype(spec["dtype"])
-            bad = extra.ndim != len(shape) or extra.dtype != dt
-            if not bad:
-                for d, want in enumerate(shape):
-                    want = want if isinstance(want, int) else sizes.get(want)
-                    bad = bad or (want is not None and int(extra.shape[d]) != want)
-            if bad:
-                want_s = [d if isinstance(d, int) else sizes.get(d, d) for d in shape]
-                raise DynlrpLoadedInputError(
-                    f"{self.path}: {label}= has shape {tuple(extra.shape)} and dtype {extra.dtype}; expected shape "
-                    f"{tuple(want_s)} and dtype {dt} (shaped like the explained output {self.output_name!r})"
-                )
-            return fn(*tensors)
-
-        return run
+        return self._programs[mode](*tensors, extra), self._outputs[mode]
 
 
 def load(path: str | os.PathLike) -> LoadedExplainer:

@@ -301,124 +301,40 @@ def trace(
     args = example_inputs
     if dynamic and dynamic_shapes is None:
         args, kwargs = _maybe_grow_batch(args, kwargs)
-
-    root: nn.Module = model
     fn_sig = inspect.signature(model.forward)
     try:
         fn_sig.bind(*args, **kwargs)
     except TypeError as e:
         raise DynlrpTraceError(f"example inputs do not match {type(model).__name__}.forward{fn_sig}: {e}") from None
 
+    root: nn.Module = model
     export_args, export_kwargs = args, kwargs
     if callable(output) and not isinstance(output, (str, int)):
         root = _OutputWrapper(model, output)
         export_args, export_kwargs = (args, kwargs), {}
         dynamic_shapes = _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes)
-    default_shapes = dynamic_shapes is None and dynamic
-
-    def batch_shapes(max_batch: int | None) -> Any:
-        dim = torch.export.Dim("batch", min=1) if max_batch is None else torch.export.Dim("batch", min=1, max=max_batch)
-        return _default_dynamic_shapes(inspect.signature(root.forward), export_args, export_kwargs, dim)
-
-    max_batch = None
-    if default_shapes:
-        dynamic_shapes = batch_shapes(None)
-
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        def export(shapes: Any) -> torch.export.ExportedProgram:
-            return torch.export.export(root, export_args, export_kwargs, dynamic_shapes=shapes, strict=False)
-
-        try:
-            try:
-                ep = export(dynamic_shapes)
-            except Exception as e:  # noqa: BLE001
-                max_batch = _suggested_max_batch(e) if default_shapes else None
-                if max_batch is None:
-                    raise
-                # an op bounds the batch (cuDNN batch norm on CUDA: <= 65535): trace again within that bound
-                ep = export(batch_shapes(max_batch))
-        except Exception as e:  # noqa: BLE001 - re-raised with a clear message
-            raise _trace_error(e) from e
-        if root is not model and hasattr(ep, "_guards_code"):
-            ep._guards_code = []  # guards on the wrapper's **kwargs (L['kwargs'][...]) break run_decompositions
-        try:
-            ep = ep.run_decompositions(decomposition_table())
-        except Exception as e:  # noqa: BLE001
-            raise DynlrpTraceError(f"decomposing the exported graph to Core ATen failed: {type(e).__name__}: {e}") from e
-    finally:
-        for m, t in flags:
-            m.training = t
-
+    ep, max_batch = _export(model, root, export_args, export_kwargs, dynamic_shapes, dynamic)
     gm = ep.graph_module
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and "torch.ops.higher_order" in str(node.target.__module__ if hasattr(node.target, "__module__") else ""):
-            raise DynlrpTraceError(
-                f"the traced graph contains the higher-order op {node.target} (node {node.name}); dynlrp-fx does not "
-                "propagate relevance through torch.cond / while_loop / map subgraphs yet. Move the data-dependent "
-                "branch out of the explained forward pass."
-            )
-    sig = ep.graph_signature
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    state_specs: list[tuple[str, str, str]] = []
-    user_ph: list[torch.fx.Node] = []
-    for spec, ph in zip(sig.input_specs, placeholders):
-        kind = spec.kind.name
-        if kind == "USER_INPUT":
-            user_ph.append(ph)
-        elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
-            state_specs.append((ph.name, kind, spec.target))
-        else:
-            raise DynlrpTraceError(f"unsupported exported input kind {kind} for placeholder {ph.name}")
-
+    _reject_higher_order_ops(gm)
+    state_specs, user_ph = _split_placeholders(ep)
     flat, in_spec = pytree.tree_flatten((args, kwargs))
     names = _leaf_names(fn_sig, args, kwargs)
     tensor_idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
     const_leaves = {i: x for i, x in enumerate(flat) if not isinstance(x, torch.Tensor)}
     if len(user_ph) == len(flat) and const_leaves:
-        # non-tensor inputs (use_cache=False, None...) were specialised: inline them and drop their placeholders
-        for i, ph in enumerate(list(user_ph)):
-            if i in const_leaves:
-                value = const_leaves[i]
-                for user in list(ph.users):
-                    user.args = torch.fx.node.map_arg(user.args, lambda a, ph=ph, v=value: v if a is ph else a)
-                    user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a, ph=ph, v=value: v if a is ph else a)
-                gm.graph.erase_node(ph)
-        user_ph = [ph for i, ph in enumerate(user_ph) if i not in const_leaves]
-        gm.recompile()
+        user_ph = _inline_constants(gm, user_ph, const_leaves)
     if len(tensor_idx) != len(user_ph):
         raise DynlrpTraceError(
             f"internal: {len(tensor_idx)} tensor inputs but {len(user_ph)} user placeholders in the exported graph"
         )
-    batch_symbol = None
-    user_inputs = []
-    for i, ph in zip(tensor_idx, user_ph):
-        val = ph.meta.get("val")
-        dim0 = val.shape[0] if val is not None and val.ndim >= 1 else None
-        batched = dim0 is not None and isinstance(dim0, torch.SymInt)
-        if batched and batch_symbol is None:
-            batch_symbol = dim0.node.expr
-        user_inputs.append(UserInput(names[i], ph.name, flat[i].dtype, flat[i].ndim, batched))
-    if batch_symbol is None and user_inputs and user_inputs[0].ndim >= 1:
-        batch_symbol = int(flat[tensor_idx[0]].shape[0])
+    user_inputs, batch_symbol = _user_inputs(user_ph, tensor_idx, flat, names)
 
-    out_specs = sig.output_specs
-    n_user = sum(1 for s in out_specs if s.kind.name == "USER_OUTPUT")
+    sig = ep.graph_signature
+    n_user = sum(1 for s in sig.output_specs if s.kind.name == "USER_OUTPUT")
     out_names = _output_names(ep.call_spec.out_spec, n_user)
     out_index = _select_output(None if root is not model else output, out_names, n_user)
-    static_batch = None
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    y_val = out_node.args[0][out_index].meta.get("val") if isinstance(out_node.args[0][out_index], torch.fx.Node) else None
-    if (
-        hasattr(batch_symbol, "free_symbols")
-        and isinstance(y_val, torch.Tensor)
-        and y_val.ndim >= 1
-        and not isinstance(y_val.shape[0], torch.SymInt)
-    ):
-        # the model's code specialised the batch size (e.g. shape arithmetic in Python): the graph only runs
-        # at the traced batch size
-        static_batch = int(flat[tensor_idx[0]].shape[0])
+    static_batch = _specialised_batch(gm, out_index, batch_symbol, flat[tensor_idx[0]] if tensor_idx else None)
+    if static_batch is not None:
         batch_symbol = static_batch
         warnings.warn(
             f"{type(model).__name__} specialised its batch size to {static_batch} during tracing; the explainer "
@@ -442,3 +358,121 @@ def trace(
         max_batch=max_batch,
         example_flat=flat,
     )
+
+
+def _export(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+            dynamic: bool) -> tuple[torch.export.ExportedProgram, int | None]:
+    """``torch.export`` (non-strict) of ``root`` in eval mode, decomposed to Core ATen; ``(program, max_batch)``.
+
+    With the default dynamic shapes (dimension 0 of every tensor input is one ``batch`` dimension) a model whose
+    ops bound the batch (cuDNN batch norm on CUDA: at most 65535) is traced again within the bound torch suggests,
+    returned as ``max_batch``. Every submodule's ``training`` flag is restored afterwards."""
+    default_shapes = dynamic_shapes is None and dynamic
+
+    def batch_shapes(max_batch: int | None) -> Any:
+        dim = torch.export.Dim("batch", min=1) if max_batch is None else torch.export.Dim("batch", min=1, max=max_batch)
+        return _default_dynamic_shapes(inspect.signature(root.forward), args, kwargs, dim)
+
+    if default_shapes:
+        dynamic_shapes = batch_shapes(None)
+    max_batch = None
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+
+        def export(shapes: Any) -> torch.export.ExportedProgram:
+            return torch.export.export(root, args, kwargs, dynamic_shapes=shapes, strict=False)
+
+        try:
+            try:
+                ep = export(dynamic_shapes)
+            except Exception as e:  # noqa: BLE001
+                max_batch = _suggested_max_batch(e) if default_shapes else None
+                if max_batch is None:
+                    raise
+                ep = export(batch_shapes(max_batch))
+        except Exception as e:  # noqa: BLE001 - re-raised with a clear message
+            raise _trace_error(e) from e
+        if root is not model and hasattr(ep, "_guards_code"):
+            ep._guards_code = []  # guards on the wrapper's **kwargs (L['kwargs'][...]) break run_decompositions
+        try:
+            ep = ep.run_decompositions(decomposition_table())
+        except Exception as e:  # noqa: BLE001
+            raise DynlrpTraceError(f"decomposing the exported graph to Core ATen failed: {type(e).__name__}: {e}") from e
+    finally:
+        for m, t in flags:
+            m.training = t
+    return ep, max_batch
+
+
+def _reject_higher_order_ops(gm: torch.fx.GraphModule) -> None:
+    """Raise for ``torch.cond`` / ``while_loop`` / ``map`` subgraphs, which relevance cannot pass yet."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "torch.ops.higher_order" in str(node.target.__module__ if hasattr(node.target, "__module__") else ""):
+            raise DynlrpTraceError(
+                f"the traced graph contains the higher-order op {node.target} (node {node.name}); dynlrp-fx does not "
+                "propagate relevance through torch.cond / while_loop / map subgraphs yet. Move the data-dependent "
+                "branch out of the explained forward pass."
+            )
+
+
+def _split_placeholders(ep: torch.export.ExportedProgram) -> tuple[list[tuple[str, str, str]], list[torch.fx.Node]]:
+    """``(state specs, user-input placeholders)``: (name, kind, target) of every parameter, buffer and constant."""
+    placeholders = [n for n in ep.graph_module.graph.nodes if n.op == "placeholder"]
+    state_specs: list[tuple[str, str, str]] = []
+    user_ph: list[torch.fx.Node] = []
+    for spec, ph in zip(ep.graph_signature.input_specs, placeholders):
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            user_ph.append(ph)
+        elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            state_specs.append((ph.name, kind, spec.target))
+        else:
+            raise DynlrpTraceError(f"unsupported exported input kind {kind} for placeholder {ph.name}")
+    return state_specs, user_ph
+
+
+def _inline_constants(gm: torch.fx.GraphModule, user_ph: list, const_leaves: dict[int, Any]) -> list:
+    """Non-tensor inputs (``use_cache=False``, ``None``...) that export kept as placeholders were specialised:
+    inline their values and drop the placeholders; returns the remaining user placeholders."""
+    for i, ph in enumerate(list(user_ph)):
+        if i in const_leaves:
+            value = const_leaves[i]
+            for user in list(ph.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda a, ph=ph, v=value: v if a is ph else a)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a, ph=ph, v=value: v if a is ph else a)
+            gm.graph.erase_node(ph)
+    gm.recompile()
+    return [ph for i, ph in enumerate(user_ph) if i not in const_leaves]
+
+
+def _user_inputs(user_ph: list, tensor_idx: list[int], flat: list, names: list[str]) -> tuple[list[UserInput], Any]:
+    """The :class:`UserInput` of every tensor input, and the batch symbol (that of the first input whose dimension
+    0 is symbolic; the first input's size when none is)."""
+    batch_symbol = None
+    user_inputs = []
+    for i, ph in zip(tensor_idx, user_ph):
+        val = ph.meta.get("val")
+        dim0 = val.shape[0] if val is not None and val.ndim >= 1 else None
+        batched = dim0 is not None and isinstance(dim0, torch.SymInt)
+        if batched and batch_symbol is None:
+            batch_symbol = dim0.node.expr
+        user_inputs.append(UserInput(names[i], ph.name, flat[i].dtype, flat[i].ndim, batched))
+    if batch_symbol is None and user_inputs and user_inputs[0].ndim >= 1:
+        batch_symbol = int(flat[tensor_idx[0]].shape[0])
+    return user_inputs, batch_symbol
+
+
+def _specialised_batch(gm: torch.fx.GraphModule, out_index: int, batch_symbol: Any, first: Any) -> int | None:
+    """The traced batch size when the model's code specialised it (shape arithmetic in Python: the inputs' batch
+    is symbolic but the explained output's is not), else ``None``; the graph then only runs at that size."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][out_index]
+    y_val = out.meta.get("val") if isinstance(out, torch.fx.Node) else None
+    if (
+        hasattr(batch_symbol, "free_symbols")
+        and isinstance(y_val, torch.Tensor)
+        and y_val.ndim >= 1
+        and not isinstance(y_val.shape[0], torch.SymInt)
+    ):
+        return int(first.shape[0])
+    return None

@@ -10,7 +10,7 @@ from torch import nn
 import dynlrp_fx as dynlrp
 from dynlrp_fx import presets
 from dynlrp_fx.rules import Composite, Epsilon, Flat, Gamma, NodeInfo, Pass, ZPlus
-from tests.conftest import grad_x_input
+from tests.helpers import grad_x_input
 
 aten = torch.ops.aten
 D = torch.float64
@@ -80,7 +80,7 @@ def test_rule_table_lists_every_op_node():
     x = torch.randn(2, 3, 8, 8, dtype=D)
     ex = dynlrp.compile(m, x, rules="epsilon_gamma_box", backend="eager")
     table = ex.rule_table()
-    gm = ex.traced.graph_module
+    gm = ex.analysed_graph
     relevant = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("dynlrp") is not None]
     assert [r["node"] for r in table] == relevant
     for r in table:

@@ -10,11 +10,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import dynlrp_fx as dynlrp
-from dynlrp_fx.passes import reuse_buffers, sink_cheap_ops
-from dynlrp_fx.passes.inplace import inplace_variant, out_variant
-from dynlrp_fx.passes.promises import peak_live_bytes
-from tests._factories import pooled_cnn
-from tests.conftest import grad_x_input, tiny_bert
+from dynlrp_fx.passes.memory import peak_live_bytes
+from dynlrp_fx.passes.reuse_buffers import inplace_variant, out_variant
+from tests.helpers import call_args, grad_x_input, pooled_cnn, run_pass, tiny_bert
 
 aten = torch.ops.aten
 
@@ -54,7 +52,8 @@ def test_reuse_buffers_writes_into_dying_temporaries_only():
     never written; the values are the same."""
     gm = _graph(lambda g, x: g.call_function(aten.neg.default, (
         g.call_function(aten.add.Tensor, (g.call_function(aten.mul.Tensor, (x, 2.0)), 1.0)),)))
-    new, k = reuse_buffers(gm)
+    new, ctx = run_pass("reuse_buffers", gm, backend="eager")
+    k = ctx.buffer_rewrites
     assert k == 2 and _targets(new) == [aten.mul.Tensor, aten.add_.Tensor, aten.neg_.default]
     assert _targets(gm) == [aten.mul.Tensor, aten.add.Tensor, aten.neg.default]  # the input graph is untouched
     x = torch.randn(64)
@@ -77,7 +76,7 @@ def test_reuse_buffers_respects_views_outputs_and_operand_order():
         return (v, e)
 
     gm = _graph(build)
-    new, _ = reuse_buffers(gm)
+    new, _ = run_pass("reuse_buffers", gm, backend="eager")
     assert _targets(new) == [aten.mul.Tensor, aten.view.default, aten.add.Tensor, aten.exp.default,
                              aten.div_.Tensor, aten.sub.out]
     x = torch.randn(64)
@@ -96,7 +95,7 @@ def test_reuse_buffers_knows_unannotated_views():
         return (b, g.call_function(aten.add.Tensor, (a, 3.0)))
 
     gm = _graph(build)
-    new, _ = reuse_buffers(gm)
+    new, _ = run_pass("reuse_buffers", gm, backend="eager")
     assert aten.add.Tensor in _targets(new)[:3]  # the first add stays out of place
     x = torch.randn(64)
     for a, b in zip(new(x), gm(x)):
@@ -119,7 +118,7 @@ def test_sink_moves_a_recomputation_to_its_user_and_lowers_the_peak():
     gm = _graph(build)
     x = torch.randn(64)
     before_peak, before = peak_live_bytes(gm, x)
-    sink_cheap_ops(gm)
+    run_pass("sink_cheap_ops", gm)
     order = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     i = order.index("aten.relu.default")
     assert i > order.index("aten.add.Tensor") and order[i + 1] == "aten.mul.Tensor"  # right before its user
@@ -139,7 +138,7 @@ def test_sink_never_makes_an_input_live_longer():
         m = g.call_function(aten.mul.Tensor, (k, 2.0))
         return (g.call_function(aten.add.Tensor, (p, m)),)
 
-    gm = sink_cheap_ops(_graph(build))
+    gm, _ = run_pass("sink_cheap_ops", _graph(build))
     order = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert order.index("aten.exp.default") == order.index("aten.sin.default") + 1
     assert order.index("aten.exp.default") < order.index("aten.cos.default")
@@ -157,7 +156,7 @@ def test_sink_never_moves_a_read_past_a_write():
     gm = _graph(build)
     x = torch.randn(64)
     expected = gm(x)[0]
-    sink_cheap_ops(gm)
+    run_pass("sink_cheap_ops", gm)
     assert [str(t) for t in _targets(gm)].index("aten.neg.default") == 1
     torch.testing.assert_close(gm(x)[0], expected, rtol=0, atol=0)
 
@@ -203,14 +202,13 @@ def test_eager_program_reuses_buffers_and_equals_the_functional_graph(which):
         args, kwargs = (), {"input_ids": torch.randint(3, 128, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager")
-    prog = ex._program("target")
+    prog = ex.program("target")
     assert prog.fn is not prog.graph
     def mutating(gm):
         return sum(isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable for t in _targets(gm))
 
     assert mutating(prog.fn) > mutating(prog.graph)
-    tensors = ex._flatten_inputs(args, kwargs)
-    call = [*ex._state(None), *tensors, torch.full((tensors[0].shape[0],), -1, dtype=torch.long)]
+    call = call_args(ex, args, kwargs)
     peak_f, out_f = peak_live_bytes(prog.graph, *call)
     peak_r, out_r = peak_live_bytes(prog.fn, *call)
     assert peak_r < peak_f
@@ -224,9 +222,7 @@ def _policy_run(model, args, kwargs, policy, counted):
     """``(ops counted, peak_live_bytes, relevance)`` of the eager explainer of ``model`` under a promise policy;
     ``counted(node)`` picks the ops to count in its lowered program."""
     ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager", promise_policy=policy)
-    tensors = ex._flatten_inputs(args, kwargs)
-    seed = torch.full((tensors[0].shape[0],), -1, dtype=torch.long)
-    peak, _ = peak_live_bytes(ex.graph(), *ex._state(None), *tensors, seed)
+    peak, _ = peak_live_bytes(ex.graph(), *call_args(ex, args, kwargs))
     return sum(map(counted, ex.graph().graph.nodes)), peak, ex(*args, **kwargs).relevance
 
 
@@ -271,7 +267,6 @@ def _broadcast_bmms(gm: fx.GraphModule) -> int:
 def test_broadcast_bmm_becomes_one_matmul():
     """A ``bmm`` against a broadcast weight is one ``mm`` in both halves of the program, and LRP-0 still equals
     gradient x input (forward and pullbacks rewritten alike); without the pass the traced graph has such ``bmm`` s."""
-    from dynlrp_fx.passes import fold_broadcast_bmm
 
     torch.manual_seed(0)
     model = _TransposedLinear().double().eval()
@@ -291,7 +286,7 @@ def test_broadcast_bmm_becomes_one_matmul():
     raw = _with_vals(fx.GraphModule(nn.Module(), g), av, wv)
     ref = raw(av, wv)
     assert _broadcast_bmms(raw) == 1
-    folded = fold_broadcast_bmm(raw)
+    folded, _ = run_pass("fold_broadcast_bmm", raw)
     assert _broadcast_bmms(folded) == 0 and aten.mm.default in _targets(folded)
     torch.testing.assert_close(folded(av, wv), ref, rtol=1e-12, atol=1e-12)
 
@@ -300,7 +295,9 @@ def test_recompute_rematerialises_layer_norm(monkeypatch):
     """Under ``recompute`` a LayerNorm output (a linear layer's input, the LayerNorm rule's ``y``) is recomputed
     from its input instead of held from the forward pass: a lower peak than the same policy without LayerNorm
     recomputation, and bit-identical relevance to ``keep``."""
-    from dynlrp_fx.passes import promises
+    from dataclasses import replace
+
+    from dynlrp_fx.rules import table
 
     torch.manual_seed(0)
     model = tiny_bert(num_hidden_layers=3)
@@ -311,7 +308,7 @@ def test_recompute_rematerialises_layer_norm(monkeypatch):
         return _policy_run(model, (), kwargs, policy, lambda n: n.target is ln)
 
     keep, rec = run("keep"), run("recompute")
-    monkeypatch.setattr(promises, "_CHEAP_EXTRA", promises._CHEAP_EXTRA - {ln})
+    monkeypatch.setitem(table.OP_TABLE, ln, replace(table.OP_TABLE[ln], cheap=False))  # LayerNorm not cheap
     rec_no_ln = run("recompute")
     assert rec[0] > rec_no_ln[0] == keep[0]  # LayerNorms recomputed in the relevance half
     assert rec[1] < rec_no_ln[1]

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from dynlrp_fx.passes.promises import POLICIES, peak_live_bytes, resolve_promises
-from tests.conftest import tiny_bert
+from dynlrp_fx.passes.memory import peak_live_bytes
+from dynlrp_fx.passes.resolve_promises import POLICIES
+from tests.helpers import call_args, run_pass, tiny_bert
 
 
 def _cnn() -> nn.Module:
@@ -31,9 +32,7 @@ def _bert():
 
 
 def _peak(ex, args, kwargs):
-    tensors = ex._flatten_inputs(args, kwargs)
-    target = torch.full((tensors[0].shape[0],), -1, dtype=torch.long)
-    return peak_live_bytes(ex.graph(), *ex._state(None), *tensors, target)
+    return peak_live_bytes(ex.graph(), *call_args(ex, args, kwargs))
 
 
 @pytest.mark.parametrize("which", ["cnn", "bert"])
@@ -76,4 +75,4 @@ def test_peak_live_bytes_counts_live_tensors():
 def test_unknown_policy_is_rejected():
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
     with pytest.raises(ValueError, match="unknown promise policy 'minimal'"):
-        resolve_promises(gm, "minimal")
+        run_pass("resolve_promises", gm, promise_policy="minimal")

@@ -126,7 +126,7 @@ def test_fold_batchnorm_keeps_forward_and_follows_live_parameters():
         model.bn1.running_mean.uniform_(-0.5, 0.5)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     explainer = dynlrp.compile(model, x, rules="epsilon_plus_flat", backend="eager")
-    ops = [str(n.target) for n in explainer.traced.graph_module.graph.nodes if n.op == "call_function"]
+    ops = [str(n.target) for n in explainer.analysed_graph.graph.nodes if n.op == "call_function"]
     assert not any("batch_norm" in op for op in ops)
     with torch.no_grad():
         assert torch.allclose(explainer(x).output, model(x), rtol=1e-10, atol=1e-12)
@@ -135,7 +135,7 @@ def test_fold_batchnorm_keeps_forward_and_follows_live_parameters():
         assert torch.allclose(explainer(x).output, model(x), rtol=1e-10, atol=1e-12)
     # without the canonizer the batch norms stay in the graph
     plain = dynlrp.compile(model, x, rules=presets.epsilon_plus_flat(canonize=False), backend="eager")
-    ops = [str(n.target) for n in plain.traced.graph_module.graph.nodes if n.op == "call_function"]
+    ops = [str(n.target) for n in plain.analysed_graph.graph.nodes if n.op == "call_function"]
     assert sum("batch_norm" in op for op in ops) == 2
 
 
@@ -147,12 +147,12 @@ def _conv_ops(explainer) -> int:
 def test_nonnegative_inputs_take_fast_paths(name, monkeypatch):
     """Convolutions fed by ReLU outputs are proved >= 0 and their gamma / alpha-beta rules skip the x^- terms:
     the same relevance (float64) with about half the convolutions in the relevance program."""
-    from dynlrp_fx.passes import annotate
+    from dynlrp_fx.passes import nonnegative
 
     model = _small_vgg11()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     fast = dynlrp.compile(model, x, rules=COMPOSITES[name][1](), backend="eager")
-    monkeypatch.setattr(annotate, "nonnegative_nodes", lambda gm: set())  # no proofs: the general rules
+    monkeypatch.setattr(nonnegative, "nonnegative_nodes", lambda gm: set())  # no proofs: the general rules
     slow = dynlrp.compile(model, x, rules=COMPOSITES[name][1](), backend="eager")
     assert _conv_ops(fast) < 0.6 * _conv_ops(slow)
     r_fast, r_slow = fast(x).relevance, slow(x).relevance
@@ -162,7 +162,7 @@ def test_nonnegative_inputs_take_fast_paths(name, monkeypatch):
 def test_nonnegative_analysis():
     """What the analysis proves >= 0: ReLU/sigmoid/clamp(min>=0) outputs and what pooling, reshaping, sums and
     products of them give; not a difference, not an input, not a ReLU output plus an input."""
-    from dynlrp_fx.passes.annotate import nonnegative_nodes
+    from dynlrp_fx.passes.nonnegative import nonnegative_nodes
 
     class M(nn.Module):
         def forward(self, x):

@@ -16,9 +16,13 @@ is also used elsewhere) are left alone.
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
+
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
 __all__ = ["fold_batchnorm"]
 
@@ -39,15 +43,16 @@ def _depends_on(node: fx.Node, inputs: set[str], memo: dict) -> bool:
     return res
 
 
-def fold_batchnorm(gm: fx.GraphModule, user_inputs: set[str] | None = None) -> fx.GraphModule:
+def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Fold every foldable eval-mode batch norm into its producer (see module doc); returns ``gm``.
 
-    ``user_inputs``: names of the placeholders that are model inputs (the weight operand must not depend on them;
-    default: every placeholder whose name does not start with ``p_``/``b_``/``c_``, the export naming of
-    parameters, buffers and constants).
+    The weight operand must not depend on a model input: the placeholders of ``ctx.traced.user_inputs`` (without a
+    trace: every placeholder whose name does not start with ``p_``/``b_``/``c_``, the export naming of parameters,
+    buffers and constants).
     """
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    user_inputs = {u.placeholder for u in ctx.traced.user_inputs} if ctx.traced is not None else None
     if user_inputs is None:
         user_inputs = {n.name for n in placeholders if not n.name.startswith(("p_", "b_", "c_"))}
     fake_mode = torch._guards.detect_fake_mode([n.meta["val"] for n in placeholders if "val" in n.meta])

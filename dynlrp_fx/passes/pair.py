@@ -3,7 +3,7 @@ r"""The pairing pass: forward graph -> one graph computing the forward values *a
 The forward nodes are copied unchanged. Then a reverse sweep visits every node that received relevance and
 emits its *relevance op*: a ``call_function`` node whose target is a :class:`RelevanceOp` (the node's rule bound
 to the op) taking the output relevance and *promise* nodes. A promise names a forward value that the rule needs
-(an operand or the output); :func:`dynlrp_fx.passes.promises.resolve_promises` later binds each to the kept
+(an operand or the output); :func:`~dynlrp_fx.passes.resolve_promises.resolve_promises` later binds each to the kept
 forward value or a recomputation. Relevance arriving at a value from several users (fan-out) is summed.
 
 Rules that are not exactly conservative get a *ledger* node computing, per sample, what the op absorbed
@@ -34,8 +34,8 @@ when the reverse sweep reaches them, i.e. after every user has contributed.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -43,14 +43,17 @@ import torch.fx as fx
 from ..rules.base import RuleContext
 from ..rules.core import Epsilon, Route
 from ..rules.table import lookup
-from .annotate import FLOAT, INDEX, tensor_slots
+from .nodes import FLOAT, INDEX, tensor_slots
 
-__all__ = ["pair", "RelevanceOp", "LedgerOp", "promise", "PairResult", "seed_from_target", "seed_given"]
+__all__ = ["pair", "RelevanceOp", "LedgerOp", "promise", "ProgramOutputs", "seed_from_target", "seed_given"]
+
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
 
 def promise() -> Any:
     """Placeholder target of a promise node; must be bound by ``resolve_promises`` before the graph runs."""
-    raise RuntimeError("dynlrp: unresolved promise node (run passes.promises.resolve_promises first)")
+    raise RuntimeError("dynlrp: unresolved promise node (the resolve_promises pass binds every promise)")
 
 
 class _Ref:
@@ -257,16 +260,13 @@ def _outer_factor(node: fx.Node, batch_symbol: Any, limit: int = 16) -> int | No
 
 
 @dataclass
-class PairResult:
-    graph_module: fx.GraphModule
-    input_names: list[str]  #: user inputs whose relevance the graph returns, in output order
-    unattributed: list[str]  #: nodes whose absorbed relevance could not be assigned to samples
-    param_names: list[str] = None  #: public names of the parameter relevances returned after the inputs
-    capture_names: list[str] = None  #: public names of the captured relevances returned last
+class ProgramOutputs:
+    """What the outputs of a paired graph are: ``(output, seed_total, absorbed, *inputs, *params, *captured)``."""
 
-    def __post_init__(self):
-        self.param_names = list(self.param_names or [])
-        self.capture_names = list(self.capture_names or [])
+    input_names: list[str] = field(default_factory=list)  #: user inputs whose relevance is returned, in order
+    unattributed: list[str] = field(default_factory=list)  #: nodes whose absorbed relevance has no sample
+    param_names: list[str] = field(default_factory=list)  #: public names of the parameter relevances
+    capture_names: list[str] = field(default_factory=list)  #: public names of the captured relevances
 
 
 #: rule classes whose parameter operands get the route rule ``R_W = J_W^T R``
@@ -301,91 +301,106 @@ def _val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, fx.Node) else n
 
 
-def pair(
-    gm: fx.GraphModule,
-    *,
-    output_index: int,
-    user_inputs: list,
-    mode: str,
-    batch_symbol: Any,
-    fake_mode: Any,
-    params: dict[str, str] | None = None,
-    capture: dict[str, str] | None = None,
-    example_batch: int | None = None,
-) -> PairResult:
-    """Build the forward+relevance graph (see module doc). ``mode`` is ``"target"`` or ``"seed"``.
+def pair(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Build the forward+relevance graph (see module doc) for ``ctx.seed_mode`` (``"target"`` or ``"seed"``);
+    returns a new graph module and sets ``ctx.outputs`` (:class:`ProgramOutputs`).
 
-    ``params`` maps parameter placeholder names to the public names under which their relevance is returned;
-    ``capture`` maps public names to the forward node names whose accumulated relevance is returned. Both add
+    ``ctx.params`` maps parameter placeholder names to the public names under which their relevance is returned;
+    ``ctx.capture`` maps public names to the forward node names whose accumulated relevance is returned. Both add
     nothing to the graph when empty.
     """
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    nodes = list(gm.graph.nodes)
-    out_node = next(n for n in nodes if n.op == "output")
-    flat_out = out_node.args[0]
-    y_src = flat_out[output_index]
-    for n in nodes:
-        if n.op == "placeholder":
-            env[n] = g.placeholder(n.name)
-            env[n].meta = dict(n.meta)
-    y_val = _val(y_src)
-    with fake_mode:
-        if mode == "target":
-            seed_fake = torch.empty((y_val.shape[0],), dtype=torch.long, device=y_val.device)
-        else:
-            seed_fake = torch.empty_like(y_val)
-    seed_ph = g.placeholder("dynlrp_target" if mode == "target" else "dynlrp_seed")
-    seed_ph.meta["val"] = seed_fake
-    for n in nodes:
-        if n.op in ("call_function", "get_attr", "call_method", "call_module"):
-            env[n] = g.node_copy(n, lambda a: env[a])
+    builder = _Pairing(gm, ctx)
+    builder.copy_forward()
+    builder.seed()
+    for n in reversed(builder.nodes):
+        builder.visit(n)
+    ctx.outputs = builder.finish()
+    return fx.GraphModule(gm, builder.g)
 
-    def fake_call(fn, *args):
-        fargs = [
-            tuple(_val(x) for x in a) if isinstance(a, (list, tuple)) else _val(a)
-            for a in args
-        ]
-        with fake_mode:
-            return fn(*fargs)
 
-    def emit(fn, *args):
-        node = g.call_function(fn, tuple(args))
-        node.meta["val"] = fake_call(fn, *args)
+class _Pairing:
+    """The state of one :func:`pair` run: the new graph, the forward copy (``env``), the relevance that has reached
+    each forward value (``R``; ``RP`` for parameter relevance), the ledger entries and the captured relevances."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: CompileContext):
+        traced = ctx.traced
+        self.mode = ctx.seed_mode
+        self.user_inputs = traced.user_inputs
+        self.batch_symbol = traced.batch_symbol
+        self.example_batch = next(
+            (int(traced.example_flat[i].shape[0]) for u, i in zip(traced.user_inputs, traced.tensor_leaf_index)
+             if u.batched),
+            None,
+        )
+        self.nodes = list(gm.graph.nodes)
+        self.fake_mode = torch._guards.detect_fake_mode(
+            [n.meta["val"] for n in self.nodes if n.op == "placeholder" and "val" in n.meta]
+        )
+        self.y_src = next(n for n in self.nodes if n.op == "output").args[0][traced.output_index]
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
+        self.RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
+        self.ledgers: list[fx.Node] = []
+        self.unattributed: list[str] = []
+        self.by_name = {n.name: n for n in self.nodes}
+        self.param_order = [(self.by_name[ph], pub) for ph, pub in ctx.params.items()]
+        self.derived = param_derived(self.nodes, {ph for ph, _ in self.param_order}) if self.param_order else set()
+        self.capture = dict(ctx.capture)
+        self.cap_of: dict[fx.Node, list[str]] = {}
+        for pub, node_name in self.capture.items():
+            self.cap_of.setdefault(self.by_name[node_name], []).append(pub)
+        self.captured: dict[str, fx.Node] = {}
+
+    # -- graph building -------------------------------------------------------------------------------------------
+    def emit(self, fn, *args) -> fx.Node:
+        """A ``call_function`` node with its fake value."""
+        node = self.g.call_function(fn, tuple(args))
+        fargs = [tuple(_val(x) for x in a) if isinstance(a, (list, tuple)) else _val(a) for a in args]
+        with self.fake_mode:
+            node.meta["val"] = fn(*fargs)
         return node
 
-    seed_fn = seed_from_target if mode == "target" else seed_given
-    r_seed = emit(seed_fn, env[y_src], seed_ph)
-    seed_total = emit(per_sample_total, r_seed)
-
-    R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
-
-    def accumulate(store: dict, key: Any, rnode: fx.Node) -> None:
+    def accumulate(self, store: dict, key: Any, rnode: fx.Node) -> None:
         """Relevance arriving at a value from several users (fan-out) is summed."""
         prev = store.get(key)
-        store[key] = rnode if prev is None else emit(torch.ops.aten.add.Tensor, prev, rnode)
+        store[key] = rnode if prev is None else self.emit(torch.ops.aten.add.Tensor, prev, rnode)
 
-    def add(target: fx.Node, idx: int | None, rnode: fx.Node) -> None:
+    def add(self, target: fx.Node, idx: int | None, rnode: fx.Node) -> None:
         if idx is None:
-            accumulate(R, target, rnode)
+            self.accumulate(self.R, target, rnode)
         else:
-            accumulate(R.setdefault(target, {}), idx, rnode)
+            self.accumulate(self.R.setdefault(target, {}), idx, rnode)
 
-    add(y_src, None, r_seed)
-    ledgers: list[fx.Node] = []
-    unattributed: list[str] = []
+    def copy_forward(self) -> None:
+        """Placeholders (the forward's, then the target/seed), then every forward op, unchanged."""
+        g, env = self.g, self.env
+        for n in self.nodes:
+            if n.op == "placeholder":
+                env[n] = g.placeholder(n.name)
+                env[n].meta = dict(n.meta)
+        y_val = _val(self.y_src)
+        with self.fake_mode:
+            if self.mode == "target":
+                seed_fake = torch.empty((y_val.shape[0],), dtype=torch.long, device=y_val.device)
+            else:
+                seed_fake = torch.empty_like(y_val)
+        self.seed_ph = g.placeholder("dynlrp_target" if self.mode == "target" else "dynlrp_seed")
+        self.seed_ph.meta["val"] = seed_fake
+        for n in self.nodes:
+            if n.op in ("call_function", "get_attr", "call_method", "call_module"):
+                env[n] = g.node_copy(n, lambda a: env[a])
 
-    by_name = {n.name: n for n in nodes}
-    param_order = [(by_name[ph], pub) for ph, pub in (params or {}).items()]
-    derived = param_derived(nodes, {ph for ph, _ in param_order}) if param_order else set()
-    RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
+    def seed(self) -> None:
+        """The relevance of the explained output and its per-sample total."""
+        seed_fn = seed_from_target if self.mode == "target" else seed_given
+        r_seed = self.emit(seed_fn, self.env[self.y_src], self.seed_ph)
+        self.seed_total = self.emit(per_sample_total, r_seed)
+        self.add(self.y_src, None, r_seed)
 
-    cap_of: dict[fx.Node, list[str]] = {}
-    for pub, node_name in (capture or {}).items():
-        cap_of.setdefault(by_name[node_name], []).append(pub)
-    captured: dict[str, fx.Node] = {}
-
-    def operands(n: fx.Node):
+    def operands(self, n: fx.Node):
+        """``(args template, kwargs template, operand values, output)``, tensors as promise nodes."""
+        g, env = self.g, self.env
         refs: list[fx.Node] = []
         args_t = _template(n.args, refs)
         kwargs_t = _template(dict(n.kwargs), refs)
@@ -404,40 +419,43 @@ def pair(
         out_p.meta["val"] = _val(n)
         return args_t, kwargs_t, vals, out_p
 
-    def param_shares(n, rule, args_t, kwargs_t, vals, out_p, r_arg, extra, skip=()) -> None:
+    def param_shares(self, n, rule, args_t, kwargs_t, vals, out_p, r_arg, extra, skip=()) -> None:
         """Emit ``rule`` for each parameter-derived operand of ``n`` (one slot at a time)."""
         for slot, a in tensor_slots(n):
-            if a not in derived or slot in skip:
+            if a not in self.derived or slot in skip:
                 continue
             op = RelevanceOp(rule, n.target, args_t, kwargs_t, [slot], [], extra, f"{n.name}:{a.name}")
-            accumulate(RP, a, emit(operator.getitem, emit(op, r_arg, out_p, *vals), 0))
+            self.accumulate(self.RP, a, self.emit(operator.getitem, self.emit(op, r_arg, out_p, *vals), 0))
 
-    for n in reversed(nodes):
-        if n in cap_of and n in R:
+    # -- the reverse sweep ----------------------------------------------------------------------------------------
+    def visit(self, n: fx.Node) -> None:
+        """Emit the relevance op of forward node ``n`` if relevance reached it (after all its users)."""
+        R = self.R
+        if n in self.cap_of and n in R:
             r_cap = R[n]
             if isinstance(r_cap, dict):
                 r_cap = r_cap.get(0)
             if r_cap is not None:
-                for pub in cap_of[n]:
-                    captured[pub] = r_cap
-        if n in RP and n.op == "call_function":
+                for pub in self.cap_of[n]:
+                    self.captured[pub] = r_cap
+        if n in self.RP and n.op == "call_function":
             # a route op between a parameter and its user: pass the parameter relevance back with its VJP
-            rp = RP.pop(n)
-            args_t, kwargs_t, vals, out_p = operands(n)
-            param_shares(n, Route(), args_t, kwargs_t, vals, out_p, rp, {})
+            rp = self.RP.pop(n)
+            args_t, kwargs_t, vals, out_p = self.operands(n)
+            self.param_shares(n, Route(), args_t, kwargs_t, vals, out_p, rp, {})
         if n not in R or n.op != "call_function":
-            continue
+            return
         if n.target is operator.getitem:
-            add(n.args[0], n.args[1], R.pop(n))
-            continue
+            self.add(n.args[0], n.args[1], R.pop(n))
+            return
         ann = n.meta.get("dynlrp")
         if ann is None or ann.rule is None or ann.status not in (FLOAT, INDEX):
             raise RuntimeError(f"internal: relevance reached node {n.name} ({n.target}) which has no rule")
-        args_t, kwargs_t, vals, out_p = operands(n)
+        args_t, kwargs_t, vals, out_p = self.operands(n)
         r_in = R.pop(n)
         r_arg = tuple(r_in.get(i) for i in range(len(_val(n)))) if isinstance(r_in, dict) else r_in
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, ann.extra, n.name)
-        rel = emit(op, r_arg, out_p, *vals)
+        rel = self.emit(op, r_arg, out_p, *vals)
         res_fake = rel.meta["val"]
         rel.meta["dynlrp_rule"] = ann.rule
         rel.meta["dynlrp_for"] = n.name
@@ -446,10 +464,10 @@ def pair(
         for i, (slot, rf) in enumerate(zip(ann.slots, res_fake)):
             if rf is None:
                 continue
-            gi = g.call_function(operator.getitem, (rel, i))
+            gi = self.g.call_function(operator.getitem, (rel, i))
             gi.meta["val"] = rf
             r_ins.append((gi, slot_nodes[slot]))
-            add(slot_nodes[slot], None, gi)
+            self.add(slot_nodes[slot], None, gi)
         # a conservative rule still drops the share of float operands that are not data (a class token
         # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
         leaky = any(
@@ -457,44 +475,49 @@ def pair(
             for s, a in slot_nodes.items()
         )
         if not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
-            routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
-            out_b = [_batch_dim(_val(x), batch_symbol, n, example_batch) for x in routs]
-            in_b = [_batch_dim(_val(x), batch_symbol, src, example_batch) for x, src in r_ins]
-            if any(b is None for b in out_b + in_b):
-                unattributed.append(n.name)
-            led = LedgerOp(out_b, in_b, n.name)
-            ledgers.append(emit(led, seed_total, routs, [x for x, _ in r_ins]))
-        if derived:
+            self.ledger(n, r_arg, r_ins)
+        if self.derived:
             prule = _param_rule(ann)
             if prule is not None:
-                param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
+                self.param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
 
-    absorbed = None
-    for led in ledgers:
-        absorbed = led if absorbed is None else emit(torch.ops.aten.add.Tensor, absorbed, led)
-    if absorbed is None:
-        absorbed = emit(torch.ops.aten.mul.Tensor, seed_total, 0.0)
+    def ledger(self, n: fx.Node, r_arg: Any, r_ins: list) -> None:
+        """A ledger entry: what ``n``'s relevance op absorbed, per sample."""
+        routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
+        out_b = [_batch_dim(_val(x), self.batch_symbol, n, self.example_batch) for x in routs]
+        in_b = [_batch_dim(_val(x), self.batch_symbol, src, self.example_batch) for x, src in r_ins]
+        if any(b is None for b in out_b + in_b):
+            self.unattributed.append(n.name)
+        led = LedgerOp(out_b, in_b, n.name)
+        self.ledgers.append(self.emit(led, self.seed_total, routs, [x for x, _ in r_ins]))
 
-    outs = [env[y_src], seed_total, absorbed]
-    names = []
-    for ui in user_inputs:
-        ph = by_name[ui.placeholder]
-        ann = ph.meta.get("dynlrp")
-        if ann is None:
-            continue
-        r = R.get(ph)
-        if r is None:
-            if ann.status != FLOAT:
-                continue  # integer input that reaches no embedding (e.g. an attention mask)
-            r = emit(torch.ops.aten.zeros_like.default, env[ph])
-        outs.append(r)
-        names.append(ui.name)
-    for ph, _pub in param_order:
-        r = RP.get(ph)
-        outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[ph]))
-    for pub, node_name in (capture or {}).items():
-        r = captured.get(pub)
-        outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[by_name[node_name]]))
-    g.output(tuple(outs))
-    new_gm = fx.GraphModule(gm, g)
-    return PairResult(new_gm, names, unattributed, [pub for _, pub in param_order], list(capture or {}))
+    def finish(self) -> ProgramOutputs:
+        """The graph's outputs: ``(output, seed_total, absorbed, *inputs, *params, *captured)``."""
+        emit, env, R = self.emit, self.env, self.R
+        absorbed = None
+        for led in self.ledgers:
+            absorbed = led if absorbed is None else emit(torch.ops.aten.add.Tensor, absorbed, led)
+        if absorbed is None:
+            absorbed = emit(torch.ops.aten.mul.Tensor, self.seed_total, 0.0)
+        outs = [env[self.y_src], self.seed_total, absorbed]
+        names = []
+        for ui in self.user_inputs:
+            ph = self.by_name[ui.placeholder]
+            ann = ph.meta.get("dynlrp")
+            if ann is None:
+                continue
+            r = R.get(ph)
+            if r is None:
+                if ann.status != FLOAT:
+                    continue  # integer input that reaches no embedding (e.g. an attention mask)
+                r = emit(torch.ops.aten.zeros_like.default, env[ph])
+            outs.append(r)
+            names.append(ui.name)
+        for ph, _pub in self.param_order:
+            r = self.RP.get(ph)
+            outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[ph]))
+        for pub, node_name in self.capture.items():
+            r = self.captured.get(pub)
+            outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[self.by_name[node_name]]))
+        self.g.output(tuple(outs))
+        return ProgramOutputs(names, self.unattributed, [pub for _, pub in self.param_order], list(self.capture))

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..rules.table import facts
+
 __all__ = ["cse_key", "value_numbers"]
 
 
@@ -24,17 +26,15 @@ def _freeze(a: Any, canon: dict) -> Any:
 
 
 _aten = torch.ops.aten
-#: ops whose result is their operand's elements in row-major order under another shape
-_RESHAPES = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.alias.default}
 
 
 def _is_reshape(node: Any) -> bool:
-    """A reshape-like view (:data:`_RESHAPES`) or an identity ``permute``."""
+    """A reshape (an op the table marks :attr:`~dynlrp_fx.rules.table.OpSpec.reshape`) or an identity ``permute``."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
     if node.target is _aten.permute.default:
         return list(node.args[1]) == list(range(len(node.args[1])))
-    return node.target in _RESHAPES
+    return facts(node.target).reshape
 
 
 def _reshape_key(node: torch.fx.Node, canon: dict) -> Any:

@@ -10,6 +10,7 @@ import math
 import torch
 
 from .base import Rule, RuleContext, batched_matmul, safe_divide
+from .table import facts
 
 __all__ = [
     "Epsilon",
@@ -264,15 +265,12 @@ class NormAffine(Rule):
     conservative = False
     classes = frozenset({"layernorm"})
 
-    #: position of the bias operand per op name
-    _BIAS = {"native_layer_norm": 3, "native_group_norm": 2}
-
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = float(epsilon)
 
     def relevance(self, ctx: RuleContext):
         r = ctx.relevances[0]
-        pos = self._BIAS.get(ctx.op._opname)
+        pos = facts(ctx.op).bias
         bias = ctx.args[pos] if pos is not None and pos < len(ctx.args) else None
         res = [None] * len(ctx.slots)
         if bias is None:

@@ -47,10 +47,6 @@ __all__ = [
     "GradientTimesInput",
 ]
 
-#: position of the additive bias operand per op name
-_BIAS_ARG = {"convolution": 2, "_convolution": 2, "addmm": 0, "baddbmm": 0}
-
-
 @dataclass
 class LinearParts:
     """The data operand, weight and bias of an op that is linear in one data operand."""
@@ -67,7 +63,8 @@ def linear_parts(ctx: RuleContext) -> LinearParts | None:
     """Split a ``linear``-class op into ``(x, W, b)``; ``None`` when it has no weight operand.
 
     The op must have exactly one data operand, which is a multiplicative factor, and one non-data tensor factor
-    (the weight). The bias is the additive operand of ``convolution`` / ``addmm`` / ``baddbmm``.
+    (the weight). The bias is the op table's :attr:`~dynlrp_fx.rules.table.OpSpec.bias` operand (``convolution``,
+    ``addmm``, ``baddbmm``).
     """
     spec = lookup(ctx.op)
     if spec is None or spec.kind != "multilinear" or len(ctx.slots) != 1 or ctx.multi:
@@ -78,7 +75,7 @@ def linear_parts(ctx: RuleContext) -> LinearParts | None:
     w_slots = [(i,) for i in spec.factors if (i,) != xs and isinstance(ctx.args[i], torch.Tensor)]
     if len(w_slots) != 1:
         return None
-    bpos = _BIAS_ARG.get(getattr(ctx.op, "_opname", ""))
+    bpos = spec.bias
     b = ctx.args[bpos] if bpos is not None and bpos < len(ctx.args) else None
     b_slot = (bpos,) if isinstance(b, torch.Tensor) else None
     dt = ctx.dtype

@@ -21,12 +21,15 @@ none         declared to carry no relevance (statistics, masks, integer/bool or 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-__all__ = ["OpSpec", "OP_TABLE", "register_op", "lookup", "classify", "RULE_CLASSES", "KINDS"]
+__all__ = [
+    "OpSpec", "OP_TABLE", "register_op", "lookup", "facts", "classify", "returns_alias", "is_cheap",
+    "recompute_cost", "RULE_CLASSES", "KINDS", "FACTS", "NONNEG", "VERSION_DEPENDENT",
+]
 
 aten = torch.ops.aten
 
@@ -49,23 +52,57 @@ RULE_CLASSES = (
 
 @dataclass(frozen=True)
 class OpSpec:
-    """How relevance can flow through an op.
+    """Everything the compiler knows about one op: how relevance flows through it and the facts passes read.
 
-    kind: one of :data:`KINDS`.
-    factors: argument positions that are multiplicative factors (multilinear ops).
-    slots: argument positions that may receive relevance (``None``: every tensor operand).
-    elementwise: for multilinear ops, whether the product is elementwise (-> ``product`` class).
+    Relevance
+        kind: one of :data:`KINDS`, or ``None`` for an op that only carries facts (relevance reaching it is an
+            unsupported op, as for an op without an entry).
+        factors: argument positions that are multiplicative factors (multilinear ops).
+        slots: argument positions that may receive relevance (``None``: every tensor operand).
+        elementwise: for multilinear ops, whether the product is elementwise (-> ``product`` class).
+        bias: argument position of an additive bias operand (``convolution``'s ``bias``, ``addmm``'s ``self``,
+            ``native_layer_norm``'s ``bias``): weight-modifying rules treat it separately.
+    Facts for the passes
+        cheap: the ``recompute`` memory policy may rematerialise its value (besides ops torch tags ``pointwise``,
+            which always may): views, casts, ``cat``, inference batch norm, LayerNorm.
+        recompute_cost: ops one recomputation of it counts toward the policy's bound (views count 0).
+        nonneg: ``"always"``: the output is ``>= 0`` (ReLU, sigmoid, softmax); ``"floor"``: ``>= 0`` when its lower
+            bound argument is (clamp); ``"preserves"``: ``>= 0`` when every floating operand is (pooling, sums,
+            products, reshapes). Read by the non-negativity analysis for the gamma / z+ / alpha-beta fast paths.
+        reduction: reduces over dimensions (or returns such statistics): a normaliser's scale must pass one, and
+            common-subexpression elimination merges repeats of it (small results).
+        scale: may appear in the computation of a normaliser's scale from its input (statistics and elementwise
+            arithmetic: RMSNorm's ``x * rsqrt(mean(x * x) + eps)``).
+        activation: an elementwise function that may appear in a decomposed activation ``a * g(a)`` (SiLU, GELU).
+        reshape: its result is its operand's elements in row-major order under another shape (value numbering).
+        aliases: returns a view of its first operand although its schema does not say so (``_unsafe_view``).
     """
 
-    kind: str
+    kind: str | None
     factors: tuple = ()
     slots: tuple | None = None
     elementwise: bool = False
+    bias: int | None = None
+    cheap: bool = False
+    recompute_cost: int = 1
+    nonneg: str | None = None
+    reduction: bool = False
+    scale: bool = False
+    activation: bool = False
+    reshape: bool = False
+    aliases: bool = False
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown op kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"unknown op kind {self.kind!r}; expected one of {KINDS} (or None: facts only)")
+        if self.nonneg not in NONNEG:
+            raise ValueError(f"unknown nonneg {self.nonneg!r}; expected one of {NONNEG}")
 
+
+#: values of :attr:`OpSpec.nonneg`
+NONNEG = (None, "always", "floor", "preserves")
+#: fields of :class:`OpSpec` that are facts for the passes (everything but the relevance fields)
+FACTS = ("bias", "cheap", "recompute_cost", "nonneg", "reduction", "scale", "activation", "reshape", "aliases")
 
 OP_TABLE: dict[Any, OpSpec] = {}
 
@@ -73,34 +110,78 @@ OP_TABLE: dict[Any, OpSpec] = {}
 def _overloads(packet_or_op) -> list:
     if isinstance(packet_or_op, torch._ops.OpOverloadPacket):
         return [getattr(packet_or_op, o) for o in packet_or_op.overloads()]
+    if not isinstance(packet_or_op, torch._ops.OpOverload):
+        raise TypeError(
+            f"register_op takes an OpOverload or OpOverloadPacket (torch.ops.ns.op.overload), not "
+            f"{type(packet_or_op).__name__}: {packet_or_op!r}"
+        )
     return [packet_or_op]
 
 
-def register_op(op, kind: str, *, factors: Iterable[int] = (), slots: Iterable[int] | None = None,
-                elementwise: bool = False, overwrite: bool = True) -> None:
-    """Declare how relevance flows through ``op`` (an ``OpOverload``, or a packet: all its overloads).
+_UNSET: Any = object()
+
+
+def register_op(op, kind: str | None = _UNSET, *, factors: Iterable[int] = _UNSET,
+                slots: Iterable[int] | None = _UNSET, elementwise: bool = _UNSET, overwrite: bool = True,
+                **facts: Any) -> None:
+    """Declare how relevance flows through ``op`` (an ``OpOverload``, or a packet: all its overloads), and any
+    facts the passes read (:class:`OpSpec`'s fact fields, e.g. ``cheap=True``, ``nonneg="preserves"``).
+
+    Fields not given keep the op's current values (or the defaults for a new op); ``overwrite=False`` leaves ops
+    that already have an entry alone. This is all a new op needs: every pass reads the table.
 
     Example: ``dynlrp.register_op(torch.ops.mylib.scale.default, "affine")`` makes a custom op that is linear in
     its data operands use the z-rule class (epsilon, gamma, ...).
     """
-    spec = OpSpec(kind, tuple(factors), tuple(slots) if slots is not None else None, elementwise)
+    unknown = set(facts) - set(FACTS)
+    if unknown:
+        raise TypeError(f"register_op: unknown fields {sorted(unknown)}; facts are {FACTS}")
+    given = dict(facts)
+    if kind is not _UNSET:
+        given["kind"] = kind
+    if factors is not _UNSET:
+        given["factors"] = tuple(factors)
+    if slots is not _UNSET:
+        given["slots"] = tuple(slots) if slots is not None else None
+    if elementwise is not _UNSET:
+        given["elementwise"] = elementwise
     for o in _overloads(op):
-        if overwrite or o not in OP_TABLE:
-            OP_TABLE[o] = spec
-
-
-def _reg(kind: str, names: str, **kw) -> None:
-    for name in names.split():
-        base, _, ov = name.partition(".")
-        packet = getattr(aten, base, None)
-        if packet is None:
+        old = OP_TABLE.get(o)
+        if old is not None and not overwrite:
             continue
-        if ov:
-            op = getattr(packet, ov, None)
-            if op is not None:
-                register_op(op, kind, **kw)
-        else:
-            register_op(packet, kind, **kw)
+        OP_TABLE[o] = replace(old, **given) if old is not None else OpSpec(**{"kind": None, **given})
+
+
+#: aten op names that only some supported torch releases define (skipped where missing; any other name that does
+#: not resolve is a typo and an error at import)
+VERSION_DEPENDENT = frozenset({"sym_is_contiguous", "_safe_softmax", "expand_copy", "_upsample_bilinear2d_aa"})
+
+
+def _resolve(name: str) -> list:
+    """``"add"`` -> every overload of ``aten.add``; ``"add.Tensor"`` -> that overload; ``[]`` for a
+    version-dependent name this torch lacks; ``ValueError`` for any other name that does not resolve."""
+    base, _, ov = name.partition(".")
+    packet = getattr(aten, base, None)
+    op = packet if not ov or packet is None else getattr(packet, ov, None)
+    if op is None:
+        if base in VERSION_DEPENDENT:
+            return []
+        raise ValueError(f"op table: aten.{name} does not exist in torch {torch.__version__}")
+    return [op]
+
+
+def _reg(kind: str | None, names: str, **kw) -> None:
+    """Register every op in the whitespace-separated ``names`` (``packet`` or ``packet.overload``)."""
+    for name in names.split():
+        for op in _resolve(name):
+            register_op(op, kind, **kw)
+
+
+def _facts(names: str, **facts) -> None:
+    """Add facts to the ops in ``names`` (their kinds stay; ops without an entry get a facts-only entry)."""
+    for name in names.split():
+        for op in _resolve(name):
+            register_op(op, **facts)
 
 
 # --- route: relevance moves with the values -------------------------------------------------------------------
@@ -125,8 +206,6 @@ _reg("affine", "grid_sampler_2d", slots=(0,))
 # --- multilinear -------------------------------------------------------------------------------------------------
 _reg("multilinear", "mul.Tensor", factors=(0, 1), elementwise=True)
 _reg("multilinear", "mm bmm", factors=(0, 1))
-_reg("multilinear", "addmm baddbmm", factors=(1, 2))
-_reg("multilinear", "convolution _convolution", factors=(0, 1))
 # --- elementwise nonlinearities: identity ---------------------------------------------------------------------
 _reg("unary", """relu relu6 gelu silu sigmoid tanh elu selu celu leaky_relu hardtanh hardswish hardsigmoid mish
     softplus exp exp2 expm1 log log1p log2 log10 sqrt rsqrt reciprocal erf erfc abs sin cos tan asin acos atan
@@ -162,9 +241,71 @@ _reg("affine", "_embedding_bag", slots=(0, 6))
 _reg("none", "prod _cdist_forward _pdist_forward _fft_r2c _fft_c2r")
 
 
+# --- facts for the passes ------------------------------------------------------------------------------------
+_reg("multilinear", "convolution _convolution", factors=(0, 1), bias=2)
+_reg("multilinear", "addmm baddbmm", factors=(1, 2), bias=0)
+_facts("native_layer_norm", bias=3)
+_facts("native_group_norm", bias=2)
+# cheap to recompute besides pointwise ops: views and copies; inference batch norm is a per-channel affine map
+# recomputed from the convolution output the relevance half holds anyway; a LayerNorm output is recomputed from
+# its input (held for the LayerNorm rule), and counts 4 (it reads its input twice and reduces it), so chains along
+# post-LN residual streams stop every few layers
+_facts("""view.default reshape.default _unsafe_view.default permute.default expand.default squeeze.dim squeeze.dims
+    unsqueeze.default t.default transpose.int slice.Tensor select.int alias.default _to_copy.default cat.default
+    _native_batch_norm_legit_no_training.default""", cheap=True)
+_facts("native_layer_norm.default", cheap=True, recompute_cost=4)
+_facts("relu sigmoid _softmax softmax exp abs sqrt hardsigmoid", nonneg="always")
+_facts("clamp clamp_min hardtanh", nonneg="floor")
+_facts("""view reshape _unsafe_view permute transpose t expand slice select squeeze unsqueeze clone _to_copy alias
+    contiguous cat flatten index gather max_pool2d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d
+    avg_pool2d avg_pool3d adaptive_avg_pool2d _adaptive_avg_pool2d mean sum amax add mul upsample_nearest2d
+    pixel_shuffle repeat stack dropout native_dropout""", nonneg="preserves")
+_facts("sum mean amax amin aminmax argmax argmin var std var_mean norm linalg_vector_norm native_layer_norm",
+       reduction=True)
+_facts("""mean sum var std var_mean amax norm linalg_vector_norm native_layer_norm add sub mul div rsqrt sqrt pow
+    reciprocal clamp clamp_min clamp_max _to_copy reshape view expand unsqueeze squeeze alias clone abs neg square
+    maximum""", scale=True)
+_facts("""add sub mul div pow neg _to_copy clone alias tanh erf erfc sigmoid exp expm1 log log1p sqrt rsqrt
+    reciprocal abs square clamp clamp_min clamp_max relu gelu silu softplus hardtanh hardsigmoid hardswish sign
+    where""", activation=True)
+_facts("view.default _unsafe_view.default reshape.default alias.default", reshape=True)
+_facts("_unsafe_view.default", aliases=True)
+
+
 def lookup(op) -> OpSpec | None:
-    """The :class:`OpSpec` of an op overload, or ``None`` when the op has no entry."""
-    return OP_TABLE.get(op)
+    """The :class:`OpSpec` of an op overload when it has a relevance kind, else ``None`` (no rule)."""
+    spec = OP_TABLE.get(op)
+    return spec if spec is not None and spec.kind is not None else None
+
+
+_NO_FACTS = OpSpec(None)
+
+
+def facts(op) -> OpSpec:
+    """The :class:`OpSpec` of ``op`` for its facts (an all-default spec for an op without an entry)."""
+    return OP_TABLE.get(op, _NO_FACTS) if isinstance(op, torch._ops.OpOverload) else _NO_FACTS
+
+
+def returns_alias(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op``'s result aliases an operand (a view or an in-place op), schema annotation or not."""
+    return facts(op).aliases or any(r.alias_info is not None for r in op._schema.returns)
+
+
+def is_cheap(op: Any) -> bool:
+    """Whether the ``recompute`` policy may rematerialise ``op``: a deterministic, functional op that torch tags
+    ``pointwise`` or the table marks :attr:`~OpSpec.cheap`."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in op.tags or op._schema.is_mutable:
+        return False
+    return torch.Tag.pointwise in op.tags or facts(op).cheap
+
+
+def recompute_cost(op: Any) -> int:
+    """Ops one recomputation of ``op`` counts toward the policy's bound: 0 for views, else its table cost."""
+    if not isinstance(op, torch._ops.OpOverload) or returns_alias(op):
+        return 0
+    return facts(op).recompute_cost
 
 
 def classify(spec: OpSpec, data_slots: list, meta: dict | None = None) -> str:

@@ -14,12 +14,16 @@ spatial size. Only calls with static spatial sizes are rewritten; the batch may 
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 __all__ = ["transpose_convolution_pullbacks"]
+
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
 _aten = torch.ops.aten
 
@@ -36,8 +40,9 @@ def _output_padding(x_size, g_size, w_size, stride, padding, dilation) -> list[i
     return pads
 
 
-def transpose_convolution_pullbacks(gm: fx.GraphModule) -> fx.GraphModule:
+def transpose_convolution_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Rewrite input-only ``convolution_backward`` calls into transposed convolutions (see module doc); returns ``gm``."""
+    del ctx  # reads nothing from the context
     g = gm.graph
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not _aten.convolution_backward.default:

@@ -38,56 +38,25 @@ extra memory by 24% (VGG16), 36% (ViT-B/16) and 37% (BERT-base) for 0-5% more ti
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
 import torch.fx as fx
 
-from .inplace import returns_alias
+from ..rules.table import recompute_cost
+from .nodes import is_cheap, tensor_inputs
 from .pair import promise
 
-__all__ = ["resolve_promises", "count_promises", "peak_live_bytes", "POLICIES", "DEFAULT_POLICY"]
+__all__ = ["resolve_promises", "count_promises", "POLICIES", "DEFAULT_POLICY"]
+
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
 POLICIES = ("keep", "recompute")
 _MAX_DEPTH = 4  # cheap intermediates (not promised) a recomputation may pass through
-# ops one recomputation may run (bounds chains along residual streams of cheap ops). With LayerNorm recomputed
-# (2-core CPU, batch 1, peak / eager gradient x input, time interleaved in one process): bound 8: BERT 1.05x, ViT-B/16
-# 224px 1.09x, Llama-8L 1.11x (rotary chains cut short, worse than without LayerNorm: 1.09x), time unchanged; bound 32
-# with a LayerNorm as 1 op: BERT 1.02x but +14% time (chains through every LayerNorm of a post-LN stream); bound 32
-# with a LayerNorm as 4 (:data:`_COST`): BERT 1.04x, GPT-2 0.96x, ViT 224px 1.06x (1.24x without LayerNorm), Llama
-# unchanged, for +5% time
+# ops one private recomputation may run (views count 0, a LayerNorm 4: rules.table's recompute_cost); bounds the
+# chains along residual streams of cheap ops, so long streams are held every few layers instead
 _MAX_COST = 32
 DEFAULT_POLICY = "recompute"
-
-_aten = torch.ops.aten
-#: view-like / copy ops that are as cheap as pointwise ops to recompute (no pointwise tag in torch)
-_CHEAP_EXTRA = {
-    _aten.view.default,
-    _aten.reshape.default,
-    _aten._unsafe_view.default,
-    _aten.permute.default,
-    _aten.expand.default,
-    _aten.squeeze.dim,
-    _aten.squeeze.dims,
-    _aten.unsqueeze.default,
-    _aten.t.default,
-    _aten.transpose.int,
-    _aten.slice.Tensor,
-    _aten.select.int,
-    _aten.alias.default,
-    _aten._to_copy.default,
-    _aten.cat.default,  # rotary embeddings: cat(-q2, q1)
-    # inference batch norm is a per-channel affine map (its other two outputs are empty): recomputing it from the
-    # convolution output that the relevance half holds anyway saves one activation per conv-bn layer (ResNets)
-    _aten._native_batch_norm_legit_no_training.default,
-    # a LayerNorm output is its input's rule operand and the next linear layer's input: recomputing it (its input
-    # is held or recomputed for the LayerNorm rule anyway) saves one activation per LayerNorm (transformers)
-    _aten.native_layer_norm.default,
-}
-#: ops a recomputation counts as more than one (cost units per call; views 0, other cheap ops 1): a LayerNorm reads
-#: its input twice and reduces it. With 4, chains along post-LN residual streams (BERT: add, LayerNorm, add,
-#: LayerNorm per layer) stop after about three layers; see the measurements above
-_COST = {_aten.native_layer_norm.default: 4}
 
 
 def count_promises(gm: fx.GraphModule) -> int:
@@ -95,29 +64,13 @@ def count_promises(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is promise)
 
 
-def _is_cheap(node: fx.Node) -> bool:
-    """A pointwise, view-like or other cheap op (:data:`_CHEAP_EXTRA`), or one output of such a multi-output op."""
-    if node.op == "call_function" and node.target is operator.getitem:
-        return isinstance(node.args[0], fx.Node) and _is_cheap(node.args[0])
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    op = node.target
-    if torch.Tag.nondeterministic_seeded in op.tags or op._schema.is_mutable:
-        return False
-    return torch.Tag.pointwise in op.tags or op in _CHEAP_EXTRA
-
-
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    if node.target is operator.getitem:  # an output of a multi-output op: its input is the op itself
-        return list(node.all_input_nodes)
-    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-
-
-def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.GraphModule:
-    """Bind every promise node to a forward value (``keep``) or a recomputation (``recompute``); returns ``gm``.
+def resolve_promises(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Bind every promise node to a forward value (``keep``) or a recomputation (``recompute``) by
+    ``ctx.promise_policy``; returns ``gm``.
 
     See the module doc for the policies.
     """
+    policy = ctx.promise_policy
     if policy not in POLICIES:
         raise ValueError(f"unknown promise policy {policy!r}; expected one of {POLICIES}")
     g = gm.graph
@@ -137,10 +90,10 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
                 known[v] = (
                     isinstance(src, fx.Node)
                     and depth <= _MAX_DEPTH
-                    and _is_cheap(src)
+                    and is_cheap(src)
                     and all(
                         u.op == "placeholder" or u in promised or recomputable(u, depth + 1)
-                        for u in _tensor_inputs(src)
+                        for u in tensor_inputs(src)
                     )
                 )
                 if known[v] and src is not v:
@@ -157,12 +110,8 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
                 return 0
             if v not in size:
                 src = v.args[0] if v.target is operator.getitem else v
-                own = (  # views are free
-                    _COST.get(src.target, 1)
-                    if isinstance(src.target, torch._ops.OpOverload) and not returns_alias(src.target)
-                    else 0
-                )
-                size[v] = own + sum(cost(u) for u in _tensor_inputs(src))
+                own = recompute_cost(src.target)  # views are free
+                size[v] = own + sum(cost(u) for u in tensor_inputs(src))
             return size[v]
 
         for v in sorted(promised, key=order.__getitem__):  # topological: inputs are decided first
@@ -182,7 +131,7 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
             return v
         if share and v in copies:
             return copies[v]
-        inputs = {u: materialize(u, before, False) for u in _tensor_inputs(v)}
+        inputs = {u: materialize(u, before, False) for u in tensor_inputs(v)}
         with g.inserting_before(before):
             c = g.node_copy(v, lambda a: inputs.get(a, a))
         c.meta = dict(v.meta)
@@ -197,64 +146,3 @@ def resolve_promises(gm: fx.GraphModule, policy: str = DEFAULT_POLICY) -> fx.Gra
         g.erase_node(p)
     gm.recompile()
     return gm
-
-
-def _nbytes(v: Any, seen: set) -> int:
-    if isinstance(v, torch.Tensor):
-        try:
-            st = v.untyped_storage()
-            key = st.data_ptr()
-            if key in seen or st.nbytes() == 0:
-                return 0
-            seen.add(key)
-            return st.nbytes()
-        except (RuntimeError, NotImplementedError):
-            return v.numel() * v.element_size()
-    if isinstance(v, (list, tuple)):
-        return sum(_nbytes(x, seen) for x in v)
-    return 0
-
-
-def peak_live_bytes(gm: fx.GraphModule, *args: Any) -> tuple[int, Any]:
-    """Run ``gm`` node by node, freeing each value after its last use, and return ``(peak_bytes, outputs)``.
-
-    ``peak_bytes`` is the largest total size of distinct tensor storages alive at once, not counting the
-    arguments (parameters and inputs): the peak *extra* memory of eager execution of the graph (what
-    ``GraphModule`` code does too: it drops each value after its last use). Deterministic, so it suits tests.
-    """
-    arg_ptrs = set()
-    _nbytes(list(args), arg_ptrs)
-    last_use: dict[fx.Node, fx.Node] = {}
-    for n in gm.graph.nodes:
-        for a in n.all_input_nodes:
-            last_use[a] = n
-    env: dict[fx.Node, Any] = {}
-    it = iter(args)
-    peak = 0
-    out = None
-
-    def live() -> int:
-        seen = set(arg_ptrs)
-        return sum(_nbytes(v, seen) for v in env.values())
-
-    with torch.no_grad():
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                env[n] = next(it)
-            elif n.op == "call_function":
-                a = fx.node.map_arg(n.args, lambda x: env[x])
-                k = fx.node.map_arg(n.kwargs, lambda x: env[x])
-                env[n] = n.target(*a, **k)
-            elif n.op == "get_attr":
-                env[n] = getattr(gm, n.target)
-            elif n.op == "output":
-                out = fx.node.map_arg(n.args[0], lambda x: env[x])
-            else:
-                raise ValueError(f"peak_live_bytes: unsupported node {n.op} {n.name}")
-            peak = max(peak, live())
-            for a in n.all_input_nodes:
-                if last_use.get(a) is n:
-                    env.pop(a, None)
-            if n not in last_use and n.op != "output":
-                env.pop(n, None)
-    return peak, out

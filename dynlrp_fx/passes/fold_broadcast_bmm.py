@@ -15,6 +15,7 @@ rewrites every ``bmm`` whose second operand is broadcast along the batch dim (st
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -22,14 +23,18 @@ from torch._guards import detect_fake_mode
 
 __all__ = ["fold_broadcast_bmm"]
 
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
+
 _aten = torch.ops.aten
 
 
-def fold_broadcast_bmm(gm: fx.GraphModule) -> fx.GraphModule:
+def fold_broadcast_bmm(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Rewrite ``bmm(A, B)`` with ``B`` broadcast along its batch dim into one ``mm`` (see module doc); returns ``gm``.
 
     Only calls whose contraction size ``K`` and output width ``N`` are static, and whose batch or row count is, are
     rewritten (the other one may be symbolic: it is inferred by the final ``view``)."""
+    del ctx  # reads nothing from the context
     g = gm.graph
     changed = False
     for n in list(g.nodes):

@@ -11,27 +11,35 @@ the order of independent ops moves).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx as fx
 
-from .promises import _is_cheap, _tensor_inputs
+from .nodes import is_cheap, tensor_inputs
 
 __all__ = ["sink_cheap_ops"]
 
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
-def sink_cheap_ops(gm: fx.GraphModule, max_rounds: int = 4) -> fx.GraphModule:
+MAX_ROUNDS = 4  #: sweeps of sink_cheap_ops (a chain of cheap ops moves one op per sweep)
+
+
+def sink_cheap_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Move cheap ops to just before their first user where no lifetime grows (see module doc); returns ``gm``.
 
-    Runs to a fixed point (at most ``max_rounds`` sweeps), so a chain of cheap ops (batch norm -> getitem -> relu)
+    Runs to a fixed point (at most :data:`MAX_ROUNDS` sweeps), so a chain of cheap ops (batch norm -> getitem -> relu)
     moves down together.
     """
+    del ctx  # reads nothing from the context
     g = gm.graph
     # in-place ops (a VJP's index_put_ into zeros): nothing moves past one, it might change what the op reads
     writers = [
         n for n in g.nodes
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
     ]
-    for _ in range(max_rounds):
+    for _ in range(MAX_ROUNDS):
         order = {n: i for i, n in enumerate(g.nodes)}
         # the last position at which each value is read
         last_read: dict[fx.Node, float] = {}
@@ -40,13 +48,13 @@ def sink_cheap_ops(gm: fx.GraphModule, max_rounds: int = 4) -> fx.GraphModule:
                 last_read[a] = order[n]
         moved = False
         for n in reversed(list(g.nodes)):
-            if n.op != "call_function" or not n.users or not _is_cheap(n):
+            if n.op != "call_function" or not n.users or not is_cheap(n):
                 continue
             first = min(n.users, key=order.__getitem__)
             j = order[first]
             if j <= order[n] + 1 or any(order[n] < order[w] < j for w in writers):
                 continue
-            if not all(u.op in ("placeholder", "get_attr") or last_read.get(u, -1) >= j for u in _tensor_inputs(n)):
+            if not all(u.op in ("placeholder", "get_attr") or last_read.get(u, -1) >= j for u in tensor_inputs(n)):
                 continue
             first.prepend(n)
             order[n] = (order[n.prev] + j) / 2  # between its new neighbours

@@ -1,28 +1,23 @@
-"""Dead-code elimination and common-subexpression elimination over a lowered graph."""
+"""``eliminate_common_subexpressions``: merge repeated pure ATen calls that compute the same value."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .promises import _is_cheap
+from ..rules.table import facts
+from .nodes import is_cheap
 from .values import cse_key as _cse_key
 
-__all__ = ["eliminate_dead_code", "eliminate_common_subexpressions"]
+__all__ = ["eliminate_common_subexpressions"]
+
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
 
-def eliminate_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Remove nodes whose values are never used (impure nodes such as asserts are kept); returns ``gm``."""
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
 
-
-_REDUCTIONS = ("sum", "mean", "amax", "amin", "argmax", "argmin")
-
-
-def eliminate_common_subexpressions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.GraphModule:
     """Merge repeated pure ATen calls that compute the same value into one; returns ``gm``.
 
     Rules that pull relevance back through an op with its VJP re-run the op (e.g. max-pooling, for its indices)
@@ -32,6 +27,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule) -> torch.fx.GraphM
     and an op that reads a recomputed copy is merged with its forward twin only when it is a reduction (whose
     small result costs no memory to keep); a max-pool over a recomputed activation is recomputed too.
     """
+    del ctx  # reads nothing from the context
     # values that an in-place op writes to stay distinct (two zeros_like() buffers may be filled differently)
     mutated = {
         a
@@ -52,8 +48,8 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule) -> torch.fx.GraphM
             seen[key] = node
             continue
         same_operands = _cse_key(node, {}) == _cse_key(prev, {})
-        reduction = node.target._opname.startswith(_REDUCTIONS)
-        if _is_cheap(node) or not (same_operands or reduction):
+        reduction = facts(node.target).reduction
+        if is_cheap(node) or not (same_operands or reduction):
             canon[node] = prev  # the same value, kept as a separate computation
             continue
         node.replace_all_uses_with(prev)

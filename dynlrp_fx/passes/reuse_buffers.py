@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
+from ..rules.table import returns_alias
+
 __all__ = ["reuse_buffers", "inplace_variant", "out_variant"]
+
+if TYPE_CHECKING:
+    from .pipeline import CompileContext
 
 _ESCAPED = object()  # storage that must never be written: inputs, parameters, or seen by non-ATen code
 
@@ -75,15 +81,6 @@ def out_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     return None
 
 
-#: ops that return a view of their first operand without saying so in their schema
-_UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}
-
-
-def returns_alias(op: torch._ops.OpOverload) -> bool:
-    """Whether ``op``'s result aliases an operand (a view or an in-place op), schema annotation or not."""
-    return op in _UNANNOTATED_VIEWS or any(r.alias_info is not None for r in op._schema.returns)
-
-
 def _holds_tensors(n: fx.Node) -> bool:
     v = n.meta.get("val")
     return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
@@ -98,8 +95,9 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def reuse_buffers(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` with pointwise ops made in-place where unobservable (see module doc); ``(copy, rewrites)``."""
+def reuse_buffers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """A copy of ``gm`` with pointwise ops made in-place where unobservable (see module doc); the number of
+    rewritten ops goes to ``ctx.buffer_rewrites``."""
     g = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     out = g.graph_copy(gm.graph, val_map)
@@ -179,5 +177,5 @@ def reuse_buffers(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
             last[o] = last.get(n, idx[n])
             rewrites += 1
             break
-    new = fx.GraphModule(gm, g)
-    return new, rewrites
+    ctx.buffer_rewrites = rewrites
+    return fx.GraphModule(gm, g)

@@ -1,0 +1,102 @@
+"""Node annotations shared by the analysis passes: :class:`NodeAnn` on ``node.meta["dynlrp"]`` and operand slots.
+
+``node.meta["dynlrp"]`` holds a :class:`NodeAnn` for every node that depends on an explained input:
+
+* ``status``: ``"float"`` (a floating value that depends on a float input or on an embedding lookup of an
+  explained integer input), ``"index"`` (an integer value reached from an explained integer input through route
+  ops only: token ids and their reshapes), or ``"other"`` (depends on inputs but carries no relevance: masks,
+  comparisons, shape values).
+* ``slots``: operand slots that receive relevance; ``rule_class`` / ``rule``: set by ``assign_rules``.
+
+Only ``float``/``index`` operands are *data*: parameters, buffers, constants and masks derived from integer
+inputs are not, so an attention mask never takes a share of relevance.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..rules import table
+from ..rules.base import Rule
+
+__all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap",
+           "tensor_inputs"]
+
+FLOAT, INDEX, OTHER = "float", "index", "other"
+
+
+@dataclass
+class NodeAnn:
+    status: str
+    slots: list = field(default_factory=list)
+    rule_class: str | None = None
+    rule: Rule | None = None
+    factors: list = field(default_factory=list)
+    module_path: str = ""
+    first_layer: bool = False
+    relevant: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def is_float_value(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and (v.dtype.is_floating_point or v.dtype.is_complex)
+
+
+def _has_float_out(node: torch.fx.Node) -> bool:
+    v = node.meta.get("val")
+    if isinstance(v, (tuple, list)):
+        return any(is_float_value(x) for x in v)
+    return is_float_value(v)
+
+
+def tensor_slots(node: torch.fx.Node) -> list[tuple[tuple, torch.fx.Node]]:
+    """``[(slot, arg node)]`` for every Node operand of ``node`` (``(i,)``, ``(i, j)`` or ``("kw", name)``)."""
+    out = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, torch.fx.Node):
+            out.append(((i,), a))
+        elif isinstance(a, (list, tuple)):
+            for j, b in enumerate(a):
+                if isinstance(b, torch.fx.Node):
+                    out.append(((i, j), b))
+    for k, a in node.kwargs.items():
+        if isinstance(a, torch.fx.Node):
+            out.append((("kw", k), a))
+    return out
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Innermost module path of a node from ``nn_module_stack`` (``""`` for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else str(path)
+
+
+def iter_annotated(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        ann = node.meta.get("dynlrp")
+        if ann is not None:
+            yield node, ann
+
+
+
+
+def is_cheap(node: torch.fx.Node) -> bool:
+    """A node whose op the ``recompute`` policy may rematerialise (:func:`dynlrp_fx.rules.table.is_cheap`), or
+    one output of such a multi-output op."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], torch.fx.Node) and is_cheap(node.args[0])
+    return node.op == "call_function" and table.is_cheap(node.target)
+
+
+def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The operands of ``node`` that hold tensors (for an output of a multi-output op: the op itself)."""
+    if node.target is operator.getitem:
+        return list(node.all_input_nodes)
+    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]

@@ -1,0 +1,321 @@
+"""The call path shared by live and loaded explainers: bind and check inputs, build the target or seed, run a
+program, unpack its outputs into an :class:`Explanation`.
+
+:class:`CallSpec` says what a program accepts (the input structure, each tensor input's dtype and sizes, the
+explained output's shape); it is built from a traced graph (:meth:`CallSpec.from_traced`) or from an exported
+file's metadata (:meth:`CallSpec.from_metadata`). :class:`CallPath` turns ``(*args, target=, seed=, **kwargs)``
+into program arguments, calls a *runner* (the live explainer's compiled program, or a loaded one) and returns the
+:class:`Explanation`. Every check raises :class:`~dynlrp_fx.DynlrpInputError` saying what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import DynlrpInputError
+
+__all__ = ["Conservation", "Explanation", "InputSpec", "CallSpec", "CallPath", "Runner", "dim_spec"]
+
+
+@dataclass
+class Conservation:
+    """Per-sample conservation ledger: ``seed == inputs + absorbed`` up to floating-point error."""
+
+    seed: torch.Tensor  #: total seed relevance per sample (the explained logit for a target)
+    inputs: torch.Tensor  #: sum of all input relevance per sample
+    absorbed: torch.Tensor  #: relevance absorbed by biases, stabilisers, masks, per sample
+
+    @property
+    def error(self) -> torch.Tensor:
+        """Per-sample ``|seed - inputs - absorbed| / max(|seed|, tiny)``."""
+        denom = self.seed.abs().clamp_min(torch.finfo(self.seed.dtype).tiny)
+        return (self.seed - self.inputs - self.absorbed).abs() / denom
+
+    def __repr__(self) -> str:
+        def f(t):
+            return "[" + ", ".join(f"{v:.6g}" for v in t.detach().flatten().tolist()[:8]) + "]"
+
+        return f"Conservation(seed={f(self.seed)}, inputs={f(self.inputs)}, absorbed={f(self.absorbed)})"
+
+
+@dataclass
+class Explanation:
+    """Result of an explainer call.
+
+    Attributes
+    ----------
+    output: the explained model output (e.g. the logits).
+    relevance: relevance of the first input, same shape (for token ids: one value per token).
+    inputs: forward-parameter name -> relevance, for every input that receives relevance (float inputs; integer
+        inputs that feed embeddings get the relevance of their embedding rows summed over the hidden dimension).
+    absorbed: per-sample relevance absorbed by biases and stabilisers.
+    conservation: the per-sample ledger (seed total, sum over inputs, absorbed).
+    params: parameter name -> relevance of that parameter (shape of the parameter, summed over the batch); only
+        with ``compile(..., params=...)``. See :func:`dynlrp_fx.compile` for the rule.
+    captured: module path -> relevance of that module's output (shape of the output, per sample); only with
+        ``compile(..., capture=...)``.
+    """
+
+    output: torch.Tensor
+    relevance: torch.Tensor | None
+    inputs: dict[str, torch.Tensor]
+    absorbed: torch.Tensor
+    conservation: Conservation
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def dim_spec(size: Any) -> int | str:
+    """An int for a static size, else the name (expression) of the symbol of a dynamic one."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if getattr(expr, "is_number", False) else str(expr)
+    return int(size)
+
+
+def _named(dim: int | str) -> bool:
+    """A dynamic size that is one symbol (``s0``), not an expression of several (``2*s0``)."""
+    return isinstance(dim, str) and re.fullmatch(r"[A-Za-z_]\w*", dim) is not None
+
+
+@dataclass
+class InputSpec:
+    """One tensor input of a program: its forward-parameter name, dtype and sizes (an int where the program is
+    static in a dimension, a symbol name where it is dynamic), and whether dimension 0 is the batch."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int | str]
+    batched: bool
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class CallSpec:
+    """What a program accepts and returns, as far as the call path checks it.
+
+    ``in_spec`` is the pytree structure of ``(args, kwargs)``; ``const_leaves`` the non-tensor leaves the program
+    was specialised on (flat index -> value); ``tensor_leaf_index`` the flat index of each tensor input;
+    ``max_batch`` the largest batch the model's ops allow; ``output_shape`` the explained output's sizes (as
+    :class:`InputSpec` shapes; ``None`` when unknown); ``extra_specs`` (loaded files only): per seed mode the
+    ``{"dtype", "shape"}`` the target/seed tensor must have; ``hint`` is added to size errors.
+    """
+
+    in_spec: Any
+    const_leaves: dict[int, Any]
+    tensor_leaf_index: list[int]
+    inputs: list[InputSpec]
+    output_name: str
+    output_shape: list[int | str] | None = None
+    max_batch: int | None = None
+    static_batch: int | None = None
+    extra_specs: dict[str, dict] | None = None
+    hint: str = ""
+
+    @classmethod
+    def from_traced(cls, traced: Any, graph: torch.fx.GraphModule, output: torch.fx.Node) -> CallSpec:
+        """The call spec of a traced program: sizes from the fake values of ``graph``'s user-input placeholders
+        (a model that specialised its batch size is static in dimension 0), the output's from ``output``."""
+        vals = {n.name: n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"}
+        inputs = []
+        for ui, i in zip(traced.user_inputs, traced.tensor_leaf_index):
+            val = vals.get(ui.placeholder)
+            shape = [dim_spec(s) for s in (val.shape if isinstance(val, torch.Tensor) else traced.example_flat[i].shape)]
+            if traced.static_batch is not None and shape:
+                shape[0] = traced.static_batch
+            inputs.append(InputSpec(ui.name, ui.dtype, shape, ui.batched))
+        y = output.meta.get("val")
+        hint = "Compile with dynamic_shapes= for more dynamic dimensions."
+        if traced.static_batch is not None:
+            hint += f" This model specialised its batch size to {traced.static_batch} when traced."
+        return cls(
+            traced.in_spec, dict(traced.const_leaves), list(traced.tensor_leaf_index), inputs, traced.output_name,
+            [dim_spec(s) for s in y.shape] if isinstance(y, torch.Tensor) else None, traced.max_batch,
+            traced.static_batch, None, hint,
+        )
+
+    @classmethod
+    def from_metadata(cls, meta: dict, dtype: Callable[[str], torch.dtype]) -> CallSpec:
+        """The call spec stored in an exported file's metadata (see :mod:`dynlrp_fx.export`); ``dtype`` maps a
+        dtype name to a ``torch.dtype`` (and raises for unknown names)."""
+        inputs = [InputSpec(s["name"], dtype(s["dtype"]), list(s["shape"]), bool(s["batched"])) for s in meta["inputs"]]
+        return cls(
+            pytree.treespec_loads(meta["in_spec"]),
+            {int(k): v for k, v in meta["const_leaves"].items()},
+            list(meta["tensor_leaf_index"]),
+            inputs,
+            meta["output"]["name"],
+            meta["output"].get("shape"),
+            meta.get("max_batch"),
+            None,
+            dict(meta["extra_inputs"]),
+            "",
+        )
+
+    def per_sample_numel(self) -> int | None:
+        """Entries of one sample's output (what a target indexes), when static."""
+        rest = self.output_shape[1:] if self.output_shape else None
+        if rest is None or not all(isinstance(d, int) for d in rest):
+            return None
+        return math.prod(rest)
+
+
+#: ``runner(mode, tensors, extra, batch) -> (outputs, ProgramOutputs)``: runs the program of a seed mode
+Runner = Callable[[str, list, torch.Tensor, int], tuple]
+
+
+class CallPath:
+    """Binds ``(*args, target=, seed=, **kwargs)`` to a program's arguments, runs it through ``runner`` and
+    unpacks the outputs into an :class:`Explanation` (see the module doc)."""
+
+    def __init__(self, spec: CallSpec, runner: Runner):
+        self.spec = spec
+        self.runner = runner
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The tensor inputs of a call, checked against the spec: structure, non-tensor values, rank, dtype, batch
+        bound, static sizes, and one size per dynamic dimension across inputs."""
+        spec = self.spec
+        flat, tree = pytree.tree_flatten((args, kwargs))
+        if tree != spec.in_spec:
+            raise DynlrpInputError(
+                "the explainer was called with inputs of another structure than the example inputs it was compiled "
+                f"with.\n  compiled with: {spec.in_spec}\n  called with:   {tree}\nPass the same positional and "
+                "keyword inputs (only the batch size may change)."
+            )
+        for i, v in spec.const_leaves.items():
+            if flat[i] is not v and flat[i] != v:
+                raise DynlrpInputError(
+                    f"non-tensor input #{i} is {flat[i]!r} but the program was compiled for {v!r}; recompile for "
+                    "other values"
+                )
+        tensors = []
+        sizes: dict[str, tuple[int, str]] = {}  # dynamic dimension -> (size, input that set it)
+        for s, i in zip(spec.inputs, spec.tensor_leaf_index):
+            x = flat[i]
+            if not isinstance(x, torch.Tensor):
+                raise DynlrpInputError(f"input {s.name!r} must be a tensor, got {type(x).__name__}")
+            if x.ndim != s.ndim:
+                raise DynlrpInputError(
+                    f"input {s.name!r} has {x.ndim} dimensions {tuple(x.shape)}, expected {s.ndim} (shape "
+                    f"{self._shape_text(s)})"
+                )
+            if x.dtype != s.dtype:
+                raise DynlrpInputError(f"input {s.name!r} has dtype {x.dtype}, expected {s.dtype}")
+            if s.batched and spec.max_batch is not None and x.ndim >= 1 and x.shape[0] > spec.max_batch:
+                raise DynlrpInputError(
+                    f"input {s.name!r} has a batch of {x.shape[0]}, but this model's ops bound the batch to "
+                    f"{spec.max_batch} (a torch guard found when tracing, e.g. cuDNN batch norm on CUDA); "
+                    "explain it in chunks of at most that many samples"
+                )
+            for d, want in enumerate(s.shape):
+                got = int(x.shape[d])
+                if isinstance(want, int) and got != want:
+                    dyn = [k for k, w in enumerate(s.shape) if not isinstance(w, int)]
+                    raise DynlrpInputError(
+                        f"input {s.name!r} has shape {tuple(x.shape)}, but dimension {d} must be {want}: only "
+                        f"dimensions {dyn} may differ from {self._shape_text(s)} (the program is static in the "
+                        f"others). {spec.hint}".rstrip()
+                    )
+                if _named(want):
+                    prev = sizes.setdefault(want, (got, s.name))
+                    if prev[0] != got:
+                        raise DynlrpInputError(
+                            f"input {s.name!r} dimension {d} is {got} but input {prev[1]!r} has {prev[0]} for the same "
+                            f"dynamic dimension {want} (e.g. the batch size): give every input the same size there"
+                        )
+            tensors.append(x.detach())
+        return tensors
+
+    @staticmethod
+    def _shape_text(s: InputSpec) -> str:
+        return "(" + ", ".join(str(d) for d in s.shape) + ")"
+
+    def batch_size(self, tensors: list[torch.Tensor]) -> int:
+        """The batch of a call: dimension 0 of the first batched input (1 without one)."""
+        src = next((x for x, s in zip(tensors, self.spec.inputs) if s.batched), None)
+        return int(src.shape[0]) if src is not None else 1
+
+    def target_tensor(self, target: Any, batch: int, device: Any) -> torch.Tensor:
+        """``target=`` as a ``(batch,)`` int64 tensor (``-1``: argmax), checked against the output size."""
+        if target is None:
+            t = torch.full((batch,), -1, dtype=torch.long, device=device)
+        elif isinstance(target, int):
+            t = torch.full((batch,), int(target), dtype=torch.long, device=device)
+        else:
+            t = torch.as_tensor(target, dtype=torch.long, device=device).reshape(-1)
+            if t.numel() != batch:
+                raise DynlrpInputError(f"target has {t.numel()} entries but the batch has {batch} samples")
+        numel = self.spec.per_sample_numel()
+        if numel is not None and bool(((t >= numel) | (t < -1)).any()):
+            raise DynlrpInputError(
+                f"target {t.tolist()} out of range: each sample's output has {numel} entries (use -1/None for argmax)"
+            )
+        return t
+
+    def _check_extra(self, mode: str, extra: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """Shape and dtype of the target/seed tensor against the file's spec (loaded explainers)."""
+        spec = (self.spec.extra_specs or {}).get(mode)
+        if spec is None:
+            return
+        sizes = {w: int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d, w in enumerate(s.shape) if _named(w)}
+        want = [d if isinstance(d, int) else sizes.get(d) for d in spec["shape"]]
+        dt = getattr(torch, spec["dtype"], None)
+        bad = extra.ndim != len(want) or extra.dtype != dt or any(
+            w is not None and int(extra.shape[d]) != w for d, w in enumerate(want)
+        )
+        if bad:
+            shown = tuple(w if w is not None else d for w, d in zip(want, spec["shape"]))
+            raise DynlrpInputError(
+                f"{mode}= has shape {tuple(extra.shape)} and dtype {extra.dtype}; expected shape {shown} and dtype "
+                f"{dt} (shaped like the explained output {self.spec.output_name!r})"
+            )
+
+    # -- a call ---------------------------------------------------------------------------------------------------
+    def explain(self, args: tuple, kwargs: dict, target: Any = None, seed: torch.Tensor | None = None) -> Explanation:
+        """Explain one call: see :meth:`dynlrp_fx.Explainer.forward`."""
+        if target is not None and seed is not None:
+            raise DynlrpInputError("give either target= or seed=, not both")
+        tensors = self.bind(args, kwargs)
+        batch = self.batch_size(tensors)
+        device = tensors[0].device if tensors else None
+        if seed is None:
+            mode, extra = "target", self.target_tensor(target, batch, device)
+        else:
+            if not isinstance(seed, torch.Tensor):
+                raise DynlrpInputError("seed= must be a tensor shaped like the explained output")
+            mode, extra = "seed", seed.detach()
+        self._check_extra(mode, extra, tensors)
+        outs, names = self.runner(mode, tensors, extra, batch)
+        return self.unpack(outs, names)
+
+    def unpack(self, outs: Any, names: Any) -> Explanation:
+        """``(output, seed_total, absorbed, *inputs, *params, *captured)`` -> :class:`Explanation`; ``names`` is the
+        program's :class:`~dynlrp_fx.passes.pair.ProgramOutputs`."""
+        n_in, n_par = len(names.input_names), len(names.param_names)
+        y, seed_total, absorbed, *rest = outs
+        rels = rest[:n_in]
+        inputs = dict(zip(names.input_names, rels))
+        first = self.spec.inputs[0].name if self.spec.inputs else None
+        relevance = inputs.get(first) if first in inputs else (next(iter(inputs.values())) if inputs else None)
+        total = sum((r.reshape(r.shape[0], -1).to(seed_total.dtype).sum(1) for r in rels), torch.zeros_like(seed_total))
+        return Explanation(
+            output=y,
+            relevance=relevance,
+            inputs=inputs,
+            absorbed=absorbed,
+            conservation=Conservation(seed_total, total, absorbed),
+            params=dict(zip(names.param_names, rest[n_in : n_in + n_par])),
+            captured=dict(zip(names.capture_names, rest[n_in + n_par :])),
+        )
