@@ -34,7 +34,8 @@ import torch
 from .models import MODELS, build, sizes_for
 from .peers import METHODS, Unavailable, make_method
 
-#: DynamicLRP's published configuration, H200, fp32 (DESIGN.md section 7; quoted, not measured here), ms
+#: DynamicLRP's published configuration, H200, fp32 (``benchmarks/results/tuning_notes.md``, "Peer reference
+#: numbers"; quoted, not measured here), ms
 DYNAMICLRP_H200_MS = {
     ("vgg16", 1): 34.5,
     ("vgg16", 16): 92.6,
@@ -46,9 +47,9 @@ DYNAMICLRP_H200_MS = {
     ("llama_8l", 16): 286.0,
 }
 
-#: LXT (AttnLRP), H200, fp32, measured by the team in a separate environment with transformers 4.53 (DESIGN.md
-#: section 7; quoted where LXT is not importable, as with transformers 5; ``benchmarks/lxt_env.sh`` runs LXT in the
-#: same run as ours in a transformers 4.53 venv), ms
+#: LXT (AttnLRP), H200, fp32, measured by the team in a separate environment with transformers 4.53
+#: (``benchmarks/results/tuning_notes.md``, "Peer reference numbers"; quoted where LXT is not importable, as with
+#: transformers 5; ``benchmarks/lxt_env.sh`` runs LXT in the same run as ours in a transformers 4.53 venv), ms
 LXT_H200_MS = {
     ("vit_b_16", 1): 18.8,  # HF ViT-B/16
     ("vit_b_16", 16): 38.6,

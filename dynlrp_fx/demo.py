@@ -20,7 +20,6 @@ Both print the conservation error of their explanations (``|seed - inputs - abso
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import time
@@ -32,7 +31,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "register_cli",
     "run_demo",
     "text_demo",
     "digits_demo",
@@ -258,7 +256,8 @@ def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 def train_digits_cnn(epochs: int = 8, seed: int = 0) -> tuple[DigitsCNN, float, torch.Tensor, torch.Tensor]:
     """Train :class:`DigitsCNN` on the digits; returns ``(model in eval mode, test accuracy, x_test, y_test)``.
 
-    Runs on one thread: the batches are tiny, and two threads were 20x slower on a busy 2-core machine.
+    Runs on one thread: the batches are too small for threads to pay off, and on a busy machine extra threads make
+    training much slower (``benchmarks/results/tuning_notes.md``).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -351,29 +350,3 @@ def run_demo(
     if verbose:
         print(f"[demo] done in {time.perf_counter() - t0:.1f} s; files in {Path(out_dir).resolve()}")
     return res
-
-
-def _demo_cmd(args: argparse.Namespace) -> int:
-    try:
-        run_demo(args.out, text=not args.skip_text, digits=not args.skip_digits, backend=args.backend)
-    except ModuleNotFoundError as e:
-        print(f"dynlrp demo: {e}")
-        return 2
-    return 0
-
-
-def register_cli(sub: Any) -> None:
-    """Add the ``demo`` subcommand (and ``explain``, from :mod:`dynlrp_fx.explain_cli`)."""
-    p = sub.add_parser(
-        "demo",
-        help="explain a pretrained MiniLM (sentence similarity) and a digits CNN; write HTML/PNG heatmaps",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--out", default="out", help="output directory (default: out)")
-    p.add_argument("--backend", default="eager", help="eager (default, no compile time) or inductor")
-    p.add_argument("--skip-text", action="store_true", help="skip the MiniLM part")
-    p.add_argument("--skip-digits", action="store_true", help="skip the digits CNN part")
-    p.set_defaults(func=_demo_cmd)
-    from .explain_cli import register_cli as register_explain
-
-    register_explain(sub)

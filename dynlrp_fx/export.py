@@ -24,14 +24,11 @@ Tested with torch 2.14 only. The archive API (``package_pt2``/``load_pt2``) is l
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
 import re
-import sys
 import tempfile
-import time
 import zipfile
 from typing import Any
 
@@ -44,7 +41,7 @@ from .explainer import Explainer
 from .passes.pair import ProgramOutputs
 from .runtime import CallPath, CallSpec, Explanation, dim_spec
 
-__all__ = ["export", "load", "LoadedExplainer", "register_cli", "FORMAT_VERSION", "PACKAGES"]
+__all__ = ["export", "load", "LoadedExplainer", "FORMAT_VERSION", "PACKAGES"]
 
 #: version of the dynlrp metadata layout (bumped on incompatible changes; :func:`load` refuses newer files)
 FORMAT_VERSION = 1
@@ -472,117 +469,3 @@ def load(path: str | os.PathLike) -> LoadedExplainer:
         raise DynlrpLoadError(
             f"{path}: corrupt file: its dynlrp metadata is incomplete or unreadable ({type(e).__name__}: {e})"
         ) from e
-
-
-# -- command line ---------------------------------------------------------------------------------------------------
-def _factory(spec: str):
-    """``module:callable`` -> the callable (``torchvision:NAME`` means ``torchvision.models:NAME``)."""
-    if ":" not in spec:
-        raise DynlrpError(f"--model {spec!r}: expected MODULE:CALLABLE, e.g. torchvision.models:resnet18")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # factories in the working directory, as with python -m
-    mod_name, _, attr = spec.partition(":")
-    candidates = [mod_name] + ([f"{mod_name}.models"] if mod_name == "torchvision" else [])
-    for name in candidates:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:
-            raise DynlrpError(f"--model {spec!r}: cannot import {name}: {e}") from e
-        obj = mod
-        for part in attr.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    raise DynlrpError(f"--model {spec!r}: {mod_name} has no attribute {attr!r}")
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise DynlrpError(f"--input-shape {text!r}: expected comma-separated sizes such as 2,3,224,224") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise DynlrpError(f"--input-shape {text!r}: expected positive sizes such as 2,3,224,224")
-    return shape
-
-
-def _cli_export(args: argparse.Namespace) -> int:
-    from .explainer import compile as dynlrp_compile
-
-    try:
-        model, example = model_from_args(args)
-        t0 = time.perf_counter()
-        explainer = dynlrp_compile(model, example, rules=args.rules, backend="eager")
-        t1 = time.perf_counter()
-        modes = tuple(args.modes.split(","))
-        export(explainer, args.output, package=args.package, modes=modes)
-        t2 = time.perf_counter()
-    except (DynlrpError, ValueError) as e:
-        print(f"dynlrp export: error: {e}", file=sys.stderr)
-        return 1
-    size = os.path.getsize(args.output)
-    print(
-        f"wrote {args.output} ({size / 2**20:.2f} MiB, package={args.package}, rules={explainer.composite.name}, "
-        f"modes={','.join(modes)}): compile {t1 - t0:.1f} s, export {t2 - t1:.1f} s"
-    )
-    return 0
-
-
-def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, tuple]:
-    """``--model MODULE:CALLABLE --input-shape ... --dtype --seed`` -> (model in eval mode, random example inputs).
-
-    Shared by the ``export`` and ``coverage`` subcommands.
-    """
-    dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise DynlrpError(
-            f"--dtype {args.dtype!r}: expected a floating dtype (float32, float64, bfloat16, "
-            "float16); for token inputs use the Python API"
-        )
-    if not args.input_shape:
-        raise DynlrpError("--model needs at least one --input-shape B,...")
-    torch.manual_seed(args.seed)
-    model = _factory(args.model)()
-    if not isinstance(model, nn.Module):
-        raise DynlrpError(f"--model {args.model!r} returned {type(model).__name__}, not an nn.Module")
-    model = model.to(dtype).eval()
-    return model, tuple(torch.randn(_parse_shape(s), dtype=dtype) for s in args.input_shape)
-
-
-def register_cli(sub) -> None:
-    """Add the ``export`` subcommand."""
-    p = sub.add_parser(
-        "export",
-        help="export a model's relevance program as a .pt2 file (runs without the model's code)",
-        description="Compile MODEL's LRP explainer and save its forward+relevance graph as a .pt2 file; load it "
-        "with dynlrp_fx.load(path).",
-    )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="MODULE:CALLABLE",
-        help="a factory returning the nn.Module, e.g. torchvision.models:resnet18 (short: "
-        "torchvision:resnet18) or mypkg.models:build",
-    )
-    p.add_argument(
-        "--input-shape",
-        required=True,
-        action="append",
-        metavar="B,C,H,W",
-        help="shape of a random (randn) example input; repeat for several positional inputs; the batch "
-        "dimension stays dynamic",
-    )
-    p.add_argument("--dtype", default="float32", help="example input and model dtype (default float32)")
-    p.add_argument("--rules", default="epsilon", help="rules preset (default epsilon)")
-    p.add_argument(
-        "--package",
-        choices=PACKAGES,
-        default="exported",
-        help="exported: torch.export programs; aoti: AOTInductor-compiled kernels (slow to export)",
-    )
-    p.add_argument("--modes", default="target,seed", help="seed modes to store: target,seed (default both)")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building the model (default 0)")
-    p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .pt2 file to write")
-    p.set_defaults(func=_cli_export)

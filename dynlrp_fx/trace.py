@@ -1,9 +1,10 @@
 """Tracing: ``nn.Module`` + example inputs -> Core-ATen FX graph with a dynamic batch dimension.
 
-We use non-strict :func:`torch.export.export` (the only path that traced CNNs, BERT, GPT-2 and Llama with a
-dynamic batch, see DESIGN.md section 5) followed by :meth:`ExportedProgram.run_decompositions` with the default
-Core-ATen table *minus* scaled-dot-product attention, which keeps SDPA as one op with an explicit LRP rule
-(decomposing it crashed GPT-2 and tracing the VJP of the fused CPU kernel gave silently wrong relevance).
+We use non-strict :func:`torch.export.export` (the tracing path that handles CNNs and Hugging Face models such
+as BERT, GPT-2 and Llama with a dynamic batch) followed by :meth:`ExportedProgram.run_decompositions` with the
+default Core-ATen table *minus* scaled-dot-product attention, which keeps SDPA as one op with an explicit LRP rule
+(its decomposition breaks some models, and the VJP of the fused CPU kernel does not match a decomposed forward,
+which gives wrong relevance). See ``docs/design.md`` (section 2, "Tracing").
 
 The model is never modified: during export it is put in eval mode (LRP explains the inference function: batch
 norm uses running statistics, dropout is off) and every submodule's ``training`` flag is restored afterwards.

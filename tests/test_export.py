@@ -20,7 +20,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.errors import DynlrpInputError, DynlrpLoadError
-from tests.conftest import tiny_bert
+from tests.helpers import tiny_bert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -239,7 +239,7 @@ def test_call_rejects_wrong_inputs(cnn):
 
 
 def test_target_only_file_refuses_seed(tmp_path):
-    from tests._factories import small_cnn
+    from tests.helpers import small_cnn
 
     explainer = dynlrp.compile(small_cnn(), torch.randn(2, 3, 8, 8), backend="eager", rules="lrp0")
     path = dynlrp.export(explainer, tmp_path / "t.pt2", modes=("target",))
@@ -260,11 +260,10 @@ def _cli_export(model: str, shape: str, out, *extra: str, timeout: int) -> subpr
 
 
 def test_cli_export_lrp0_equals_grad_x_input(tmp_path):
-    from tests._factories import small_cnn
-    from tests.conftest import grad_x_input
+    from tests.helpers import grad_x_input, small_cnn
 
     out = tmp_path / "cli.pt2"
-    proc = _cli_export("tests._factories:small_cnn", "2,3,8,8", out, "--rules", "lrp0", "--seed", "3", timeout=600)
+    proc = _cli_export("tests.helpers:small_cnn", "2,3,8,8", out, "--rules", "lrp0", "--seed", "3", timeout=600)
     assert f"wrote {out}" in proc.stdout and "rules=lrp0" in proc.stdout
     f = dynlrp.load(out)
     assert f.rules == "lrp0"
@@ -278,7 +277,7 @@ def _cli(argv: list[str]) -> int:
     """Run only the ``export`` subcommand (independent of the other modules' subcommands)."""
     import argparse
 
-    from dynlrp_fx.export import register_cli
+    from dynlrp_fx.cli.export import register_cli
 
     parser = argparse.ArgumentParser(prog="dynlrp")
     register_cli(parser.add_subparsers())
@@ -287,17 +286,17 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_cli_errors_and_factory_spec(tmp_path, capsys):
-    from dynlrp_fx.export import _factory
+    from dynlrp_fx.cli._models import import_callable as _factory
 
     out = ["-o", str(tmp_path / "x.pt2")]
-    assert _cli(["export", "--model", "tests._factories:not_a_module", "--input-shape", "2,3", *out]) == 1
+    assert _cli(["export", "--model", "tests.helpers:not_a_module", "--input-shape", "2,3", *out]) == 1
     assert "not an nn.Module" in capsys.readouterr().err
     assert _cli(["export", "--model", "nocolon", "--input-shape", "2,3", *out]) == 1
     assert "MODULE:CALLABLE" in capsys.readouterr().err
-    assert _cli(["export", "--model", "tests._factories:small_cnn", "--input-shape", "2,x", *out]) == 1
+    assert _cli(["export", "--model", "tests.helpers:small_cnn", "--input-shape", "2,x", *out]) == 1
     assert "--input-shape" in capsys.readouterr().err
     assert (
-        _cli(["export", "--model", "tests._factories:small_cnn", "--input-shape", "2,3,8,8", "--dtype", "int64", *out])
+        _cli(["export", "--model", "tests.helpers:small_cnn", "--input-shape", "2,3,8,8", "--dtype", "int64", *out])
         == 1
     )
     assert "floating dtype" in capsys.readouterr().err

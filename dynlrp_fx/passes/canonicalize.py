@@ -1,7 +1,7 @@
 """Canonicalisation: rewrite ``aten.view`` / ``aten._unsafe_view`` to ``aten.reshape``.
 
-Retracing the VJP of a view whose input has other strides fails (DESIGN.md section 5); ``reshape`` has the same
-values and copies only when it must.
+Retracing the VJP of a view whose input has other strides fails (``docs/design.md``, section 2, "Tracing");
+``reshape`` has the same values and copies only when it must.
 """
 
 from __future__ import annotations

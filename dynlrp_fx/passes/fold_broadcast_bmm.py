@@ -3,9 +3,10 @@
 ``F.linear`` on a 3-d input whose leading dims cannot be merged without a copy (``nn.MultiheadAttention`` projects
 a ``transpose(0, 1)`` of a batch-first input: shape ``(L, N, E)``, strides ``(E, L * E, 1)``) is traced by
 ``torch.export`` through ``matmul``'s decomposition as ``bmm(A, W.expand(L, K, N))``: ``L`` separate products of
-``N`` rows each, every one of them reading the whole weight. On a ViT-B/16 at batch 1 that is 197 matrix-vector
-products per projection; on the 2-core CPU the forward projections and their relevance pullbacks took 40% of the
-explanation's time (eager ``F.linear`` copies the input and calls one ``addmm``). :func:`fold_broadcast_bmm`
+``N`` rows each, every one of them reading the whole weight. At batch 1 these are matrix-vector products, one per
+sequence position, which make the projections and their relevance pullbacks a large share of an explanation's
+time on a CPU (eager ``F.linear`` copies the input and calls one ``addmm``; measurements in
+``benchmarks/results/tuning_notes.md``). :func:`fold_broadcast_bmm`
 rewrites every ``bmm`` whose second operand is broadcast along the batch dim (stride 0) into
 ``mm(reshape(A, (-1, K)), W).view(B, M, N)``: the same products, summed in another order (not bit-identical to the
 ``bmm``; the forward and relevance halves are rewritten alike, so the explanation stays consistent). The

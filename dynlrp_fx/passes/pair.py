@@ -172,9 +172,9 @@ def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     flat = _fp32(y.reshape(y.shape[0], -1))
     idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
     # a comparison with arange, not scatter: Inductor's scatter lowering guards on batch >= 2. The arange is int32
-    # where the size allows: eagerly, the int64 one was the peak of a language model's explanation at batch 1 (one
-    # position per logit of the sequence, twice the logits' bytes); the index gets the same dtype (a comparison of
-    # mixed integer dtypes would copy the arange to int64 on the CPU)
+    # where the size allows: it holds one position per logit (for a language model, per logit of the sequence), and
+    # an int64 one is twice the logits' bytes, enough to set the peak of an eager explanation at batch 1; the index
+    # gets the same dtype (a comparison of mixed integer dtypes would copy the arange to int64 on the CPU)
     n = flat.shape[1]
     pos_dtype = torch.int32 if isinstance(n, int) and n < 2**31 else torch.int64
     mask = (torch.arange(n, device=flat.device, dtype=pos_dtype).unsqueeze(0) == idx.to(pos_dtype)).to(flat.dtype)

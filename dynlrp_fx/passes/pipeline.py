@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,16 +77,6 @@ class CompileContext:
     uncovered: dict[str, list[str]] = field(default_factory=dict)
     outputs: Any = None
     buffer_rewrites: int = 0
-
-    def for_mode(self, seed_mode: str, promise_policy: str | None = None) -> CompileContext:
-        """A context for one program: the same inputs, another seed mode (and policy), fresh results."""
-        return replace(
-            self,
-            seed_mode=seed_mode,
-            promise_policy=self.promise_policy if promise_policy is None else promise_policy,
-            outputs=None,
-            buffer_rewrites=0,
-        )
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,16 @@ binds it at compile time. Two policies:
     LayerNorm counts as 4) is kept instead, so long residual streams are held every few layers (checkpoints).
 
 Why a rule rather than a min-cut: AOTAutograd's min-cut partitioner (``min_cut_rematerialization_partition``)
-needs the graph split into a forward and a backward part by ``tangents_*`` dependence; our relevance half depends
-on the forward output through the seed, and DESIGN.md section 4 measured min-cut at -35% memory on a small Llama but
-+66% on a CNN. The rule above never extends the lifetime of a forward value (recomputations read only values that are
-alive in the relevance half anyway), so it cannot raise peak memory in eager execution except by the transient
-recomputed values themselves; :func:`peak_live_bytes` measures the effect (see ``tests/test_memory_policy.py`` and the
-benchmark tables under ``benchmarks/results``).
+needs the graph split into a forward and a backward part by ``tangents_*`` dependence, but the relevance half
+depends on the forward output through the seed; and min-cut can raise memory as well as lower it. The rule
+above never extends the lifetime of a forward value (recomputations read only values that are alive in the
+relevance half anyway), so it cannot raise peak memory in eager execution except by the transient recomputed
+values themselves; :func:`~dynlrp_fx.passes.memory.peak_live_bytes` measures the effect (see
+``tests/test_memory_policy.py``).
 
-``recompute`` is the default: on an H200 (``benchmarks/results/NVIDIA_H200.md``, batch 16) it lowered the peak
-extra memory by 24% (VGG16), 36% (ViT-B/16) and 37% (BERT-base) for 0-5% more time, and on the CPU
-(``benchmarks/results/cpu.md``) it is what brings the eager peak to or below that of gradient x input on the CNNs;
-``keep`` remains available.
+``recompute`` is the default because it lowers the peak memory of an explanation for little extra time (the
+benchmark tables under ``benchmarks/results``); ``keep`` remains available. See ``docs/design.md`` (section 6,
+"Pairing, promises and memory policies") for the design and ``benchmarks/results/tuning_notes.md`` for the measurements.
 """
 
 from __future__ import annotations

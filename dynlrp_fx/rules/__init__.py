@@ -1,5 +1,6 @@
 """LRP rules: the op table (:mod:`.table`), the rule mechanism (:mod:`.base`), the basic rules (:mod:`.core`), the
-rule library of Zennit / AttnLRP / DynamicLRP (:mod:`.lrp`) and rule assignment (:mod:`.composite`)."""
+rule library of Zennit / AttnLRP / DynamicLRP (:mod:`.lrp`), rule assignment (:mod:`.composite`) and
+:func:`describe_op` (:mod:`.describe`: what the table and the presets say about one op, ``dynlrp info --op``)."""
 
 from .base import Rule, RuleContext, safe_divide, stabilize
 from .composite import Composite, NodeInfo, default_class_rules
@@ -18,6 +19,7 @@ from .core import (
     Route,
     Uniform,
 )
+from .describe import OpDescription, describe_op
 from .lrp import (
     AbsProportional,
     AlphaBeta,
@@ -68,4 +70,6 @@ __all__ = [
     "classify",
     "lookup",
     "register_op",
+    "describe_op",
+    "OpDescription",
 ]

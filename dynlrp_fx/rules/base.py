@@ -36,8 +36,8 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     Written as ``copysign(eps, z + 0.0) + z`` (``eps`` in ``z``'s dtype; ``z + 0.0`` turns ``-0.0`` into
     ``+0.0``, so both zeros move to ``+eps`` as in Zennit): the same values as ``where(z >= 0, eps, -eps) + z``,
     one fused pointwise op when compiled, and in eager execution one ``z``-sized temporary that the following ops
-    overwrite (:func:`dynlrp_fx.passes.reuse_buffers`). Not ``where``: its CPU kernel took 0.9 ms on a
-    ViT-B/16 projection output (197 x 2304) where ``copysign`` takes 0.11 ms.
+    overwrite (:func:`~dynlrp_fx.passes.reuse_buffers.reuse_buffers`). Not ``where``: its CPU kernel is several
+    times slower than ``copysign`` on activation-sized tensors (``benchmarks/results/tuning_notes.md``).
     """
     return torch.copysign(z.new_full((), eps), z + 0.0) + z
 

@@ -1,4 +1,4 @@
-"""The basic LRP rules: one per rule class of DESIGN.md section 3.
+"""The basic LRP rules: one per rule class (``docs/design.md``, section 4, "The op table").
 
 Each docstring gives the formula. ``x_k`` are the data operands, ``z`` the output, ``R`` its relevance.
 """

@@ -12,49 +12,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import DynlrpError
+from ..errors import DynlrpError
+from ._models import load_factory, load_input
 
-__all__ = ["register_cli", "load_factory", "load_input", "explain_main"]
-
-
-def load_factory(spec: str) -> nn.Module:
-    """Import ``module:factory`` (or ``module:attr.attr``) and call it with no arguments; returns the model.
-
-    The spec is resolved like ``dynlrp export --model`` (modules of the working directory are importable).
-
-    Raises
-    ------
-    DynlrpError: the spec has no ``:``, the module or attribute is missing, or the factory returns no
-        ``nn.Module``.
-    """
-    from .export import _factory
-
-    obj = _factory(spec)
-    model = obj if isinstance(obj, nn.Module) else obj()
-    if not isinstance(model, nn.Module):
-        raise DynlrpError(f"--model {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
-    return model.eval()
-
-
-def load_input(path: str | Path) -> torch.Tensor:
-    """Load a ``.pt`` tensor (``torch.save``) or a ``.npy`` array as a tensor."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--input {p}: no such file")
-    if p.suffix == ".npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(p))
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"--input {p}: expected a tensor saved with torch.save, got {type(obj).__name__}")
-    return obj
+__all__ = ["register_cli", "run", "load_factory", "load_input"]
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -62,9 +28,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
     return p.dtype if p is not None else None
 
 
-def explain_main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``dynlrp explain`` (see module doc); returns the exit code."""
-    from . import compile as dynlrp_compile
+    from ..explainer import compile as dynlrp_compile
 
     try:
         model = load_factory(args.model)
@@ -105,7 +71,7 @@ def explain_main(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.out}")
     if args.png:
-        from . import viz
+        from .. import viz
 
         if expl.relevance.ndim not in (3, 4):
             print(f"dynlrp explain: --png needs image inputs (N, C, H, W), got shape {tuple(x.shape)}", file=sys.stderr)
@@ -133,4 +99,4 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--top", type=int, default=5, help="how many of the most relevant inputs to print")
     p.add_argument("--out", default=None, help="save relevance, output, target, seed, absorbed here (torch.save)")
     p.add_argument("--png", default=None, help="write a PNG grid of relevance overlays (image inputs)")
-    p.set_defaults(func=explain_main)
+    p.set_defaults(func=run)
