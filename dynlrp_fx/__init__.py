@@ -10,6 +10,7 @@ from . import presets, targets
 from .coverage import coverage
 from .dataset import attribute_dataset, load_shards, merge_shards
 from .errors import (
+    DynlrpDatasetError,
     DynlrpError,
     DynlrpInputError,
     DynlrpLoadError,
@@ -39,6 +40,7 @@ __all__ = [
     "merge_shards",
     "load_shards",
     "DynlrpError",
+    "DynlrpDatasetError",
     "DynlrpInputError",
     "DynlrpLoadError",
     "DynlrpTraceError",

@@ -1,10 +1,38 @@
 """Dataset runs: explain every batch of a data loader, writing results in resumable shards (safetensors).
 
 :func:`attribute_dataset` groups the loader's batches into *shards* of ``shard_size`` consecutive batches. Each
-finished shard is written atomically (a temporary file, then ``os.replace``) as
-``shard-{rank:03d}-{shard:06d}.safetensors``, so a shard file on disk is always complete. Rerunning after an
-interruption skips every shard whose file exists (no explainer call) and recomputes only the rest: at most the
-shard in progress is lost. The loader must yield its batches in the same order each time (no shuffling).
+finished shard is written as ``shard-{rank:03d}-{shard:06d}.safetensors`` and recorded in the rank's manifest
+``manifest-{rank:03d}.json``. Rerunning with the same ``out_dir`` resumes: shards already finished are not explained
+again, at most the shards in progress are lost. The loader must yield the same batches in the same order each time
+(no shuffling); this is checked (below).
+
+Crash safety. Every file (shard, manifest, ``config.json``, ``done-*.json``) is written to a temporary file in
+``out_dir``, flushed, ``fsync``-ed and renamed over its name (``os.replace``; the directory is ``fsync``-ed too), so a
+name on disk always holds a complete file, old or new. A shard is written before its manifest entry; the manifest is
+the record of what is finished. An entry holds the shard's file name, ``sha256`` and size (``bytes``) of the file,
+its samples ``[first, stop)`` (first index and one past the last), ``num_samples``, ``batches`` and ``fingerprint``:
+a sha256 over the inputs (and labels) of each of its batches, their names, dtypes, shapes and bytes.
+
+* Resume: a shard counts as finished only when it has a manifest entry and its file's size and checksum match;
+  otherwise (missing, truncated, corrupted file; a file without an entry) it is recomputed with a warning naming
+  the file. The loader's batches of every shard with an entry are fingerprinted again and compared with the entry
+  (sample range, batch count, fingerprint), and ``len(dataloader)`` (when it has one) with the recorded one; a
+  mismatch (other values or labels, other order, other length) raises :class:`~dynlrp_fx.DynlrpDatasetError` and
+  nothing computed by that call is kept: a new shard is committed (renamed into place, then recorded) only once
+  every shard of the rank's record has been checked against the loader (at once when resuming an interrupted run,
+  whose finished shards come first; after the last recorded shard when a damaged one before it is
+  recomputed).
+* :func:`load_shards` / :func:`merge_shards` read only the shards in the manifests and check each file's size and
+  checksum first: a missing, truncated or corrupted shard raises :class:`~dynlrp_fx.DynlrpDatasetError` naming the
+  file (with ``strict=False`` too), never a safetensors error.
+* Shards of an older dynlrp-fx (manifest entries without checksum or fingerprint) are *unverified*: a resumed run
+  recomputes them (it cannot check the dataset against them); :func:`merge_shards` reads them with a warning, and a
+  file it cannot parse raises :class:`~dynlrp_fx.DynlrpDatasetError` naming it.
+* Shard files that no manifest lists (a run killed between renaming and recording one) are not read by
+  :func:`merge_shards` (warning) and are recomputed on resume. Temporary files of killed processes are removed.
+* The fingerprint covers the loader's inputs and labels, not the explainer, its rules or ``target``: resume with
+  the same ones. Fingerprinting costs one sha256 pass over the inputs (it runs in a thread, overlapping the
+  explanation); resuming also reads every finished shard of the rank once to check its checksum.
 
 Each shard holds, for its samples in loader order:
 
@@ -18,29 +46,39 @@ Each shard holds, for its samples in loader order:
 Beyond one machine: run the same script under ``torchrun``. When ``torch.distributed`` is initialised (or the
 ``RANK``/``WORLD_SIZE`` environment of ``torchrun`` is set, in which case a process group is created here: gloo on
 CPU, nccl when ``device`` is a CUDA device) shard ``k`` belongs to rank ``k % world_size``; every rank writes its
-own shard files (and ``manifest-{rank:03d}.json``), then all ranks meet at a barrier. :func:`merge_shards` reads
-the shards of all ranks and returns the samples ordered by index. Every rank iterates the whole loader to keep
-sample indices global, but only explains its own shards (loading is repeated, the explanation is not).
+own shard files and its own ``manifest-{rank:03d}.json`` (it reads the others' to find shards written by an earlier
+run with another world size), then all ranks meet at a barrier. :func:`merge_shards` reads the shards of all ranks
+and returns the samples ordered by index. Every rank iterates the whole loader to keep sample indices global, but
+only fingerprints and explains its own shards (loading is repeated, the explanation is not).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import DynlrpDatasetError
+
 __all__ = ["attribute_dataset", "merge_shards", "load_shards", "DatasetRun", "shard_name"]
 
 FORMAT = "dynlrp-shards-1"
+MANIFEST_VERSION = 2  # 1 (no "version" key): entries without sha256 / fingerprint
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 _SHARD_RE = re.compile(r"^shard-(\d{3,})-(\d{6,})\.safetensors$")
+_MANIFEST_RE = re.compile(r"^manifest-(\d{3,})\.json$")
+_TMP_RE = re.compile(r"^\.(?:shard|manifest|done)-(\d{3,})[-.].*\.tmp-(\d+)$")
+_CHUNK = 1 << 24
 
 
 def shard_name(rank: int, index: int) -> str:
@@ -63,16 +101,193 @@ class DatasetRun:
     seconds: float = 0.0
 
 
+# -- durable files -----------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write, fsync, rename over ``path``, fsync the directory: ``path`` holds the old or the new bytes, whole."""
+    tmp = _tmp_path(path)
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
     _atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
+def _clean_stale_tmp(out: Path, rank: int) -> None:
+    """Remove this rank's temporary files left by killed processes (their pid no longer runs)."""
+    if os.name != "posix":
+        return
+    for p in out.iterdir():
+        m = _TMP_RE.match(p.name)
+        if not m or int(m.group(1)) != rank:
+            continue
+        pid = int(m.group(2))
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except OSError:  # exists, owned by someone else
+            alive = True
+        if not alive:
+            p.unlink(missing_ok=True)
+
+
+# -- input fingerprints ------------------------------------------------------------------------------------------------
+def _hash_value(h: Any, v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        t = v.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.cpu().resolve_conj().resolve_neg().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(v).__name__}:{v!r}\0".encode())
+    elif isinstance(v, (tuple, list)):
+        h.update(f"L{len(v)}\0".encode())
+        for x in v:
+            _hash_value(h, x)
+    elif isinstance(v, Mapping):
+        h.update(f"D{len(v)}\0".encode())
+        for k, x in v.items():
+            h.update(f"{k!r}\0".encode())
+            _hash_value(h, x)
+    else:
+        h.update(f"O{type(v).__qualname__}\0".encode())
+
+
+def _batch_digest(args: tuple, kwargs: dict, labels: Any) -> str:
+    """sha256 over a batch's inputs and labels (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    h.update(f"A{len(args)}\0".encode())
+    for a in args:
+        _hash_value(h, a)
+    h.update(f"K{len(kwargs)}\0".encode())
+    for k, v in kwargs.items():
+        h.update(f"{k}\0".encode())
+        _hash_value(h, v)
+    h.update(b"labels\0")
+    _hash_value(h, labels)
+    return h.hexdigest()
+
+
+def _shard_fingerprint(digests: list[str]) -> str:
+    return hashlib.sha256(("dynlrp-fingerprint-1\0" + "\0".join(digests)).encode()).hexdigest()
+
+
+# -- manifests and shard checks ----------------------------------------------------------------------------------------
+def _read_manifests(out: Path, *, where: str) -> dict[int, dict]:
+    """``{rank: manifest}`` of every ``manifest-*.json``; an unreadable one raises (merge) or warns (resume)."""
+    manifests = {}
+    for p in sorted(out.iterdir()):
+        m = _MANIFEST_RE.match(p.name)
+        if not m:
+            continue
+        try:
+            obj = json.loads(p.read_text())
+            if not isinstance(obj, dict) or not isinstance(obj.get("shards", {}), dict):
+                raise ValueError("not a manifest object")
+        except (OSError, ValueError) as e:
+            msg = f"{where}: the manifest {p} is unreadable ({e})"
+            if where != "attribute_dataset":
+                raise DynlrpDatasetError(
+                    f"{msg}; rerun attribute_dataset with the same arguments to recompute the shards it listed"
+                ) from e
+            warnings.warn(f"{msg}; the shards it listed are recomputed", stacklevel=3)
+            continue
+        manifests[int(m.group(1))] = obj
+    return manifests
+
+
+def _candidates(manifests: dict[int, dict]) -> dict[int, list[dict]]:
+    """``{shard: [entries]}`` over all manifests, the entry of the lowest rank first."""
+    out: dict[int, list[dict]] = {}
+    for r in sorted(manifests):
+        for k, e in manifests[r].get("shards", {}).items():
+            if isinstance(e, dict) and "file" in e:
+                out.setdefault(int(k), []).append(e)
+    return out
+
+
+def _verified(entry: dict) -> bool:
+    return "sha256" in entry and "bytes" in entry and "fingerprint" in entry
+
+
+def _check_file(out: Path, entry: dict, *, keep: bool) -> tuple[str | None, bytes | None]:
+    """``(problem, data)``: ``problem`` is None when the file matches its entry (``"unverified"`` for entries of an
+    older version), otherwise why not; ``data`` are the file's bytes when ``keep``."""
+    path = out / entry["file"]
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing", None
+    if not _verified(entry):
+        return "unverified", (path.read_bytes() if keep else None)
+    if size != entry["bytes"]:
+        what = "is truncated" if size < entry["bytes"] else "is corrupted"
+        return f"{what} ({size} bytes, the manifest records {entry['bytes']})", None
+    h = hashlib.sha256()
+    data = None
+    if keep:
+        data = path.read_bytes()
+        h.update(data)
+    else:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    if h.hexdigest() != entry["sha256"]:
+        return (
+            f"is corrupted (its sha256 {h.hexdigest()[:16]}... is not the manifest's {entry['sha256'][:16]}...)",
+            None,
+        )
+    return None, data
+
+
+def _samples(entry: dict) -> str:
+    s = entry.get("samples")
+    return f"samples {s[0]}..{s[1] - 1}" if isinstance(s, list) and len(s) == 2 else "samples ?"
+
+
+def _changed_error(out: Path, why: str) -> DynlrpDatasetError:
+    return DynlrpDatasetError(
+        f"attribute_dataset: the dataset changed since {out} was written: {why}. Resuming would mix "
+        f"results of two datasets, so nothing was written. The loader must yield the same batches in the same order "
+        f"(no shuffling) when resuming; to explain this dataset use a new out_dir, or delete {out}."
+    )
+
+
+# -- batches -----------------------------------------------------------------------------------------------------------
 def _unpack(batch: Any, keys: Any) -> tuple[tuple, dict, Any]:
     """Default batch -> ``(args, kwargs, labels)``; see :func:`attribute_dataset`."""
     if isinstance(batch, torch.Tensor):
@@ -119,15 +334,6 @@ def _dist_context(device: Any) -> tuple[int, int, bool]:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
-
-
-def _completed(out: Path) -> dict[int, Path]:
-    done = {}
-    for p in out.iterdir():
-        m = _SHARD_RE.match(p.name)
-        if m:
-            done[int(m.group(2))] = p
-    return done
 
 
 def _resolve_target(target: Any, batch: Any, labels: Any) -> Any:
@@ -190,9 +396,16 @@ def attribute_dataset(
     -------
     DatasetRun: what this rank computed and skipped.
 
+    Warns
+    -----
+    UserWarning: a shard of this rank is missing, truncated, corrupted or unverified (older version) and is
+        recomputed; the warning names the file.
+
     Raises
     ------
-    ValueError: ``out_dir`` holds shards written with another ``shard_size``.
+    DynlrpDatasetError: (a ``ValueError``) ``out_dir`` holds shards written with another ``shard_size``, or the
+        loader's batches differ from those the finished shards were computed from (the dataset changed); nothing
+        computed by this call is kept.
     """
     from safetensors.torch import save
 
@@ -207,24 +420,71 @@ def attribute_dataset(
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
         if old.get("shard_size") != shard_size:
-            raise ValueError(
+            raise DynlrpDatasetError(
                 f"attribute_dataset: {out} holds shards of shard_size={old.get('shard_size')} batches, but "
                 f"shard_size={shard_size} was given; rerun with the same shard_size or use a new out_dir"
             )
     elif rank == 0:
         _atomic_json(cfg_path, config)
-    done = _completed(out)
+    _clean_stale_tmp(out, rank)
     run = DatasetRun(out, rank, world)
     manifest_path = out / f"manifest-{rank:03d}.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"shards": {}}
+    manifests = _read_manifests(out, where="attribute_dataset")
+    try:
+        n_loader = len(dataloader)
+    except TypeError:
+        n_loader = None
+    for r, m in sorted(manifests.items()):
+        if n_loader is not None and isinstance(m.get("num_batches"), int) and m.get("shards"):
+            if m["num_batches"] != n_loader:
+                raise _changed_error(
+                    out,
+                    f"the loader has {n_loader} batches, but the shards of manifest-{r:03d}.json were computed from "
+                    f"a loader of {m['num_batches']} batches",
+                )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "format": FORMAT,
+        "rank": rank,
+        "shard_size": shard_size,
+        "num_batches": n_loader,  # len(dataloader) when it has one, checked on resume
+        "shards": dict(manifests.get(rank, {}).get("shards", {})),
+    }
+
+    # this rank's shards on disk: kept (file matches a verified entry) or to be recomputed; expected fingerprints
+    candidates = {k: es for k, es in _candidates(manifests).items() if k % world == rank}
+    kept: dict[int, dict] = {}
+    for k, entries in sorted(candidates.items()):
+        problems = []
+        for e in entries:
+            problem, _ = _check_file(out, e, keep=False)
+            if problem is None:
+                kept[k] = e
+                break
+            problems.append(
+                f"{out / e['file']} was written by an older dynlrp-fx without a checksum"
+                if problem == "unverified"
+                else f"{out / e['file']} {problem}"
+            )
+        else:
+            warnings.warn(f"attribute_dataset: recomputing shard {k}: {'; '.join(problems)}", stacklevel=2)
+    expected = {k: [e for e in es if _verified(e)] for k, es in candidates.items()}
+    listed = {e["file"] for es in candidates.values() for e in es}
+    for p in sorted(out.iterdir()):
+        m = _SHARD_RE.match(p.name)
+        if m and int(m.group(2)) % world == rank and int(m.group(2)) not in kept and p.name not in listed:
+            warnings.warn(
+                f"attribute_dataset: recomputing shard {int(m.group(2))}: {p} is not recorded in any manifest (a "
+                "run killed between writing and recording it?)",
+                stacklevel=2,
+            )
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None
         bar = tqdm(
-            total=total,
+            total=n_loader,
             desc=f"explaining (rank {rank}/{world})" if world > 1 else "explaining",
             unit="batch",
             position=rank if world > 1 else None,
@@ -232,19 +492,63 @@ def attribute_dataset(
         )
 
     records: list[dict[str, torch.Tensor]] = []
+    digests: list[str] = []
+    pending: list[tuple[int, Path, Path, dict]] = []  # written, not yet renamed nor recorded
+    checked: set[int] = set()  # shards with manifest entries that the loader has reached (and matched)
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynlrp-fingerprint")
     shard_start = 0
     offset = 0
     b = -1
 
-    def flush(k: int, first_sample: int, last_sample: int, n_batches: int) -> None:
-        tensors = _shard_tensors(records)
-        name = shard_name(rank, k)
-        meta = {"format": FORMAT, "shard": str(k), "rank": str(rank), "batches": str(n_batches)}
-        _atomic_write_bytes(out / name, save(tensors, metadata=meta))
-        manifest["shards"][str(k)] = {"file": name, "samples": [first_sample, last_sample], "batches": n_batches}
+    def commit() -> None:
+        for _, tmp, path, _ in pending:
+            os.replace(tmp, path)
+        _fsync_dir(out)
+        for k, _, _, entry in pending:
+            manifest["shards"][str(k)] = entry
         _atomic_json(manifest_path, manifest)
-        run.computed.append(k)
-        records.clear()
+        pending.clear()
+
+    def end_shard(k: int, first: int, stop: int, n_batches: int) -> None:
+        fp = _shard_fingerprint(digests)
+        digests.clear()
+        for e in expected.get(k, []):
+            if e.get("samples") != [first, stop] or e.get("batches") != n_batches:
+                raise _changed_error(
+                    out,
+                    f"shard {k} has {_samples(e)} in {e.get('batches')} batches in {e['file']}, but the loader gives "
+                    f"samples {first}..{stop - 1} in {n_batches} batches",
+                )
+            if e["fingerprint"] != fp:
+                raise _changed_error(
+                    out,
+                    f"shard {k} ({_samples(e)}, file {e['file']}) was computed from other inputs than the loader's "
+                    f"batches {k * shard_size}..{k * shard_size + n_batches - 1} (input fingerprint differs)",
+                )
+        checked.add(k)
+        if k in kept:
+            run.skipped.append(k)
+        else:
+            tensors = _shard_tensors(records)
+            records.clear()
+            name = shard_name(rank, k)
+            meta = {"format": FORMAT, "shard": str(k), "rank": str(rank), "batches": str(n_batches)}
+            data = save(tensors, metadata=meta)
+            entry = {
+                "file": name,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "samples": [first, stop],
+                "num_samples": stop - first,
+                "batches": n_batches,
+                "fingerprint": fp,
+            }
+            tmp = _tmp_path(out / name)
+            pending.append((k, tmp, out / name, entry))
+            _write_synced(tmp, data)
+            run.computed.append(k)
+        if pending and checked >= candidates.keys():
+            commit()  # every shard this rank has on record matches the loader
 
     try:
         for b, batch in enumerate(dataloader):
@@ -253,40 +557,52 @@ def attribute_dataset(
                 shard_start = offset
             args, kwargs, labels = (unpack or (lambda x: _unpack(x, keys)))(batch)
             n = _batch_size(args, kwargs)
-            mine = k % world == rank
-            last_of_shard = (b + 1) % shard_size == 0
-            if mine and k not in done:
-                if device is not None:
-                    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-                    kwargs = {n_: v.to(device) if isinstance(v, torch.Tensor) else v for n_, v in kwargs.items()}
-                tgt = _resolve_target(target, batch, labels)
-                if isinstance(tgt, torch.Tensor) and device is not None:
-                    tgt = tgt.to(device)
-                with torch.no_grad():
-                    expl = explainer(*args, target=tgt, **kwargs)
-                run.explainer_calls += 1
-                records.append(_record(expl, tgt, offset, n, args, kwargs, save_inputs))
-                if last_of_shard:
-                    flush(k, shard_start, offset + n, shard_size)
-            elif mine and last_of_shard and k not in run.skipped:
-                run.skipped.append(k)
+            if k % world == rank:
+                digest = hasher.submit(_batch_digest, args, kwargs, labels)  # overlaps the explanation
+                if k not in kept:
+                    if device is not None:
+                        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+                        kwargs = {n_: v.to(device) if isinstance(v, torch.Tensor) else v for n_, v in kwargs.items()}
+                    tgt = _resolve_target(target, batch, labels)
+                    if isinstance(tgt, torch.Tensor) and device is not None:
+                        tgt = tgt.to(device)
+                    with torch.no_grad():
+                        expl = explainer(*args, target=tgt, **kwargs)
+                    run.explainer_calls += 1
+                    records.append(_record(expl, tgt, offset, n, args, kwargs, save_inputs))
+                digests.append(digest.result())  # before the next batch: the loader may reuse its buffers
+                if (b + 1) % shard_size == 0:
+                    end_shard(k, shard_start, offset + n, shard_size)
             offset += n
             if bar is not None:
                 bar.update(1)
         n_batches = b + 1
         last = (n_batches - 1) // shard_size if n_batches else -1
         if n_batches % shard_size and last % world == rank:
-            if records:
-                flush(last, shard_start, offset, n_batches - last * shard_size)
-            elif last in done:
-                run.skipped.append(last)
+            end_shard(last, shard_start, offset, n_batches - last * shard_size)
+        beyond = sorted(candidates.keys() - checked)
+        if beyond:
+            e = candidates[beyond[0]][0]
+            raise _changed_error(
+                out,
+                f"shard {beyond[0]} ({_samples(e)}, file {e['file']}) lies beyond the end of the loader, which has "
+                f"{n_batches} batches ({offset} samples): the dataset is shorter",
+            )
+        if pending:
+            commit()
         run.num_shards = last + 1
         run.num_samples = offset
         _atomic_json(
             out / f"done-{rank:03d}.json",
             {"num_shards": run.num_shards, "num_samples": offset, "world_size": world, "rank": rank},
         )
+    except BaseException:
+        for _, tmp, _, _ in pending:
+            tmp.unlink(missing_ok=True)
+        pending.clear()
+        raise
     finally:
+        hasher.shutdown(wait=True)
         if bar is not None:
             bar.close()
         if world > 1:
@@ -332,48 +648,94 @@ def _record(expl: Any, tgt: Any, offset: int, n: int, args: tuple, kwargs: dict,
     return {k: v.detach().cpu() for k, v in rec.items()}
 
 
-def load_shards(out_dir: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield ``(shard index, tensors)`` for every shard file under ``out_dir`` (all ranks), in shard order."""
-    from safetensors.torch import load_file
+def _listed_shards(out: Path, where: str) -> dict[int, list[dict]]:
+    """The shards of all manifests; warns about shard files no manifest lists (they are not read)."""
+    candidates = _candidates(_read_manifests(out, where=where))
+    listed = {e["file"] for es in candidates.values() for e in es}
+    orphans = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name) and p.name not in listed)
+    if orphans:
+        warnings.warn(
+            f"{where}: ignoring shard files in {out} that no manifest lists (written by a run killed before it "
+            f"recorded them, or not by attribute_dataset; resuming recomputes them): {orphans[:10]}",
+            stacklevel=3,
+        )
+    return candidates
 
+
+def _load_shard(out: Path, k: int, entries: list[dict], where: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    problems = []
+    for e in entries:
+        problem, data = _check_file(out, e, keep=True)
+        if problem is None or problem == "unverified":
+            if problem == "unverified":
+                warnings.warn(
+                    f"{where}: {out / e['file']} (shard {k}) was written by an older dynlrp-fx without a checksum "
+                    "in its manifest: read unverified (resuming with attribute_dataset recomputes it)",
+                    stacklevel=4,
+                )
+            try:
+                return load(data)
+            except Exception as err:  # safetensors raises its own SafetensorError
+                problems.append(f"{out / e['file']} cannot be read ({type(err).__name__}: {err})")
+                continue
+        problems.append(f"{out / e['file']} {problem}")
+    raise DynlrpDatasetError(
+        f"{where}: shard {k} ({_samples(entries[0])}) is unusable: {'; '.join(problems)}. Rerun attribute_dataset "
+        "with the same arguments and out_dir to recompute it (the intact shards are kept)"
+    )
+
+
+def load_shards(out_dir: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield ``(shard index, tensors)`` for every shard in the manifests under ``out_dir`` (all ranks), in shard
+    order, each checked against its manifest entry (size, sha256) first.
+
+    Raises
+    ------
+    DynlrpDatasetError: a shard file is missing, truncated or corrupted (the message names it), or a manifest is
+        unreadable.
+    """
     out = Path(out_dir)
-    for k, path in sorted(_completed(out).items()):
-        yield k, load_file(path)
+    for k, entries in sorted(_listed_shards(out, "load_shards").items()):
+        yield k, _load_shard(out, k, entries, "load_shards")
 
 
 def merge_shards(out_dir: str | os.PathLike[str], *, strict: bool = True) -> dict[str, torch.Tensor]:
     """Read all shards under ``out_dir`` and return every key concatenated over samples, ordered by ``index``.
 
-    ``params.*`` entries are summed over shards (they are batch sums). With ``strict=True`` (default) the run must be
+    ``params.*`` entries are summed over shards (they are batch sums). Every shard is checked against its manifest
+    entry first (see :func:`load_shards`), with ``strict=False`` too. With ``strict=True`` (default) the run must be
     complete: every shard from 0 to the count recorded by the ranks' ``done-*.json`` files is present and the
     indices are ``0 .. N-1``.
 
     Raises
     ------
     FileNotFoundError: no shards under ``out_dir``.
-    ValueError: (strict) shards are missing or the run did not finish; rerun :func:`attribute_dataset` to resume.
+    DynlrpDatasetError: a shard file is missing, truncated or corrupted (named in the message); (strict) shards are
+        missing or the run did not finish (a ``ValueError``); rerun :func:`attribute_dataset` to resume.
     """
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"merge_shards: {out} is not a directory")
-    shards = list(load_shards(out))
-    if not shards:
-        raise FileNotFoundError(f"merge_shards: no shard files (shard-*.safetensors) in {out}")
+    listed = _listed_shards(out, "merge_shards")
+    if not listed:
+        raise FileNotFoundError(f"merge_shards: no shards (shard-*.safetensors listed in manifest-*.json) in {out}")
     if strict:
         dones = [json.loads(p.read_text()) for p in out.glob("done-*.json")]
         if not dones:
-            raise ValueError(
+            raise DynlrpDatasetError(
                 f"merge_shards: the run in {out} did not finish (no done-*.json); rerun "
                 "attribute_dataset with the same arguments to resume, or pass strict=False"
             )
         n_shards = max(d["num_shards"] for d in dones)
-        have = {k for k, _ in shards}
-        missing = sorted(set(range(n_shards)) - have)
+        missing = sorted(set(range(n_shards)) - set(listed))
         if missing:
-            raise ValueError(
+            raise DynlrpDatasetError(
                 f"merge_shards: shards {missing[:20]} of {n_shards} are missing in {out}; rerun "
                 "attribute_dataset to compute them (finished shards are kept)"
             )
+    shards = [(k, _load_shard(out, k, es, "merge_shards")) for k, es in sorted(listed.items())]
     merged: dict[str, torch.Tensor] = {}
     keys = shards[0][1].keys()
     for key in keys:
@@ -384,7 +746,7 @@ def merge_shards(out_dir: str | os.PathLike[str], *, strict: bool = True) -> dic
         if not key.startswith("params."):
             merged[key] = merged[key][order]
     if strict and not torch.equal(merged["index"], torch.arange(len(order))):
-        raise ValueError(
+        raise DynlrpDatasetError(
             f"merge_shards: sample indices in {out} are not 0..{len(order) - 1} (duplicated or missing "
             "samples: were the shards written by runs over different loaders?)"
         )

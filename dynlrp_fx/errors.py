@@ -38,3 +38,8 @@ class DynlrpInputError(DynlrpError, ValueError):
 
 class DynlrpLoadError(DynlrpError):
     """A saved relevance program could not be loaded or called."""
+
+
+class DynlrpDatasetError(DynlrpError, ValueError):
+    """A dataset run's shards cannot be resumed or merged: a shard file is missing, truncated or corrupted (the
+    message names it), or the loader's batches differ from those the finished shards were computed from."""
