@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import DynlrpInputError
 from .passes import PIPELINE, Pipeline, PipelineReport
 from .passes.resolve_promises import DEFAULT_POLICY
 from .presets import resolve
@@ -76,6 +77,12 @@ class Explainer(nn.Module):
         self._programs: dict[str, Program] = {}
         self._const_cache: dict[Any, torch.Tensor] = {}
         self.call_spec = CallSpec.from_traced(traced, analysis.graph, analysis.output_node)
+        vals = {n.name: n.meta.get("val") for n in analysis.graph.graph.nodes if n.op == "placeholder"}
+        #: (dtype, shape) of each state tensor as traced: a model changed after compile is refused, not mis-run
+        self._state_specs = [
+            (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None
+            for v in (vals.get(ph) for ph, _kind, _target in traced.state_specs)
+        ]
         self._call = CallPath(self.call_spec, self._run)
         self.program("target")
 
@@ -172,9 +179,9 @@ class Explainer(nn.Module):
         out = []
         for _ph, kind, target in self.traced.state_specs:
             if kind == "PARAMETER":
-                t = root.get_parameter(target)
+                t = _state(root.get_parameter, target, kind)
             elif kind == "BUFFER":
-                t = root.get_buffer(target)
+                t = _state(root.get_buffer, target, kind)
             else:
                 t = self.traced.exported.constants[target]
                 if device is not None and t.device != device:
@@ -185,6 +192,16 @@ class Explainer(nn.Module):
             out.append(t.detach())
         return out
 
+    def _check_state(self, state: list[torch.Tensor]) -> None:
+        """The model's parameters and buffers still have the dtypes and shapes the programs were traced with."""
+        for t, spec, (_ph, kind, target) in zip(state, self._state_specs, self.traced.state_specs):
+            if spec is not None and (t.dtype != spec[0] or tuple(t.shape) != spec[1]):
+                raise DynlrpInputError(
+                    f"{kind.lower()} {target!r} of the model is now {t.dtype} {tuple(t.shape)} but the explainer was "
+                    f"compiled for {spec[0]} {spec[1]}: the model changed after compile (e.g. .to(dtype) or a "
+                    "replaced layer); compile it again"
+                )
+
     def bind(self, *args, **kwargs) -> list[torch.Tensor]:
         """The checked tensor inputs of a call (what the programs take after the state tensors)."""
         return self._call.bind(args, kwargs)
@@ -193,6 +210,7 @@ class Explainer(nn.Module):
         """The call path's runner: the program of ``mode`` on the live state tensors."""
         prog = self.program(mode)
         state = self.state_tensors(tensors[0].device if tensors else None)
+        self._check_state(state)
         # torch specialises size-1 dims (conv backend choice, broadcasting), so a batch of 1 gets its own static
         # compilation the first time it is seen; every other batch size shares one dynamic-batch program
         if self.backend != "eager" and self.dynamic and batch > 1:
@@ -223,6 +241,16 @@ class Explainer(nn.Module):
         seed: an explicit output-shaped relevance seed, used as is (one-hot reproduces Zennit's default).
         """
         return self._call.explain(args, kwargs, target, seed)
+
+
+def _state(get: Any, target: str, kind: str) -> torch.Tensor:
+    """``root.get_parameter(target)`` / ``get_buffer``, with a clear error when the model no longer has it."""
+    try:
+        return get(target)
+    except AttributeError as e:
+        raise DynlrpInputError(
+            f"the model no longer has the {kind.lower()} {target!r} it was compiled with ({e}); compile it again"
+        ) from None
 
 
 @contextlib.contextmanager

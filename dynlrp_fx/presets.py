@@ -101,6 +101,7 @@ def _zennit(
         first_layer_types=first_types,
         canonizers=("fold_batchnorm",) if canonize else (),
         name=name,
+        check_matches=False,  # written for any model: layer types a model lacks are fine
     )
 
 
@@ -227,7 +228,7 @@ def dynamiclrp(
     lin = Gamma(gamma_linear, eps)
     by_op: dict = {aten.convolution.default: Gamma(gamma_conv, eps)}
     by_op.update({op: lin for op in (aten.addmm.default, aten.mm.default, aten.bmm.default, aten.baddbmm.default)})
-    return Composite(rules, by_op=by_op, name="dynamiclrp")
+    return Composite(rules, by_op=by_op, name="dynamiclrp", check_matches=False)  # ops a model may not use
 
 
 def gradient() -> Composite:

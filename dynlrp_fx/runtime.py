@@ -213,6 +213,14 @@ class CallPath:
                 )
             if x.dtype != s.dtype:
                 raise DynlrpInputError(f"input {s.name!r} has dtype {x.dtype}, expected {s.dtype}")
+            if x.device.type == "meta":
+                raise DynlrpInputError(
+                    f"input {s.name!r} is on the meta device (it has a shape but no values); pass real tensors"
+                )
+            if s.batched and x.ndim >= 1 and x.shape[0] == 0:
+                raise DynlrpInputError(
+                    f"input {s.name!r} has an empty batch (shape {tuple(x.shape)}); explain at least one sample"
+                )
             if s.batched and spec.max_batch is not None and x.ndim >= 1 and x.shape[0] > spec.max_batch:
                 raise DynlrpInputError(
                     f"input {s.name!r} has a batch of {x.shape[0]}, but this model's ops bound the batch to "
@@ -248,13 +256,25 @@ class CallPath:
         return int(src.shape[0]) if src is not None else 1
 
     def target_tensor(self, target: Any, batch: int, device: Any) -> torch.Tensor:
-        """``target=`` as a ``(batch,)`` int64 tensor (``-1``: argmax), checked against the output size."""
+        """``target=`` as a ``(batch,)`` int64 tensor (``-1``: argmax), checked against the output size: an int or
+        one integer per sample (a list or an integer tensor); floats and bools are refused, not truncated."""
         if target is None:
             t = torch.full((batch,), -1, dtype=torch.long, device=device)
-        elif isinstance(target, int):
+        elif isinstance(target, int) and not isinstance(target, bool):
             t = torch.full((batch,), int(target), dtype=torch.long, device=device)
         else:
-            t = torch.as_tensor(target, dtype=torch.long, device=device).reshape(-1)
+            try:
+                raw = target if isinstance(target, torch.Tensor) else torch.as_tensor(target)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise DynlrpInputError(
+                    f"target={target!r} is not an index: give an int, None (argmax) or one int per sample ({e})"
+                ) from None
+            if raw.dtype == torch.bool or raw.dtype.is_floating_point or raw.dtype.is_complex:
+                raise DynlrpInputError(
+                    f"target must hold integer indices into each sample's output, got {raw.dtype} values "
+                    f"{raw.flatten()[:8].tolist()}; give an int, None (argmax) or one int per sample"
+                )
+            t = raw.to(dtype=torch.long, device=device).reshape(-1)
             if t.numel() != batch:
                 raise DynlrpInputError(f"target has {t.numel()} entries but the batch has {batch} samples")
         numel = self.spec.per_sample_numel()
@@ -263,6 +283,32 @@ class CallPath:
                 f"target {t.tolist()} out of range: each sample's output has {numel} entries (use -1/None for argmax)"
             )
         return t
+
+    def seed_tensor(self, seed: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``seed=`` checked: a floating tensor of the explained output's shape (static sizes as traced, sizes the
+        output shares with a dynamic input dimension, such as the batch, as in this call's inputs)."""
+        if not isinstance(seed, torch.Tensor):
+            raise DynlrpInputError(
+                f"seed= must be a tensor shaped like the explained output {self.spec.output_name!r}, got "
+                f"{type(seed).__name__}"
+            )
+        if not seed.dtype.is_floating_point:
+            raise DynlrpInputError(
+                f"seed= must be a floating tensor (relevance values), got dtype {seed.dtype}; e.g. a one-hot "
+                "seed as float: torch.nn.functional.one_hot(t, n).float()"
+            )
+        shape = self.spec.output_shape
+        if shape is not None:
+            sizes = {w: int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d, w in enumerate(s.shape)
+                     if _named(w)}
+            want = [d if isinstance(d, int) else sizes.get(d) for d in shape]
+            if seed.ndim != len(want) or any(w is not None and int(seed.shape[d]) != w for d, w in enumerate(want)):
+                shown = tuple(w if w is not None else d for w, d in zip(want, shape))
+                raise DynlrpInputError(
+                    f"seed= has shape {tuple(seed.shape)}; expected the explained output's shape {shown} (one seed "
+                    f"per output entry of every sample, output {self.spec.output_name!r})"
+                )
+        return seed.detach()
 
     def _check_extra(self, mode: str, extra: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         """Shape and dtype of the target/seed tensor against the file's spec (loaded explainers)."""
@@ -293,9 +339,7 @@ class CallPath:
         if seed is None:
             mode, extra = "target", self.target_tensor(target, batch, device)
         else:
-            if not isinstance(seed, torch.Tensor):
-                raise DynlrpInputError("seed= must be a tensor shaped like the explained output")
-            mode, extra = "seed", seed.detach()
+            mode, extra = "seed", self.seed_tensor(seed, tensors)
         self._check_extra(mode, extra, tensors)
         outs, names = self.runner(mode, tensors, extra, batch)
         return self.unpack(outs, names)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import operator
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import DynlrpUnsupportedOpError
+from ..errors import DynlrpInputError, DynlrpUnsupportedOpError
 from ..rules.composite import NodeInfo
 from ..rules.table import classify, lookup
 from . import nonnegative
@@ -77,6 +79,7 @@ def assign_rules(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.Grap
     _mark_first_layers(gm)
     nonneg = nonnegative.nonnegative_nodes(gm)
     uncovered: dict[str, list[str]] = {}
+    used: set = set()  # composite entries that chose a rule
     for node in gm.graph.nodes:
         ann = node.meta.get("dynlrp")
         if ann is None or not ann.relevant or node.op != "call_function" or node.target is operator.getitem:
@@ -94,8 +97,10 @@ def assign_rules(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.Grap
         slot_nodes = dict(tensor_slots(node))
         ann.extra["nonneg_slots"] = tuple(s for s in ann.slots if slot_nodes.get(s) in nonneg)
         info = NodeInfo(node.name, node.target, ann.rule_class, ann.module_path, _module_types(root, node), ann.first_layer)
-        ann.rule = composite.rule_for(info)
+        ann.rule = composite.rule_for(info, used)
     ctx.uncovered = uncovered
+    if getattr(composite, "check_matches", False) and ctx.strict:
+        _check_matches(gm, composite, used)
     if uncovered and ctx.strict:
         lines = [f"  {op}  (used by: {', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''})" for op, paths in uncovered.items()]
         raise DynlrpUnsupportedOpError(
@@ -108,3 +113,23 @@ def assign_rules(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.Grap
         )
     return gm
 
+
+def _check_matches(gm: torch.fx.GraphModule, composite, used: set) -> None:
+    """A ``by_path`` glob matching no module of the model is an error (a typo would silently drop its rule); an
+    entry that matched modules or ops but chose no rule (the rule fits none of their rule classes) warns."""
+    paths = {str(p) for n in gm.graph.nodes for p, _t in (n.meta.get("nn_module_stack") or {}).values()}
+    paths.discard("")
+    for table, key in composite.unused(used):
+        if table == "by_path" and not any(fnmatch.fnmatchcase(p, key) for p in paths):
+            shown = sorted(paths)[:30]
+            raise DynlrpInputError(
+                f"Composite by_path {key!r} matches no module of this model, so its rule would never apply. Module "
+                f"paths: {', '.join(shown)}{' ...' if len(paths) > 30 else ''} (names from model.named_modules(); "
+                "globs like 'encoder.layer.*.attention')"
+            )
+        rule = getattr(composite, table)[key]
+        warnings.warn(
+            f"Composite {table}[{key!r}] = {rule!r} chose the rule of no node in this model (no matching "
+            f"{'module' if table != 'by_op' else 'op'}, or none of rule class {sorted(rule.classes)})",
+            stacklevel=2,
+        )

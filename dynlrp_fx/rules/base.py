@@ -12,6 +12,7 @@ Notation used in the rule docstrings: ``z = f(x_1, ..., x_n)`` is the op's outpu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,10 +25,23 @@ __all__ = [
     "stabilize",
     "safe_divide",
     "batched_matmul",
+    "nonnegative_number",
 ]
 
 #: an operand position: ``(i,)`` for ``args[i]``, ``(i, j)`` for ``args[i][j]`` (tensor lists), ``("kw", name)``.
 Slot = tuple
+
+
+def nonnegative_number(value: Any, what: str) -> float:
+    """``float(value)`` for a rule parameter that must be a finite number ``>= 0`` (an epsilon, a stabiliser, a
+    gamma); ``ValueError`` naming the parameter otherwise (a NaN epsilon would make every relevance NaN)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return v
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,6 +12,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from .base import Rule
 from .core import (
     AttnLRPAttention,
@@ -84,6 +86,12 @@ class Composite:
     canonizers: graph canonicalisation passes the explainer runs before assigning rules: ``"fold_batchnorm"``
         folds eval-mode batch norm into the preceding convolution/linear op (Zennit's ``MergeBatchNorm``).
     name: shown in ``rule_table()`` and saved with exported programs.
+    check_matches: when compiling, a ``by_path`` glob that matches no module of the model raises
+        :class:`~dynlrp_fx.DynlrpInputError` (a typo would make its rule disappear), and ``by_path`` / ``by_op`` /
+        ``by_module_type`` entries that no node uses warn. The presets, written for any model, turn it off.
+
+    Raises ``ValueError`` (at construction) for an unknown rule class, an op name that is no ATen op, a module type
+    that is not an ``nn.Module`` subclass, or a value that is not a :class:`~dynlrp_fx.rules.Rule`.
     """
 
     class_rules: dict[str, Rule] = field(default_factory=default_class_rules)
@@ -94,8 +102,14 @@ class Composite:
     name: str = "custom"
     first_layer_types: tuple | None = None
     canonizers: tuple = ()
+    check_matches: bool = True
 
     def __post_init__(self):
+        from .table import RULE_CLASSES
+
+        bad = [k for k in self.class_rules if k not in RULE_CLASSES]
+        if bad:
+            raise ValueError(f"Composite: unknown rule classes {bad}; rule classes are {list(RULE_CLASSES)}")
         merged = default_class_rules()
         merged.update(self.class_rules)
         self.class_rules = merged
@@ -103,23 +117,72 @@ class Composite:
         unknown = [c for c in self.canonizers if c not in CANONIZERS]
         if unknown:
             raise ValueError(f"Composite: unknown canonizers {unknown}; available: {list(CANONIZERS)}")
+        for op in self.by_op:
+            if isinstance(op, str) and _resolve_op_name(op) is None:
+                raise ValueError(
+                    f"Composite: by_op key {op!r} is no ATen op overload of this torch (write e.g. "
+                    "'aten.convolution.default' or torch.ops.aten.convolution.default)"
+                )
+        for t in self.by_module_type:
+            if not (isinstance(t, type) and issubclass(t, nn.Module)) and not (
+                isinstance(t, tuple) and all(isinstance(x, type) and issubclass(x, nn.Module) for x in t)
+            ):
+                raise ValueError(f"Composite: by_module_type key {t!r} is not an nn.Module subclass")
+        for where, table in (("class_rules", self.class_rules), ("by_op", self.by_op),
+                             ("by_module_type", self.by_module_type), ("by_path", self.by_path)):
+            for key, rule in table.items():
+                if not isinstance(rule, Rule):
+                    raise ValueError(f"Composite: {where}[{key!r}] is {rule!r}, not a dynlrp_fx.rules.Rule")
+        if self.first_layer is not None and not isinstance(self.first_layer, Rule):
+            raise ValueError(f"Composite: first_layer is {self.first_layer!r}, not a dynlrp_fx.rules.Rule")
 
-    def rule_for(self, info: NodeInfo) -> Rule:
-        """The rule for a node, by precedence path glob > first layer > module type > op > class default."""
+    def rule_for(self, info: NodeInfo, used: set | None = None) -> Rule:
+        """The rule for a node, by precedence path glob > first layer > module type > op > class default.
+
+        ``used`` collects ``(table, key)`` of the entries that chose a rule (see :meth:`unused`)."""
 
         def fits(rule: Rule) -> bool:
             return info.rule_class in rule.classes
 
+        def chosen(table: str, key: Any, rule: Rule) -> Rule:
+            if used is not None:
+                used.add((table, key))
+            return rule
+
         for pattern, rule in self.by_path.items():
             if info.module_path and fnmatch.fnmatchcase(info.module_path, pattern) and fits(rule):
-                return rule
+                return chosen("by_path", pattern, rule)
         if info.first_layer and self.first_layer is not None and fits(self.first_layer):
             if self.first_layer_types is None or _inside(info, tuple(self.first_layer_types)):
                 return self.first_layer
         for mtype, rule in self.by_module_type.items():
             if _inside(info, mtype) and fits(rule):
-                return rule
+                return chosen("by_module_type", mtype, rule)
         for op, rule in self.by_op.items():
             if (op is info.op or str(op) == str(info.op)) and fits(rule):
-                return rule
+                return chosen("by_op", op, rule)
         return self.class_rules[info.rule_class]
+
+    def unused(self, used: set) -> list[tuple[str, Any]]:
+        """The ``by_path`` / ``by_module_type`` / ``by_op`` entries not in ``used`` (collected by :meth:`rule_for`)."""
+        return [
+            (table, key)
+            for table in ("by_path", "by_module_type", "by_op")
+            for key in getattr(self, table)
+            if (table, key) not in used
+        ]
+
+
+def _resolve_op_name(name: str) -> Any:
+    """``"aten.convolution.default"`` (or ``torch.ops.aten...``) -> the op overload, or ``None``."""
+    import torch
+
+    parts = name.removeprefix("torch.ops.").split(".")
+    if len(parts) != 3:
+        return None
+    obj: Any = torch.ops
+    for p in parts:
+        obj = getattr(obj, p, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch._ops.OpOverload) else None

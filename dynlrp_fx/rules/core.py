@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .base import Rule, RuleContext, batched_matmul, safe_divide
+from .base import Rule, RuleContext, batched_matmul, nonnegative_number, safe_divide
 from .table import facts
 
 __all__ = [
@@ -54,7 +54,7 @@ class Epsilon(Rule):
     classes = LINEAR
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
         s = [safe_divide(r, z, self.epsilon) for r, z in zip(ctx.relevances, ctx.outputs)]
@@ -171,7 +171,7 @@ class AttnLRPAttention(Rule):
     classes = frozenset({"sdpa"})
 
     def __init__(self, epsilon: float = 1e-6, cp: bool = False):
-        self.epsilon = float(epsilon)
+        self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
         self.cp = bool(cp)
 
     def relevance(self, ctx: RuleContext):
@@ -266,7 +266,7 @@ class NormAffine(Rule):
     classes = frozenset({"layernorm"})
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
         r = ctx.relevances[0]
@@ -304,7 +304,7 @@ class NormEpsilon(Rule):
     classes = frozenset({"layernorm"})
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
         opname = ctx.op._opname

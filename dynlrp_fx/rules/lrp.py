@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .base import Rule, RuleContext, Slot, batched_matmul, safe_divide, stabilize
+from .base import Rule, RuleContext, Slot, batched_matmul, nonnegative_number, safe_divide, stabilize
 from .core import LINEAR, Epsilon, Route, _sum_to
 from .table import lookup
 
@@ -120,7 +120,7 @@ class _ModifiedLinear(Rule):
     conservative = False
 
     def __init__(self, stabilizer: float = 1e-6):
-        self.stabilizer = float(stabilizer)
+        self.stabilizer = nonnegative_number(stabilizer, f"{type(self).__name__}: stabilizer")
 
     def relevance(self, ctx: RuleContext):
         parts = linear_parts(ctx)
@@ -166,7 +166,7 @@ class Gamma(_ModifiedLinear):
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
         super().__init__(stabilizer)
-        self.gamma = float(gamma)
+        self.gamma = nonnegative_number(gamma, f"{type(self).__name__}: gamma")
 
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         g = self.gamma
@@ -379,7 +379,7 @@ class CPBilinear(Rule):
     classes = frozenset({"bilinear"})
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
         factors = [s for s in ctx.slots if s in ctx.factors]
@@ -408,7 +408,7 @@ class AbsProportional(Rule):
     classes = LINEAR
 
     def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
+        self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
         name = getattr(ctx.op, "_opname", "")
