@@ -13,6 +13,9 @@ stores AOTInductor-compiled kernels (``torch._inductor.aoti_load_package(path)``
 runtime can load it with ``AOTIModelPackageLoader``). The batch dimension and any other dimension that was
 dynamic at compile time stay dynamic.
 
+:func:`load` treats the file as untrusted: it checks the archive before torch reads it and never unpickles anything
+but plain tensors (see ``_check_archive``); ``package="aoti"`` files are native code and are trusted by design.
+
 Graph calling convention (both modes): ``(*input tensors, target_or_seed) -> (output, seed_total (B,),
 absorbed (B,), *input relevances, *parameter relevances, *captured relevances)`` (the last two only with
 ``compile(params=..., capture=...)``); the target is ``(B,)`` int64 with ``-1`` = argmax.
@@ -24,8 +27,14 @@ Tested with torch 2.14 only. The archive API (``package_pt2``/``load_pt2``) is l
 
 from __future__ import annotations
 
+import ast
+import builtins
+import functools
 import importlib
+import io
 import json
+import math
+import operator
 import os
 import re
 import tempfile
@@ -247,8 +256,11 @@ def export(
 
     Raises
     ------
-    DynlrpError: the graph could not be re-exported, or the explainer has non-tensor inputs that cannot be stored.
+    DynlrpError: ``explainer`` is not a compiled explainer (e.g. a :class:`LoadedExplainer` or a plain model), the
+        graph could not be re-exported, or the explainer has non-tensor inputs that cannot be stored.
     """
+    if not isinstance(explainer, Explainer):
+        raise _not_an_explainer(explainer)
     if package not in PACKAGES:
         raise ValueError(f"package must be one of {PACKAGES}, got {package!r}")
     modes = tuple(modes)
@@ -285,6 +297,25 @@ def export(
     return path
 
 
+def _not_an_explainer(obj: Any) -> DynlrpError:
+    if isinstance(obj, LoadedExplainer):
+        return DynlrpError(
+            f"dynlrp.export needs the live explainer from dynlrp.compile; got a LoadedExplainer (from "
+            f"dynlrp.load({obj.path!r})), which holds only the exported program, not the graphs export re-exports. "
+            "To get another copy of the file, copy it (shutil.copyfile); to export with other options (package=, "
+            "modes=), compile the model again with dynlrp.compile and export that explainer."
+        )
+    if isinstance(obj, nn.Module):
+        return DynlrpError(
+            f"dynlrp.export needs a compiled explainer, got the model {type(obj).__name__}: export "
+            "dynlrp.compile(model, example_inputs) instead."
+        )
+    return DynlrpError(
+        f"dynlrp.export needs the explainer returned by dynlrp.compile, got {type(obj).__name__}: export "
+        "dynlrp.compile(model, example_inputs) instead."
+    )
+
+
 def _aoti_files(ep: torch.export.ExportedProgram, out_dir: str, configs: dict[str, Any] | None) -> list:
     """AOTInductor-compile one program into package files (what ``aoti_compile_and_package`` does per model)."""
     try:
@@ -301,46 +332,125 @@ def _aoti_files(ep: torch.export.ExportedProgram, out_dir: str, configs: dict[st
     return files
 
 
-# -- loading --------------------------------------------------------------------------------------------------------
-def _read_metadata(path: str) -> tuple[dict, str]:
-    """The dynlrp metadata of ``path``; :class:`DynlrpLoadError` for anything that is not an intact dynlrp file."""
+# -- loading: the archive ------------------------------------------------------------------------------------------
+class _Archive:
+    """A ``.pt2`` file read into memory once: :func:`load` checks these bytes and hands the same bytes to torch, so
+    the file cannot change between the check and the load. Member names are relative to the archive's root folder
+    and looked up case-insensitively, as torch's reader (miniz) does."""
+
+    def __init__(self, path: str, data: bytes, zf: zipfile.ZipFile, root: str):
+        self.path, self.data, self.zf, self.root = path, data, zf, root
+        self.names = [i.filename[len(root) + 1 :] for i in zf.infolist()]
+        self._by_lower = {n.lower(): root + "/" + n for n in self.names}
+
+    def has(self, name: str) -> bool:
+        return name.lower() in self._by_lower
+
+    def read(self, name: str) -> bytes:
+        return self.zf.read(self._by_lower[name.lower()])
+
+    def actual(self, name: str) -> str:
+        """The member's name as spelled in the archive."""
+        return self._by_lower[name.lower()][len(self.root) + 1 :]
+
+
+def _read_metadata(path: str) -> tuple[dict, _Archive]:
+    """The dynlrp metadata of ``path`` and the file's bytes; :class:`DynlrpLoadError` for anything that is not an
+    intact dynlrp file."""
     if not os.path.isfile(path):
         raise DynlrpLoadError(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise DynlrpLoadError(f"{path}: cannot be read ({e})") from None
+    head = data[:4]
     if head != b"PK\x03\x04":
         raise DynlrpLoadError(
             f"{path}: not a dynlrp file: it is not a .pt2 (zip) archive at all (starts with {head!r}). Write one "
             "with dynlrp.export(explainer, path) or `dynlrp export`."
         )
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            meta_name = next(
-                (n for n in names if n.endswith("/extra/" + _META_NAME) or n == "extra/" + _META_NAME), None
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        meta_name = next((n for n in names if n.endswith("/extra/" + _META_NAME) or n == "extra/" + _META_NAME), None)
+        if meta_name is None:
+            raise DynlrpLoadError(
+                f"{path}: not a dynlrp file: a .pt2 archive without extra/{_META_NAME} (a plain torch.export "
+                "or AOTInductor file?). Load it with torch.export.load / torch._inductor.aoti_load_package, "
+                "or export the explainer with dynlrp.export."
             )
-            if meta_name is None:
-                raise DynlrpLoadError(
-                    f"{path}: not a dynlrp file: a .pt2 archive without extra/{_META_NAME} (a plain torch.export "
-                    "or AOTInductor file?). Load it with torch.export.load / torch._inductor.aoti_load_package, "
-                    "or export the explainer with dynlrp.export."
-                )
-            bad = zf.testzip()
-            if bad is not None:
-                raise DynlrpLoadError(f"{path}: corrupt file: member {bad!r} fails its CRC check. Re-export it.")
-            raw = zf.read(meta_name)
+        bad = zf.testzip()
+        if bad is not None:
+            raise DynlrpLoadError(f"{path}: corrupt file: member {bad!r} fails its CRC check. Re-export it.")
+        raw = zf.read(meta_name)
     except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
         raise DynlrpLoadError(
-            f"{path}: truncated or corrupt file ({os.path.getsize(path)} bytes; {e}). It starts like a .pt2 "
+            f"{path}: truncated or corrupt file ({len(data)} bytes; {e}). It starts like a .pt2 "
             "archive but its zip directory cannot be read: the copy is incomplete. Copy or export it again."
         ) from None
+    archive = _Archive(path, data, zf, _archive_root(path, infos))
+    if meta_name != f"{archive.root}/extra/{_META_NAME}":
+        raise _unsafe(path, meta_name, f"is not in the archive's root folder {archive.root!r}")
     try:
         meta = json.loads(raw)
     except ValueError as e:
         raise DynlrpLoadError(f"{path}: corrupt file: {meta_name} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != "dynlrp-fx":
         raise DynlrpLoadError(f"{path}: not a dynlrp file: {meta_name} does not describe a dynlrp-fx program")
-    return meta, meta_name
+    return meta, archive
+
+
+def _unsafe(path: str, member: str, why: str) -> DynlrpLoadError:
+    return DynlrpLoadError(
+        f"{path}: refused: archive member {member!r} {why}. dynlrp.load only reads plain tensors and JSON and never "
+        "runs code stored in a file; this file was not written by dynlrp.export or was modified afterwards. "
+        "Re-export it from the live explainer with dynlrp.export, and do not open it with torch.export.load, "
+        "torch.load or pickle either."
+    )
+
+
+def _archive_root(path: str, infos: list[zipfile.ZipInfo]) -> str:
+    """The archive's root folder (torch's reader takes it from the first member and requires it of all), checking
+    that every member name is unique case-insensitively (torch looks names up case-insensitively) and means the
+    same to Python's zipfile as to torch's reader."""
+    if not infos:
+        raise DynlrpLoadError(f"{path}: corrupt file: an empty zip archive. Re-export it.")
+    root = infos[0].filename.split("/", 1)[0]
+    seen: set[str] = set()
+    for info in infos:
+        name = info.filename
+        if info.orig_filename != name or "\\" in name or not name.startswith(root + "/"):
+            raise _unsafe(path, info.orig_filename, f"is not a plain name inside the archive's root folder {root!r}")
+        if name.lower() in seen:
+            raise _unsafe(path, name, "appears twice (names compared case-insensitively, as torch reads them)")
+        seen.add(name.lower())
+    return root
+
+
+def _check_layout(path: str, meta: dict) -> None:
+    """The metadata entries :func:`load` needs before it reads the programs: a known package and known modes."""
+    what = "re-export it with dynlrp.export, or upgrade dynlrp-fx if a newer release wrote it"
+    package = meta.get("package")
+    if package not in PACKAGES:
+        found = "has no 'package' entry" if "package" not in meta else f"names package {package!r}"
+        raise DynlrpLoadError(
+            f"{path}: corrupt file: its dynlrp metadata {found}; this dynlrp-fx reads packages "
+            f"{', '.join(map(repr, PACKAGES))}. The file is damaged or not from dynlrp.export: {what}."
+        )
+    modes = meta.get("modes")
+    if not isinstance(modes, list) or not modes:
+        raise DynlrpLoadError(
+            f"{path}: corrupt file: its dynlrp metadata has no list of seed modes ('modes': {modes!r}); {what}."
+        )
+    for m in modes:
+        if m not in MODES or modes.count(m) > 1:
+            why = f"lists the seed mode {m!r} twice" if m in MODES else f"lists an unknown seed mode {m!r}"
+            raise DynlrpLoadError(
+                f"{path}: corrupt file: its dynlrp metadata {why}; this dynlrp-fx knows the modes "
+                f"{', '.join(map(repr, MODES))}. {what[0].upper()}{what[1:]}."
+            )
 
 
 def _check_versions(path: str, meta: dict) -> None:
@@ -363,6 +473,291 @@ def _check_versions(path: str, meta: dict) -> None:
             f"{path}: incompatible torch version: written with torch {saved}, newer than this torch {here}; "
             "torch.export files cannot be read by an older torch. Upgrade torch or re-export with this one."
         )
+
+
+# -- loading: what a file may contain -------------------------------------------------------------------------------
+# torch's load_pt2 unpickles, for every program ``models/<name>.json``: ``data/sample_inputs/<name>.pt`` (torch.load,
+# retried with weights_only=False), every weight/constant whose config entry says ``use_pickle`` (weights_only=False),
+# the legacy ``data/weights/<name>.pt`` / ``data/constants/<name>.pt`` (same retry), ``custom_obj_*`` constants
+# (TorchScript unpickler) and ``opaque_obj_*`` constants (pickle.loads). Its deserializer also evaluates every
+# ``expr_str`` with sympy.sympify (Python eval) and generates and exec()s Python code for each graph from the node,
+# input and argument names in the JSON; ExportedProgram.module() exec()s the file's ``guards_code``. _check_archive
+# refuses all of these before torch reads the file; _check_graph refuses call targets that are not operators.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_DOTTED = re.compile(r"(?:[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?\Z")  # module paths, op names; "" = the root
+_RECORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_PROGRAM = re.compile(r"models/([A-Za-z_][A-Za-z0-9_]*)\.json\Z")
+_SYM_STRING = re.compile(r"[A-Za-z0-9_.+\-]*\Z")  # Symbol('s0'), Float('0.5')
+_NAME_KEYS = frozenset({"name", "as_name", "forward_arg_names"})  # become Python identifiers in generated code
+_MAX_EXPR = 20_000
+
+
+def _check_archive(path: str, meta: dict, arc: _Archive) -> None:
+    """Refuse, before torch reads anything, every member that torch would unpickle or evaluate as code."""
+    programs = []
+    for name in arc.names:
+        if name.startswith("models/"):
+            m = _PROGRAM.match(name)
+            if m is None:
+                raise _unsafe(path, name, "is not a program file models/<identifier>.json")
+            programs.append(m.group(1))
+        elif name.startswith("data/aotinductor/") and meta["package"] != "aoti":
+            raise _unsafe(path, name, "is compiled AOTInductor code in a file whose metadata says package='exported'")
+    for prog in programs:
+        for legacy in (f"data/weights/{prog}.pt", f"data/constants/{prog}.pt"):
+            if arc.has(legacy):
+                raise _unsafe(
+                    path, arc.actual(legacy), "is a pickled (legacy-format) state file; dynlrp.export never writes one"
+                )
+        _check_payload_config(path, arc, f"data/weights/{prog}_weights_config.json", "data/weights/", "weight_")
+        _check_payload_config(path, arc, f"data/constants/{prog}_constants_config.json", "data/constants/", "tensor_")
+        if arc.has(f"data/sample_inputs/{prog}.pt"):
+            _check_tensor_file(path, arc, f"data/sample_inputs/{prog}.pt")
+        _check_program_json(path, arc, f"models/{prog}.json")
+
+
+def _check_payload_config(path: str, arc: _Archive, member: str, folder: str, prefix: str) -> None:
+    """A weights/constants config: every entry a raw tensor record (``use_pickle`` false), no pickled objects."""
+    if not arc.has(member):
+        return  # torch refuses the file itself
+    member = arc.actual(member)
+    try:
+        config = json.loads(arc.read(member))
+    except ValueError as e:
+        raise _unsafe(path, member, f"is not valid JSON ({e})") from None
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise _unsafe(path, member, "is not a tensor payload config ({'config': {...}})")
+    for fqn, entry in entries.items():
+        if not _DOTTED.match(fqn) or not isinstance(entry, dict):
+            raise _unsafe(path, member, f"has a malformed entry {fqn!r}")
+        if entry.get("use_pickle") is not False:
+            raise _unsafe(
+                path,
+                member,
+                f"marks {fqn!r} as pickled (use_pickle: {entry.get('use_pickle')!r}); torch would "
+                "unpickle it with weights_only=False, which can run arbitrary code",
+            )
+        record = entry.get("path_name")
+        if not isinstance(record, str) or not _RECORD.match(record) or not record.startswith(prefix):
+            raise _unsafe(
+                path,
+                member,
+                f"stores {fqn!r} as {record!r}, not a raw tensor record {folder}{prefix}<n> "
+                "(pickled and script objects are refused)",
+            )
+        if entry.get("tensor_meta") is None:
+            raise _unsafe(path, member, f"has no tensor metadata for {fqn!r}")
+
+
+def _check_tensor_file(path: str, arc: _Archive, member: str) -> None:
+    """A torch.save file that torch.load(weights_only=True) accepts (tensors and containers only). torch's own
+    loader would retry a refused file with weights_only=False."""
+    raw, member = arc.read(member), arc.actual(member)
+    if not raw:
+        return
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any refusal of the restricted unpickler
+        raise _unsafe(
+            path,
+            member,
+            f"is not a plain tensor file: torch.load(weights_only=True) refuses it ({_unpickler_reason(e)}), and "
+            "torch's own loader would retry it with weights_only=False, which can run arbitrary code",
+        ) from None
+    if not isinstance(value, (tuple, dict)):
+        raise _unsafe(path, member, f"holds a {type(value).__name__}, not the tuple of example inputs")
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The gist of a torch.load refusal (torch's message goes on to suggest weights_only=False)."""
+    msg = str(e)
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: Please|\n|$)", msg)
+    text = m.group(1) if m else (msg.strip().splitlines() or [""])[0]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()[:200]  # torch's terminal bold
+    return f"{type(e).__name__}: {text}"
+
+
+def _check_program_json(path: str, arc: _Archive, member: str) -> None:
+    """The serialized program: names that become Python code are identifiers, symbolic expressions (evaluated by
+    sympy.sympify) are plain arithmetic, and no string breaks out of the generated code's lines."""
+    try:
+        doc = json.loads(arc.read(member))
+    except ValueError as e:
+        raise _unsafe(path, member, f"is not valid JSON ({e})") from None
+    try:
+        _check_json(doc, None, lambda why: _unsafe(path, member, why))
+    except RecursionError:
+        raise _unsafe(path, member, "is nested too deeply") from None
+
+
+def _check_json(obj: Any, key: str | None, fail) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not _DOTTED.match(k):
+                raise fail(f"has the key {k[:80]!r}, not an identifier or module path")
+            _check_json(v, k, fail)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_json(v, key, fail)
+    elif isinstance(obj, str):
+        _check_json_string(obj, key, fail)
+
+
+def _check_json_string(s: str, key: str | None, fail) -> None:
+    if "\x00" in s or "\r" in s:
+        raise fail(f"has a control character in its {key!r} entry")
+    if key == "expr_str":
+        _check_sym_expr(s, fail)
+    elif key in _NAME_KEYS:
+        if not _IDENT.match(s):
+            raise fail(f"has the {key!r} {s[:80]!r}, which is not a Python identifier")
+    elif key in ("target", "fqn") or (key or "").endswith(("_name", "_names")):
+        if not _DOTTED.match(s):
+            raise fail(f"has the {key!r} {s[:80]!r}, which is not an operator name or module path")
+    elif key in ("in_spec", "out_spec"):
+        _check_treespec(s, key, fail)
+    elif key not in ("stack_trace", "guards_code") and "\n" in s:  # guards_code is never run (check_guards=False)
+        raise fail(f"has a line break in its {key!r} entry")
+
+
+def _check_treespec(s: str, key: str, fail) -> None:
+    """A pytree spec: its type names and dict keys end up in generated code."""
+    try:
+        spec = json.loads(s)
+    except ValueError:
+        raise fail(f"has an unreadable {key!r}") from None
+
+    def walk(o: Any) -> None:
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if k == "context" and isinstance(v, str):
+                    try:
+                        walk_context(json.loads(v))
+                    except ValueError:
+                        raise fail(f"has an unreadable context in its {key!r}") from None
+                elif k == "type" and v is not None and not (isinstance(v, str) and _DOTTED.match(v)):
+                    raise fail(f"names the type {str(v)[:80]!r} in its {key!r}")
+                else:
+                    walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    def walk_context(o: Any) -> None:
+        if isinstance(o, str):
+            if not _DOTTED.match(o):
+                raise fail(f"has the key {o[:80]!r} in its {key!r}, not an identifier")
+        elif isinstance(o, (list, dict)):
+            for v in o if isinstance(o, list) else [*o.keys(), *o.values()]:
+                walk_context(v)
+
+    walk(spec)
+
+
+@functools.lru_cache(maxsize=1)
+def _sympy_names() -> tuple[frozenset[str], frozenset[str]]:
+    """``(sympy classes and constants, every other name in scope)`` for an expression given to sympy.sympify,
+    which evaluates the text with Python's eval among sympy's exports and the builtins (other names become
+    Symbols)."""
+    import sympy
+    import torch.utils._sympy.functions as torch_sympy
+
+    ok = set()
+    for mod in (sympy, torch_sympy):
+        for n in dir(mod):
+            v = getattr(mod, n, None)
+            if (isinstance(v, type) and issubclass(v, sympy.Basic)) or isinstance(v, sympy.Basic):
+                ok.add(n)
+    scope = set(dir(builtins)) | set(getattr(sympy, "__all__", ())) | set(dir(sympy))
+    return frozenset(ok), frozenset(scope - ok)
+
+
+_SYM_NODES = (
+    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.Tuple, ast.List, ast.BinOp,
+    ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
+    ast.BitAnd, ast.BitOr, ast.BitXor, ast.LShift, ast.RShift, ast.USub, ast.UAdd, ast.Not, ast.Invert, ast.And,
+    ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
+)  # fmt: skip
+
+
+def _check_sym_expr(s: str, fail) -> None:
+    """A symbolic shape expression as torch writes it (``srepr``: ``Mul(Integer(2), Symbol('s0', integer=True))``):
+    calls of sympy classes on numbers, symbol names and arithmetic; no attributes, subscripts, lambdas or builtins."""
+    why = None
+    if len(s) > _MAX_EXPR:
+        why = "is too long"
+    else:
+        try:
+            tree = ast.parse(s, mode="eval")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            tree, why = None, "is not an expression"
+        if tree is not None:
+            ok, banned = _sympy_names()
+            for node in ast.walk(tree):
+                if not isinstance(node, _SYM_NODES):
+                    why = f"contains {type(node).__name__}"
+                elif isinstance(node, ast.Name) and (node.id.startswith("_") or node.id in banned):
+                    why = f"uses the name {node.id!r}"
+                elif isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in ok):
+                    why = f"calls {ast.unparse(node.func)[:40]!r}, not a sympy class"
+                elif isinstance(node, ast.keyword) and (node.arg is None or node.arg.startswith("_")):
+                    why = "has a ** or private keyword argument"
+                elif isinstance(node, ast.Constant) and not (
+                    node.value is None
+                    or isinstance(node.value, (bool, int, float))
+                    or (isinstance(node.value, str) and _SYM_STRING.match(node.value))
+                ):
+                    why = f"has the constant {str(node.value)[:40]!r}"
+                if why:
+                    break
+    if why:
+        raise fail(f"has a symbolic expression that {why} (sympy evaluates it as Python code): {s[:120]!r}")
+
+
+#: Python-level call targets a deserialized graph may hold besides operators (torch's symbolic-shape ops, getitem)
+_PY_TARGETS = frozenset(
+    {
+        *(getattr(operator, n) for n in (
+            "eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub", "floordiv", "mod", "pow",
+            "truediv", "and_", "or_", "lshift", "rshift", "getitem",
+        )),
+        math.trunc, torch.sym_not, torch.sym_int, torch.sym_float, torch.sym_ite, torch.sym_max, torch.sym_min,
+        *(f for f in (getattr(torch, "sym_sqrt", None),) if f is not None),
+    }
+)  # fmt: skip
+#: operators with file, network or process side effects that a relevance graph never calls
+_DENIED_OPS = frozenset({"aten::save", "aten::from_file"})
+_DENIED_NAMESPACES = frozenset({"c10d", "c10d_functional", "_c10d_functional", "_c10d_functional_autograd", "symm_mem"})
+
+
+def _check_graph(path: str, name: str, gm: torch.nn.Module) -> None:
+    """Every node of the deserialized program (and of its subgraphs) calls an operator, not arbitrary Python."""
+    for _, sub in gm.named_modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            where = f"models/{name}.json"
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.op == "get_attr":
+                if not (isinstance(node.target, str) and _DOTTED.match(node.target)):
+                    raise _unsafe(path, where, f"reads the attribute {str(node.target)[:80]!r}")
+                continue
+            target = node.target
+            if node.op != "call_function":
+                raise _unsafe(path, where, f"has a {node.op!r} node ({str(target)[:80]}); only operators are allowed")
+            if isinstance(target, torch._ops.OpOverload):
+                qual = target._schema.name
+                if qual in _DENIED_OPS or qual.split("::", 1)[0] in _DENIED_NAMESPACES:
+                    raise _unsafe(path, where, f"calls {qual}, an operator with file or network side effects")
+            elif not (isinstance(target, torch._ops.HigherOrderOperator) or target in _PY_TARGETS):
+                raise _unsafe(
+                    path,
+                    where,
+                    f"calls {getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}, "
+                    "which is not an operator (torch.ops.*)",
+                )
 
 
 class LoadedExplainer:
@@ -433,39 +828,63 @@ class LoadedExplainer:
 def load(path: str | os.PathLike) -> LoadedExplainer:
     """Load a file written by :func:`export`; the result is called like the explainer and returns Explanations.
 
+    Nothing stored in the file is executed: the archive is read into memory and checked before torch sees it (no
+    pickled weights, constants or objects; example inputs only if ``torch.load(weights_only=True)`` accepts them;
+    program JSON whose names and symbolic expressions cannot turn into code), and the loaded graphs may only call
+    operators. ``package="aoti"`` files are compiled native code, which loading runs by design: load those only from
+    sources you trust.
+
     Raises
     ------
     DynlrpLoadError: the file is missing, not a dynlrp file, truncated or corrupt, written by an incompatible
-        torch or dynlrp-fx version, or cannot be deserialised. Calling the result with inputs of the wrong rank,
-        dtype or shape raises it too.
+        torch or dynlrp-fx version, holds content that could run code (pickles, code in the program JSON), or
+        cannot be deserialised. Calling the result with inputs of the wrong rank, dtype or shape raises it too.
     """
     path = os.fspath(path)
-    meta, _ = _read_metadata(path)
+    meta, archive = _read_metadata(path)
     _check_versions(path, meta)
+    _check_layout(path, meta)
+    _check_archive(path, meta, archive)
     _, load_pt2 = _archive_api()
     try:
-        contents = load_pt2(path)
+        contents = load_pt2(io.BytesIO(archive.data))  # the bytes just checked, not the file again
     except Exception as e:  # noqa: BLE001 - any deserialisation failure
         raise DynlrpLoadError(
-            f"{path}: the {meta.get('package')} program could not be deserialised by torch {torch.__version__} "
+            f"{path}: the {meta['package']} program could not be deserialised by torch {torch.__version__} "
             f"(written with torch {meta.get('torch_version')}): {type(e).__name__}: {e}"
         ) from e
     programs = {}
-    for mode in meta.get("modes", []):
+    for mode in meta["modes"]:
         name = _MODEL_NAMES[mode]
         if meta["package"] == "aoti":
-            runner = contents.aoti_runners.get(name)
-            programs[mode] = runner
+            programs[mode] = contents.aoti_runners.get(name)
         else:
             ep = contents.exported_programs.get(name)
-            programs[mode] = ep.module() if ep is not None else None
+            programs[mode] = _program_module(path, name, ep) if ep is not None else None
         if programs[mode] is None:
             raise DynlrpLoadError(
                 f"{path}: corrupt file: the {mode!r} program ({name}) listed in the metadata is missing"
             )
     try:
         return LoadedExplainer(path, meta, programs)
-    except (KeyError, TypeError, ValueError, NotImplementedError) as e:
+    except (KeyError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
         raise DynlrpLoadError(
             f"{path}: corrupt file: its dynlrp metadata is incomplete or unreadable ({type(e).__name__}: {e})"
         ) from e
+
+
+def _program_module(path: str, name: str, ep: torch.export.ExportedProgram) -> torch.nn.Module:
+    """The callable module of a checked program. ``check_guards=False``: the guard function torch would build
+    exec()s the file's ``guards_code`` strings; inputs are checked by the call path and the range constraints."""
+    _check_graph(path, name, ep.graph_module)
+    try:
+        try:
+            module = ep.module(check_guards=False)
+        except TypeError:  # older torch: no check_guards (and no guards_code)
+            module = ep.module()
+    except Exception as e:  # noqa: BLE001 - any unlifting failure
+        raise DynlrpLoadError(
+            f"{path}: the program {name!r} could not be rebuilt by torch {torch.__version__}: {type(e).__name__}: {e}"
+        ) from e
+    _check_graph(path, name, module)
+    return module
