@@ -367,7 +367,41 @@ def _export(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dynami
 
     With the default dynamic shapes (dimension 0 of every tensor input is one ``batch`` dimension) a model whose
     ops bound the batch (cuDNN batch norm on CUDA: at most 65535) is traced again within the bound torch suggests,
-    returned as ``max_batch``. Every submodule's ``training`` flag is restored afterwards."""
+    returned as ``max_batch``. Every submodule's ``training`` flag is restored afterwards.
+
+    Torch's logging is quiet meanwhile: torch.export, dynamo, fake tensors and the symbolic-shape machinery log
+    failures we handle (a first export retried within a batch bound, an error re-raised as
+    :class:`DynlrpTraceError`) at ERROR level with a traceback, and data-dependent guards as warnings with graph
+    dumps. While this function runs, every existing logger named ``torch._dynamo``, ``torch._export``,
+    ``torch.export``, ``torch._subclasses``, ``torch._functorch``, ``torch._guards`` or ``torch.fx.experimental``
+    (``symbolic_shapes``, ``recording``, ...), or below one of them, has its level raised to CRITICAL; the levels
+    are restored exactly afterwards, also on errors. No other logging state changes (no logger is created, no
+    handler or filter touched). The logs stay on when the user asked for them: the environment variable
+    ``TORCH_LOGS`` is set (non-empty), or ``DYNLRP_VERBOSE=1``."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet_torch_logs():
+        verbose = os.environ.get("DYNLRP_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
+        if os.environ.get("TORCH_LOGS", "").strip() or verbose:
+            yield
+            return
+        prefixes = ("torch._dynamo", "torch._export", "torch.export", "torch._subclasses", "torch._functorch",
+                    "torch._guards", "torch.fx.experimental")
+        saved = [
+            (lg, lg.level)
+            for name, lg in list(logging.Logger.manager.loggerDict.items())
+            if isinstance(lg, logging.Logger) and any(name == p or name.startswith(p + ".") for p in prefixes)
+        ]
+        try:
+            for lg, level in saved:
+                lg.setLevel(max(level, logging.CRITICAL))
+            yield
+        finally:
+            for lg, level in reversed(saved):
+                lg.setLevel(level)
+
     default_shapes = dynamic_shapes is None and dynamic
 
     def batch_shapes(max_batch: int | None) -> Any:
@@ -378,31 +412,32 @@ def _export(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dynami
         dynamic_shapes = batch_shapes(None)
     max_batch = None
     flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-
-        def export(shapes: Any) -> torch.export.ExportedProgram:
-            return torch.export.export(root, args, kwargs, dynamic_shapes=shapes, strict=False)
-
+    with quiet_torch_logs():
         try:
+            model.eval()
+
+            def export(shapes: Any) -> torch.export.ExportedProgram:
+                return torch.export.export(root, args, kwargs, dynamic_shapes=shapes, strict=False)
+
             try:
-                ep = export(dynamic_shapes)
+                try:
+                    ep = export(dynamic_shapes)
+                except Exception as e:  # noqa: BLE001
+                    max_batch = _suggested_max_batch(e) if default_shapes else None
+                    if max_batch is None:
+                        raise
+                    ep = export(batch_shapes(max_batch))
+            except Exception as e:  # noqa: BLE001 - re-raised with a clear message
+                raise _trace_error(e) from e
+            if root is not model and hasattr(ep, "_guards_code"):
+                ep._guards_code = []  # guards on the wrapper's **kwargs (L['kwargs'][...]) break run_decompositions
+            try:
+                ep = ep.run_decompositions(decomposition_table())
             except Exception as e:  # noqa: BLE001
-                max_batch = _suggested_max_batch(e) if default_shapes else None
-                if max_batch is None:
-                    raise
-                ep = export(batch_shapes(max_batch))
-        except Exception as e:  # noqa: BLE001 - re-raised with a clear message
-            raise _trace_error(e) from e
-        if root is not model and hasattr(ep, "_guards_code"):
-            ep._guards_code = []  # guards on the wrapper's **kwargs (L['kwargs'][...]) break run_decompositions
-        try:
-            ep = ep.run_decompositions(decomposition_table())
-        except Exception as e:  # noqa: BLE001
-            raise DynlrpTraceError(f"decomposing the exported graph to Core ATen failed: {type(e).__name__}: {e}") from e
-    finally:
-        for m, t in flags:
-            m.training = t
+                raise DynlrpTraceError(f"decomposing the exported graph to Core ATen failed: {type(e).__name__}: {e}") from e
+        finally:
+            for m, t in flags:
+                m.training = t
     return ep, max_batch
 
 

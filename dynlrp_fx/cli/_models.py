@@ -1,7 +1,7 @@
 """Models and inputs from the shell: ``--model MODULE:CALLABLE``, ``--input-shape B,...``, ``--input FILE``.
 
 Shared by the ``export``, ``coverage`` and ``explain`` subcommands. Errors are :class:`DynlrpError` (or
-``ValueError`` / ``FileNotFoundError`` for input files) whose messages name the flag.
+``ValueError`` / ``FileNotFoundError`` for input files) whose messages name the flag (and the file).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,16 +103,53 @@ def load_factory(spec: str) -> nn.Module:
     return model.eval()
 
 
+def _load_problem(exc: BaseException) -> str:
+    """The line of a ``torch.load`` / ``numpy.load`` failure that says what is wrong with the file."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if m:
+        text = m.group(1)
+    lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return {"EOFError": "the file is empty or truncated"}.get(type(exc).__name__, type(exc).__name__)
+    first = lines[0]
+    cut = first.find(". ")
+    return (first[:cut] if cut > 0 else first.rstrip(".")).strip()
+
+
 def load_input(path: str | Path) -> torch.Tensor:
-    """Load a ``.pt`` tensor (``torch.save``) or a ``.npy`` array as a tensor."""
+    """Load a ``.pt`` tensor (``torch.save``; read with ``torch.load(weights_only=True)``, so no pickled object is
+    ever run) or a ``.npy`` array (``numpy.load(allow_pickle=False)``) as a tensor.
+
+    Raises
+    ------
+    FileNotFoundError: there is no such file (the message names ``--input`` and the path).
+    DynlrpError: the file cannot be read as a tensor (garbage, truncated, or pickled objects); the message names
+        the file and says how to save an input.
+    ValueError: the file holds something other than a tensor.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise FileNotFoundError(f"--input {p}: is a directory, not a .pt or .npy file")
     if not p.is_file():
         raise FileNotFoundError(f"--input {p}: no such file")
     if p.suffix == ".npy":
         import numpy as np
 
-        return torch.from_numpy(np.load(p))
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            return torch.from_numpy(np.load(p, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as e:
+            raise DynlrpError(
+                f"--input {p}: cannot read it with numpy.load: {_load_problem(e)}; save a plain numeric array with "
+                "numpy.save(path, array)"
+            ) from e
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and EOF errors: one message naming the file
+        raise DynlrpError(
+            f"--input {p}: cannot read it with torch.load(weights_only=True): {_load_problem(e)}; save the input "
+            "as a plain tensor with torch.save(tensor, path) (or a .npy array with numpy.save)"
+        ) from e
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"--input {p}: expected a tensor saved with torch.save, got {type(obj).__name__}")
     return obj

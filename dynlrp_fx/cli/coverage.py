@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..coverage import CoverageReport, coverage, render_json, render_markdown, render_text, zoo_coverage
-from ..errors import DynlrpError
+from ._errors import EXPECTED, fail
 from ._models import model_from_args
 
 __all__ = ["register_cli", "run"]
@@ -41,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("dynlrp coverage: error: give --model MODULE:CALLABLE --input-shape ..., or --zoo", file=sys.stderr)
             return 2
-    except (DynlrpError, KeyError, ValueError) as e:
-        print(f"dynlrp coverage: error: {e}", file=sys.stderr)
-        return 1
+    except EXPECTED as e:
+        return fail(args, "coverage", e, code=1)
     if args.json:
         print(render_json(reports, ops=args.ops))
     elif args.markdown:

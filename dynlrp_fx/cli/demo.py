@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .. import demo as _demo
+from ._errors import fail
 
 __all__ = ["register_cli", "run"]
 
@@ -15,8 +16,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         _demo.run_demo(args.out, text=not args.skip_text, digits=not args.skip_digits, backend=args.backend)
     except ModuleNotFoundError as e:
-        print(f"dynlrp demo: {e}")
-        return 2
+        return fail(args, "demo", e, code=2)
     return 0
 
 

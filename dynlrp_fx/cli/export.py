@@ -5,32 +5,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any
 
-from ..errors import DynlrpError
 from ..export import PACKAGES, export
+from ._errors import EXPECTED, fail, make_parent, output_path
 from ._models import model_from_args
 
 __all__ = ["register_cli", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``dynlrp export``; returns the exit code (1 on errors)."""
+    """Run ``dynlrp export``; returns the exit code (1 on errors, reported in one line). Missing parent directories
+    of ``-o`` are created."""
     from ..explainer import compile as dynlrp_compile
 
     try:
+        output_path(args.output, "-o")
         model, example = model_from_args(args)
         t0 = time.perf_counter()
         explainer = dynlrp_compile(model, example, rules=args.rules, backend="eager")
         t1 = time.perf_counter()
         modes = tuple(args.modes.split(","))
-        export(explainer, args.output, package=args.package, modes=modes)
+        export(explainer, make_parent(args.output), package=args.package, modes=modes)
         t2 = time.perf_counter()
-    except (DynlrpError, ValueError) as e:
-        print(f"dynlrp export: error: {e}", file=sys.stderr)
-        return 1
+    except EXPECTED as e:
+        return fail(args, "export", e, code=1)
     size = os.path.getsize(args.output)
     print(
         f"wrote {args.output} ({size / 2**20:.2f} MiB, package={args.package}, rules={explainer.composite.name}, "
@@ -72,5 +72,7 @@ def register_cli(sub: Any) -> None:
     )
     p.add_argument("--modes", default="target,seed", help="seed modes to store: target,seed (default both)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building the model (default 0)")
-    p.add_argument("-o", "--output", required=True, metavar="PATH", help="the .pt2 file to write")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="PATH", help="the .pt2 file to write (missing directories are created)"
+    )
     p.set_defaults(func=run)

@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import Any
 
+from ._errors import fail
+
 __all__ = ["register_cli", "run"]
 
 
@@ -17,9 +19,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             print(describe_op(args.op, rules=args.rules))
-        except ValueError as e:
-            print(f"dynlrp info: error: {e}", file=sys.stderr)
-            return 2
+        except (ValueError, TypeError) as e:
+            return fail(args, "info", e, code=2)
         return 0
     if args.rules is not None:
         print("dynlrp info: error: --rules needs --op", file=sys.stderr)
