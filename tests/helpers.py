@@ -9,10 +9,14 @@ LRP rule, inside the submodule ``block.act``.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dynlrp_fx.passes import PIPELINE, CompileContext
 
@@ -43,6 +47,111 @@ def grad_x_input(model, x, target):
     (g,) = torch.autograd.grad(sel.sum(), x)
     return (g * x).detach()
 
+
+class EmbeddingLookups(TorchFunctionMode):
+    """Records ``(ids, looked-up rows)`` of every embedding lookup (``F.embedding`` / ``torch.embedding``; a
+    function mode sees them whether or not an ``nn.Embedding`` makes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lookups: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.embedding:
+            self.lookups.append((kwargs.get("input", args[0] if args else None), out))
+        elif func is torch.embedding:
+            self.lookups.append((args[1] if len(args) > 1 else kwargs["indices"], out))
+        return out
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _named_inputs(model, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    params = list(inspect.signature(model.forward).parameters)
+    named = {params[i]: a for i, a in enumerate(args)}
+    named.update(kwargs)
+    return {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+
+
+def autograd_gradient_x_input(model, args: tuple, kwargs: dict, output: str | None, target: torch.Tensor):
+    """Autograd's gradient x input of ``sum_b y[b, target_b]`` (``y`` the explained output, flattened per sample:
+    ``dynlrp_fx.zoo.select_output(model(...), output)``), computed on a deep copy of ``model`` (the model itself is
+    never touched), the reference of ``rules="gradient"``. Returns ``(reference, magnitude, y)``:
+
+    * ``reference``: ``{input name: x * dy/dx}`` for the float inputs, and for the integer inputs that feed an
+      embedding lookup ``e = E[ids]`` (ids that are the input or a view of it) ``sum_d e_d * dy/de_d`` summed over
+      lookups, what the gradient preset's embedding rule (``EmbeddingRows``) gives token ids;
+    * ``magnitude``: the same sums over absolute values (``|x * g|``, ``sum_d |e_d * g_d|``), the scale of the
+      rounding errors (a sum is exact to float rounding relative to its terms, not to its cancelled result);
+    * ``y``: the explained output.
+    """
+    from dynlrp_fx import zoo
+
+    model = copy.deepcopy(model)
+
+    def leaf(v):
+        return v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    args = tuple(leaf(a) for a in args)
+    kwargs = {k: leaf(v) for k, v in kwargs.items()}
+    named = _named_inputs(model, args, kwargs)
+    mode = EmbeddingLookups()
+    with torch.enable_grad(), mode:
+        y = zoo.select_output(model(*args, **kwargs), output)
+    sel = y.reshape(y.shape[0], -1)[torch.arange(y.shape[0]), target].sum()
+    floats = {k: v for k, v in named.items() if v.is_floating_point()}
+    ids = {k: v for k, v in named.items() if not v.is_floating_point()}
+    # lookups of an input's ids (or a view of them); position ids and the like are the model's own
+    mine = [(k, e) for i, e in mode.lookups for k, v in ids.items() if _same_storage(i, v) and e.requires_grad]
+    wrt = list(floats.values()) + [e for _k, e in mine]
+    grads = torch.autograd.grad(sel, wrt, allow_unused=True)
+    ref: dict[str, torch.Tensor] = {}
+    mag: dict[str, torch.Tensor] = {}
+    for (k, x), g in zip(floats.items(), grads):
+        ref[k] = torch.zeros_like(x) if g is None else (g * x).detach()
+        mag[k] = ref[k].abs()
+    for (k, e), g in zip(mine, grads[len(floats):]):
+        ge = torch.zeros_like(e) if g is None else (g * e).detach()
+        ref[k] = ref.get(k, 0) + ge.sum(-1).reshape(ids[k].shape)
+        mag[k] = mag.get(k, 0) + ge.abs().sum(-1).reshape(ids[k].shape)
+    return ref, mag, y.detach()
+
+
+#: tolerance of the gradient x input oracles, relative to the largest magnitude of an input (float32 rounding over
+#: a graph of up to a few hundred ops; derivation and measurements: ``tests/test_zoo_gradient.py``)
+GRADIENT_TOL = 2**13 * torch.finfo(torch.float32).eps
+
+
+def gradient_oracle_errors(expl: Any, model, args: tuple, kwargs: dict, output: str | None = None, *,
+                           output_rtol: float = 1e-4) -> dict[str, float]:
+    """Compare an explanation made with ``rules="gradient"`` (or LRP-0 on a piecewise-linear model) at the argmax
+    target with :func:`autograd_gradient_x_input`: ``{input: max |R - reference| / max magnitude}`` (compare with
+    :data:`GRADIENT_TOL`). Asserts that the outputs agree, that only float inputs and token ids feeding an embedding
+    receive relevance and that the reference is not zero everywhere (the oracle would be vacuous). An input whose
+    reference is exactly zero (a float mask that only selects) is measured against the largest magnitude of all.
+    ``output_rtol``: how close the explained output must be to the reference model's (its precision)."""
+    out = expl.output
+    target = out.reshape(out.shape[0], -1).argmax(1)
+    ref, mag, y = autograd_gradient_x_input(model, args, kwargs, output, target)
+    scale = float(y.abs().max())
+    assert torch.allclose(out.float(), y.float(), rtol=output_rtol, atol=output_rtol * scale / 10), "outputs differ"
+    extra = set(expl.inputs) - set(ref)
+    assert not extra, f"inputs {sorted(extra)} got relevance but feed no embedding and are not float"
+    top = max((float(m.max()) for m in mag.values()), default=0.0)
+    assert top > 0, "gradient x input is zero for every input (the oracle would be vacuous)"
+    errs = {}
+    for k, r in ref.items():
+        got = expl.inputs.get(k)
+        if got is None:  # an input the explainer gives no relevance must have no gradient x input either
+            errs[k] = float(r.abs().max()) / top
+            continue
+        assert got.shape == r.shape, f"{k}: relevance shape {tuple(got.shape)} != {tuple(r.shape)}"
+        errs[k] = float((got.double() - r.double()).abs().max()) / (float(mag[k].max()) or top)
+    return errs
 
 # -- model factories -------------------------------------------------------------------------------------------------
 def tiny_bert(model_cls: str = "BertForSequenceClassification", *, sdpa: bool = False, **config):

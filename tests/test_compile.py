@@ -3,8 +3,8 @@
 Kept small on purpose: Inductor compiles on 2 shared CPU cores are slow.
 
 torch's meta functions specialise size 1 (Inductor's CPU convolution guards ``2 <= batch``, ``copy_`` guards
-broadcasting), so a batch of 1 gets its own static compilation (running it padded to 2 doubled its cost); the
-explainer ties every batched input's dim 0 to one symbol (``passes.lower.unify_batch``), so one compilation serves
+broadcasting), so a batch of 1 gets its own static compilation (padding it to 2 would do twice the work); the
+explainer ties every batched input's dim 0 to one symbol (the ``unify_batch`` pass), so one compilation serves
 batches 2, 3, 7.
 """
 
@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from tests._factories import pooled_cnn
-from tests.conftest import tiny_bert
+from tests.helpers import pooled_cnn, tiny_bert
 
 
 class CountingInductor:

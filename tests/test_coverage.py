@@ -13,7 +13,7 @@ from torch import nn
 import dynlrp_fx as dynlrp
 from dynlrp_fx.cli import main
 from dynlrp_fx.coverage import CoverageReport, render_json, render_markdown
-from tests._cov_factories import _CustomNet
+from tests.helpers import _CustomNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM = "dynlrp_cov.squish.default"
@@ -126,7 +126,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_exits_1_naming_the_custom_op_and_its_module():
-    p = _cli("--model", "tests._cov_factories:custom_op_model", "--input-shape", "2,4")
+    p = _cli("--model", "tests.helpers:custom_op_model", "--input-shape", "2,4")
     assert p.returncode == 1, p.stdout + p.stderr
     out = p.stdout + p.stderr
     assert CUSTOM in out and "block.act" in out
@@ -138,7 +138,7 @@ def test_cli_json_exits_0_when_covered(capsys):
         [
             "coverage",
             "--model",
-            "tests._cov_factories:covered_model",
+            "tests.helpers:covered_model",
             "--input-shape",
             "3,4",
             "--json",
@@ -163,5 +163,5 @@ def test_cli_usage_errors(capsys):
     assert main(["coverage"]) == 2 and "--zoo" in capsys.readouterr().err
     assert main(["coverage", "--names", "no_such_model", "--no-explain"]) == 1
     assert "unknown zoo entry 'no_such_model'" in capsys.readouterr().err
-    assert main(["coverage", "--model", "tests._cov_factories:covered_model"]) == 1
+    assert main(["coverage", "--model", "tests.helpers:covered_model"]) == 1
     assert "--input-shape" in capsys.readouterr().err

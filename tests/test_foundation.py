@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from tests.conftest import grad_x_input
+from tests.helpers import grad_x_input
 
 
 class Block(nn.Module):

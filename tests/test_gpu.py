@@ -16,8 +16,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx import presets
-from tests._factories import pooled_cnn
-from tests.conftest import grad_x_input, tiny_bert
+from tests.helpers import grad_x_input, pooled_cnn, tiny_bert
 from tests.test_compile import CountingInductor
 
 pytestmark = [

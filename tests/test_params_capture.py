@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from tests.conftest import tiny_bert
+from tests.helpers import tiny_bert
 
 
 def _mlp_bias_free() -> nn.Module:

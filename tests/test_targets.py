@@ -10,7 +10,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx import targets
-from tests.conftest import tiny_bert
+from tests.helpers import tiny_bert
 
 transformers = pytest.importorskip("transformers")
 

@@ -472,7 +472,8 @@ class GradientTimesInput(Rule):
     ``R_x = x \odot \partial y_t / \partial x``: gradient x input, for any differentiable op (ReLU, GELU,
     LayerNorm, softmax, attention, ...). Route ops (and integer index values) use :class:`Route`. The only
     approximation is at intermediate values that are exactly zero with a non-zero gradient, where the gradient
-    cannot be recovered from ``R = z * g = 0``; in floating point this has measure zero.
+    cannot be recovered from ``R = z * g = 0``; in floating point this has measure zero. ``R_k = 0`` wherever the
+    gradient is zero, also for infinite values (masked attention logits).
     """
 
     name = "gradient"
@@ -502,5 +503,7 @@ class GradientTimesInput(Rule):
         out = []
         for s, g in zip(ctx.slots, grads):
             v = ctx.value(s)
-            out.append(v.to(g.dtype) * g if v.dtype.is_floating_point else None)
+            # 0 where the gradient is 0: an infinite value (an additive -inf attention mask) times a zero gradient
+            # is 0 here, as in autograd, which never multiplies by the value, not NaN
+            out.append(torch.where(g == 0, 0.0, v.to(g.dtype) * g) if v.dtype.is_floating_point else None)
         return out
