@@ -42,7 +42,8 @@ def test_precedence_path_beats_type_beats_op():
     )
     m = Net().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=D)
-    ex = dynlrp.compile(m, x, rules=comp, backend="eager")
+    with pytest.warns(UserWarning, match=r"by_op\['aten.convolution.default'\].* chose the rule of no node"):
+        ex = dynlrp.compile(m, x, rules=comp, backend="eager")  # the op entry is shadowed everywhere: reported
     rules = _rules_by_module(ex)
     assert rules["block.2"] == repr(ZPlus())  # path glob wins
     assert rules["block.0"] == repr(Gamma(0.1)) and rules["stem"] == repr(Gamma(0.1))  # then module type
