@@ -362,6 +362,294 @@ def _shard_tensors(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return out
 
 
+def _check_config(out: Path, rank: int, shard_size: int) -> None:
+    """``out``'s ``config.json`` must record ``shard_size``; rank 0 writes it in a new ``out``."""
+    config = {"format": FORMAT, "shard_size": shard_size}
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("shard_size") != shard_size:
+            raise DynlrpDatasetError(
+                f"attribute_dataset: {out} holds shards of shard_size={old.get('shard_size')} batches, but "
+                f"shard_size={shard_size} was given; rerun with the same shard_size or use a new out_dir"
+            )
+    elif rank == 0:
+        _atomic_json(cfg_path, config)
+
+
+def _loader_len(dataloader: Any) -> int | None:
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
+
+
+def _check_num_batches(out: Path, manifests: dict[int, dict], n_loader: int | None) -> None:
+    """``len(dataloader)`` (when it has one) must be the one recorded by every manifest that lists shards."""
+    for r, m in sorted(manifests.items()):
+        if n_loader is not None and isinstance(m.get("num_batches"), int) and m.get("shards"):
+            if m["num_batches"] != n_loader:
+                raise _changed_error(
+                    out,
+                    f"the loader has {n_loader} batches, but the shards of manifest-{r:03d}.json were computed from "
+                    f"a loader of {m['num_batches']} batches",
+                )
+
+
+class _ShardWriter:
+    """The state of one :func:`attribute_dataset` call on one rank: its manifest, the shards of its record (kept or
+    recomputed, the fingerprints they expect), the shard in progress, the shards written but not yet committed, the
+    fingerprinting thread and the progress bar.
+
+    The driver calls :meth:`check_existing`, :meth:`start`, :meth:`add_batch` for every batch of the loader and
+    :meth:`finish`; on an exception :meth:`discard_pending`; in every case (once started) :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        explainer: Callable[..., Any],
+        out: Path,
+        rank: int,
+        world: int,
+        created: bool,
+        manifests: dict[int, dict],
+        n_loader: int | None,
+        *,
+        save: Callable[..., bytes],
+        target: Any,
+        shard_size: int,
+        keys: Any,
+        unpack: Callable[[Any], tuple[tuple, dict, Any]] | None,
+        device: Any,
+        save_inputs: bool,
+    ) -> None:
+        self.explainer = explainer
+        self.out = out
+        self.rank = rank
+        self.world = world
+        self.created = created  # the process group was created by attribute_dataset (destroyed by close)
+        self.n_loader = n_loader
+        self.save = save  # safetensors.torch.save
+        self.target = target
+        self.shard_size = shard_size
+        self.keys = keys
+        self.unpack = unpack
+        self.device = device
+        self.save_inputs = save_inputs
+        self.run = DatasetRun(out, rank, world)
+        self.manifest_path = out / f"manifest-{rank:03d}.json"
+        self.manifest = {
+            "version": MANIFEST_VERSION,
+            "format": FORMAT,
+            "rank": rank,
+            "shard_size": shard_size,
+            "num_batches": n_loader,  # len(dataloader) when it has one, checked on resume
+            "shards": dict(manifests.get(rank, {}).get("shards", {})),
+        }
+        # this rank's shards on disk: kept (file matches a verified entry) or to be recomputed; expected fingerprints
+        self.candidates = {k: es for k, es in _candidates(manifests).items() if k % world == rank}
+        self.kept: dict[int, dict] = {}
+        self.expected: dict[int, list[dict]] = {}
+        self.records: list[dict[str, torch.Tensor]] = []  # the shard in progress: one record per explained batch
+        self.digests: list[str] = []  # and the input digest of each of its batches
+        self.pending: list[tuple[int, Path, Path, dict]] = []  # written, not yet renamed nor recorded
+        self.checked: set[int] = set()  # shards with manifest entries that the loader has reached (and matched)
+        self.hasher: ThreadPoolExecutor | None = None
+        self.bar: Any = None
+        self.shard_start = 0  # first sample of the shard in progress
+        self.offset = 0  # samples of the batches seen so far
+
+    def check_existing(self) -> None:
+        """Check the files of this rank's recorded shards: a shard whose file matches a verified entry is kept, the
+        others are recomputed (warning); warn about this rank's shard files that no manifest lists. Called by
+        :func:`attribute_dataset` itself: the warnings point at its caller."""
+        out = self.out
+        for k, entries in sorted(self.candidates.items()):
+            problems = []
+            for e in entries:
+                problem, _ = _check_file(out, e, keep=False)
+                if problem is None:
+                    self.kept[k] = e
+                    break
+                problems.append(
+                    f"{out / e['file']} was written by an older dynlrp-fx without a checksum"
+                    if problem == "unverified"
+                    else f"{out / e['file']} {problem}"
+                )
+            else:
+                warnings.warn(f"attribute_dataset: recomputing shard {k}: {'; '.join(problems)}", stacklevel=3)
+        self.expected = {k: [e for e in es if _verified(e)] for k, es in self.candidates.items()}
+        listed = {e["file"] for es in self.candidates.values() for e in es}
+        for p in sorted(out.iterdir()):
+            m = _SHARD_RE.match(p.name)
+            if not m:
+                continue
+            k = int(m.group(2))
+            if k % self.world == self.rank and k not in self.kept and p.name not in listed:
+                warnings.warn(
+                    f"attribute_dataset: recomputing shard {k}: {p} is not recorded in any manifest (a run killed "
+                    "between writing and recording it?)",
+                    stacklevel=3,
+                )
+
+    def start(self, progress: bool) -> None:
+        """Open the progress bar (with ``progress``) and the fingerprinting thread."""
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.n_loader,
+                desc=f"explaining (rank {self.rank}/{self.world})" if self.world > 1 else "explaining",
+                unit="batch",
+                position=self.rank if self.world > 1 else None,
+                leave=True,
+            )
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynlrp-fingerprint")
+
+    def add_batch(self, b: int, batch: Any) -> None:
+        """Batch ``b`` of the loader: when its shard is this rank's, fingerprint it and (unless the shard is kept)
+        explain it; its shard ends with it when it is the shard's last batch."""
+        k = b // self.shard_size
+        if b % self.shard_size == 0:
+            self.shard_start = self.offset
+        args, kwargs, labels = self.unpack(batch) if self.unpack else _unpack(batch, self.keys)
+        n = _batch_size(args, kwargs)
+        if k % self.world == self.rank:
+            assert self.hasher is not None  # start() was called
+            digest = self.hasher.submit(_batch_digest, args, kwargs, labels)  # overlaps the explanation
+            if k not in self.kept:
+                self._explain(batch, args, kwargs, labels, n)
+            self.digests.append(digest.result())  # before the next batch: the loader may reuse its buffers
+            if (b + 1) % self.shard_size == 0:
+                self.end_shard(k, self.shard_start, self.offset + n, self.shard_size)
+        self.offset += n
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _explain(self, batch: Any, args: tuple, kwargs: dict, labels: Any, n: int) -> None:
+        """Explain one batch of ``n`` samples (on ``device``) and keep its record for the shard in progress."""
+        device = self.device
+        if device is not None:
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in kwargs.items()}
+        tgt = _resolve_target(self.target, batch, labels)
+        if isinstance(tgt, torch.Tensor) and device is not None:
+            tgt = tgt.to(device)
+        with torch.no_grad():
+            expl = self.explainer(*args, target=tgt, **kwargs)
+        self.run.explainer_calls += 1
+        self.records.append(_record(expl, tgt, self.offset, n, args, kwargs, self.save_inputs))
+
+    def end_shard(self, k: int, first: int, stop: int, n_batches: int) -> None:
+        """Shard ``k`` (samples ``[first, stop)`` in ``n_batches`` batches) is complete: check it against its manifest
+        entries, write it to its temporary file unless it is kept, and commit the pending shards once every shard of
+        this rank's record has been checked."""
+        fp = _shard_fingerprint(self.digests)
+        self.digests.clear()
+        self._check_against_record(k, first, stop, n_batches, fp)
+        self.checked.add(k)
+        if k in self.kept:
+            self.run.skipped.append(k)
+        else:
+            self._write_pending(k, first, stop, n_batches, fp)
+            self.run.computed.append(k)
+        if self.pending and self.checked >= self.candidates.keys():
+            self.commit()  # every shard this rank has on record matches the loader
+
+    def _check_against_record(self, k: int, first: int, stop: int, n_batches: int, fp: str) -> None:
+        """Raise when shard ``k``'s verified entries record other samples, batches or input fingerprint."""
+        for e in self.expected.get(k, []):
+            if e.get("samples") != [first, stop] or e.get("batches") != n_batches:
+                raise _changed_error(
+                    self.out,
+                    f"shard {k} has {_samples(e)} in {e.get('batches')} batches in {e['file']}, but the loader gives "
+                    f"samples {first}..{stop - 1} in {n_batches} batches",
+                )
+            if e["fingerprint"] != fp:
+                raise _changed_error(
+                    self.out,
+                    f"shard {k} ({_samples(e)}, file {e['file']}) was computed from other inputs than the loader's "
+                    f"batches {k * self.shard_size}..{k * self.shard_size + n_batches - 1} (input fingerprint differs)",
+                )
+
+    def _write_pending(self, k: int, first: int, stop: int, n_batches: int, fp: str) -> None:
+        """Write shard ``k`` from the records of the shard in progress to its temporary file (pending commit)."""
+        tensors = _shard_tensors(self.records)
+        self.records.clear()
+        name = shard_name(self.rank, k)
+        meta = {"format": FORMAT, "shard": str(k), "rank": str(self.rank), "batches": str(n_batches)}
+        data = self.save(tensors, metadata=meta)
+        entry = {
+            "file": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "samples": [first, stop],
+            "num_samples": stop - first,
+            "batches": n_batches,
+            "fingerprint": fp,
+        }
+        tmp = _tmp_path(self.out / name)
+        self.pending.append((k, tmp, self.out / name, entry))
+        _write_synced(tmp, data)
+
+    def commit(self) -> None:
+        """Rename the pending shards into place, then record them in this rank's manifest."""
+        for _, tmp, path, _ in self.pending:
+            os.replace(tmp, path)
+        _fsync_dir(self.out)
+        for k, _, _, entry in self.pending:
+            self.manifest["shards"][str(k)] = entry
+        _atomic_json(self.manifest_path, self.manifest)
+        self.pending.clear()
+
+    def finish(self, n_batches: int) -> None:
+        """After the loader's ``n_batches`` batches: end the last shard when it is partial (and this rank's), check
+        that no recorded shard lies beyond the loader's end, commit, write the rank's done marker."""
+        last = (n_batches - 1) // self.shard_size if n_batches else -1
+        if n_batches % self.shard_size and last % self.world == self.rank:
+            self.end_shard(last, self.shard_start, self.offset, n_batches - last * self.shard_size)
+        beyond = sorted(self.candidates.keys() - self.checked)
+        if beyond:
+            e = self.candidates[beyond[0]][0]
+            raise _changed_error(
+                self.out,
+                f"shard {beyond[0]} ({_samples(e)}, file {e['file']}) lies beyond the end of the loader, which has "
+                f"{n_batches} batches ({self.offset} samples): the dataset is shorter",
+            )
+        if self.pending:
+            self.commit()
+        self.run.num_shards = last + 1
+        self.run.num_samples = self.offset
+        done = {
+            "num_shards": self.run.num_shards,
+            "num_samples": self.offset,
+            "world_size": self.world,
+            "rank": self.rank,
+        }
+        _atomic_json(self.out / f"done-{self.rank:03d}.json", done)
+
+    def discard_pending(self) -> None:
+        """Remove the temporary files of the shards not committed (the call failed: nothing it computed is kept)."""
+        for _, tmp, _, _ in self.pending:
+            tmp.unlink(missing_ok=True)
+        self.pending.clear()
+
+    def close(self) -> None:
+        """Stop the fingerprinting thread, close the progress bar, meet the other ranks at the barrier (and destroy
+        the process group when :func:`attribute_dataset` created it)."""
+        if self.hasher is not None:
+            self.hasher.shutdown(wait=True)
+        if self.bar is not None:
+            self.bar.close()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                if self.created:
+                    dist.destroy_process_group()
+
+
 def attribute_dataset(
     explainer: Callable[..., Any],
     dataloader: Any,
@@ -415,205 +703,41 @@ def attribute_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world, created = _dist_context(device)
-    config = {"format": FORMAT, "shard_size": shard_size}
-    cfg_path = out / "config.json"
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old.get("shard_size") != shard_size:
-            raise DynlrpDatasetError(
-                f"attribute_dataset: {out} holds shards of shard_size={old.get('shard_size')} batches, but "
-                f"shard_size={shard_size} was given; rerun with the same shard_size or use a new out_dir"
-            )
-    elif rank == 0:
-        _atomic_json(cfg_path, config)
+    _check_config(out, rank, shard_size)
     _clean_stale_tmp(out, rank)
-    run = DatasetRun(out, rank, world)
-    manifest_path = out / f"manifest-{rank:03d}.json"
-    manifests = _read_manifests(out, where="attribute_dataset")
-    try:
-        n_loader = len(dataloader)
-    except TypeError:
-        n_loader = None
-    for r, m in sorted(manifests.items()):
-        if n_loader is not None and isinstance(m.get("num_batches"), int) and m.get("shards"):
-            if m["num_batches"] != n_loader:
-                raise _changed_error(
-                    out,
-                    f"the loader has {n_loader} batches, but the shards of manifest-{r:03d}.json were computed from "
-                    f"a loader of {m['num_batches']} batches",
-                )
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "format": FORMAT,
-        "rank": rank,
-        "shard_size": shard_size,
-        "num_batches": n_loader,  # len(dataloader) when it has one, checked on resume
-        "shards": dict(manifests.get(rank, {}).get("shards", {})),
-    }
-
-    # this rank's shards on disk: kept (file matches a verified entry) or to be recomputed; expected fingerprints
-    candidates = {k: es for k, es in _candidates(manifests).items() if k % world == rank}
-    kept: dict[int, dict] = {}
-    for k, entries in sorted(candidates.items()):
-        problems = []
-        for e in entries:
-            problem, _ = _check_file(out, e, keep=False)
-            if problem is None:
-                kept[k] = e
-                break
-            problems.append(
-                f"{out / e['file']} was written by an older dynlrp-fx without a checksum"
-                if problem == "unverified"
-                else f"{out / e['file']} {problem}"
-            )
-        else:
-            warnings.warn(f"attribute_dataset: recomputing shard {k}: {'; '.join(problems)}", stacklevel=2)
-    expected = {k: [e for e in es if _verified(e)] for k, es in candidates.items()}
-    listed = {e["file"] for es in candidates.values() for e in es}
-    for p in sorted(out.iterdir()):
-        m = _SHARD_RE.match(p.name)
-        if m and int(m.group(2)) % world == rank and int(m.group(2)) not in kept and p.name not in listed:
-            warnings.warn(
-                f"attribute_dataset: recomputing shard {int(m.group(2))}: {p} is not recorded in any manifest (a "
-                "run killed between writing and recording it?)",
-                stacklevel=2,
-            )
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=n_loader,
-            desc=f"explaining (rank {rank}/{world})" if world > 1 else "explaining",
-            unit="batch",
-            position=rank if world > 1 else None,
-            leave=True,
-        )
-
-    records: list[dict[str, torch.Tensor]] = []
-    digests: list[str] = []
-    pending: list[tuple[int, Path, Path, dict]] = []  # written, not yet renamed nor recorded
-    checked: set[int] = set()  # shards with manifest entries that the loader has reached (and matched)
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynlrp-fingerprint")
-    shard_start = 0
-    offset = 0
+    manifests = _read_manifests(out, where="attribute_dataset")  # called from here: its warning names our caller
+    n_loader = _loader_len(dataloader)
+    _check_num_batches(out, manifests, n_loader)
+    writer = _ShardWriter(
+        explainer,
+        out,
+        rank,
+        world,
+        created,
+        manifests,
+        n_loader,
+        save=save,
+        target=target,
+        shard_size=shard_size,
+        keys=keys,
+        unpack=unpack,
+        device=device,
+        save_inputs=save_inputs,
+    )
+    writer.check_existing()
+    writer.start(progress)
     b = -1
-
-    def commit() -> None:
-        for _, tmp, path, _ in pending:
-            os.replace(tmp, path)
-        _fsync_dir(out)
-        for k, _, _, entry in pending:
-            manifest["shards"][str(k)] = entry
-        _atomic_json(manifest_path, manifest)
-        pending.clear()
-
-    def end_shard(k: int, first: int, stop: int, n_batches: int) -> None:
-        fp = _shard_fingerprint(digests)
-        digests.clear()
-        for e in expected.get(k, []):
-            if e.get("samples") != [first, stop] or e.get("batches") != n_batches:
-                raise _changed_error(
-                    out,
-                    f"shard {k} has {_samples(e)} in {e.get('batches')} batches in {e['file']}, but the loader gives "
-                    f"samples {first}..{stop - 1} in {n_batches} batches",
-                )
-            if e["fingerprint"] != fp:
-                raise _changed_error(
-                    out,
-                    f"shard {k} ({_samples(e)}, file {e['file']}) was computed from other inputs than the loader's "
-                    f"batches {k * shard_size}..{k * shard_size + n_batches - 1} (input fingerprint differs)",
-                )
-        checked.add(k)
-        if k in kept:
-            run.skipped.append(k)
-        else:
-            tensors = _shard_tensors(records)
-            records.clear()
-            name = shard_name(rank, k)
-            meta = {"format": FORMAT, "shard": str(k), "rank": str(rank), "batches": str(n_batches)}
-            data = save(tensors, metadata=meta)
-            entry = {
-                "file": name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "bytes": len(data),
-                "samples": [first, stop],
-                "num_samples": stop - first,
-                "batches": n_batches,
-                "fingerprint": fp,
-            }
-            tmp = _tmp_path(out / name)
-            pending.append((k, tmp, out / name, entry))
-            _write_synced(tmp, data)
-            run.computed.append(k)
-        if pending and checked >= candidates.keys():
-            commit()  # every shard this rank has on record matches the loader
-
     try:
         for b, batch in enumerate(dataloader):
-            k = b // shard_size
-            if b % shard_size == 0:
-                shard_start = offset
-            args, kwargs, labels = (unpack or (lambda x: _unpack(x, keys)))(batch)
-            n = _batch_size(args, kwargs)
-            if k % world == rank:
-                digest = hasher.submit(_batch_digest, args, kwargs, labels)  # overlaps the explanation
-                if k not in kept:
-                    if device is not None:
-                        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-                        kwargs = {n_: v.to(device) if isinstance(v, torch.Tensor) else v for n_, v in kwargs.items()}
-                    tgt = _resolve_target(target, batch, labels)
-                    if isinstance(tgt, torch.Tensor) and device is not None:
-                        tgt = tgt.to(device)
-                    with torch.no_grad():
-                        expl = explainer(*args, target=tgt, **kwargs)
-                    run.explainer_calls += 1
-                    records.append(_record(expl, tgt, offset, n, args, kwargs, save_inputs))
-                digests.append(digest.result())  # before the next batch: the loader may reuse its buffers
-                if (b + 1) % shard_size == 0:
-                    end_shard(k, shard_start, offset + n, shard_size)
-            offset += n
-            if bar is not None:
-                bar.update(1)
-        n_batches = b + 1
-        last = (n_batches - 1) // shard_size if n_batches else -1
-        if n_batches % shard_size and last % world == rank:
-            end_shard(last, shard_start, offset, n_batches - last * shard_size)
-        beyond = sorted(candidates.keys() - checked)
-        if beyond:
-            e = candidates[beyond[0]][0]
-            raise _changed_error(
-                out,
-                f"shard {beyond[0]} ({_samples(e)}, file {e['file']}) lies beyond the end of the loader, which has "
-                f"{n_batches} batches ({offset} samples): the dataset is shorter",
-            )
-        if pending:
-            commit()
-        run.num_shards = last + 1
-        run.num_samples = offset
-        _atomic_json(
-            out / f"done-{rank:03d}.json",
-            {"num_shards": run.num_shards, "num_samples": offset, "world_size": world, "rank": rank},
-        )
+            writer.add_batch(b, batch)
+        writer.finish(n_batches=b + 1)
     except BaseException:
-        for _, tmp, _, _ in pending:
-            tmp.unlink(missing_ok=True)
-        pending.clear()
+        writer.discard_pending()
         raise
     finally:
-        hasher.shutdown(wait=True)
-        if bar is not None:
-            bar.close()
-        if world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                if created:
-                    dist.destroy_process_group()
-    run.seconds = time.perf_counter() - t0
-    return run
+        writer.close()
+    writer.run.seconds = time.perf_counter() - t0
+    return writer.run
 
 
 def _record(expl: Any, tgt: Any, offset: int, n: int, args: tuple, kwargs: dict, save_inputs: bool) -> dict:
