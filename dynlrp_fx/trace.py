@@ -18,7 +18,7 @@ import os
 import re
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,36 @@ class _OutputWrapper(nn.Module):
 
     def forward(self, args, kwargs):
         return self.fn(self.model(*args, **kwargs))
+
+
+def tensor_outputs(out: Any) -> Any:
+    """A model output without its non-tensor parts: mappings (a Hugging Face ``ModelOutput``) keep their tensor
+    entries under their names, tuples and lists their tensor items; anything else (a ``DynamicCache``, ``None``, a
+    string) is left out. ``None`` when nothing is left."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        kept = {k: tensor_outputs(v) for k, v in out.items()}
+        kept = {k: v for k, v in kept.items() if v is not None}
+        if not kept:
+            return None
+        try:  # the same output class (a ModelOutput), so outputs keep their names (``logits``)
+            return type(out)(**kept)
+        except TypeError:
+            return kept
+    if isinstance(out, (list, tuple)):
+        kept = [v for v in map(tensor_outputs, out) if v is not None]
+        return tuple(kept) or None
+    return None
+
+
+def _non_tensor_output(exc: BaseException) -> bool:
+    """Whether ``torch.export`` failed on an output of a type it cannot flatten (``Found <class ...> in output``)."""
+    while exc is not None:
+        if "in output, which is not a known type" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _wrapper_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, spec: Any) -> dict:
@@ -310,11 +340,23 @@ def trace(
 
     root: nn.Module = model
     export_args, export_kwargs = args, kwargs
-    if callable(output) and not isinstance(output, (str, int)):
+    user_fn = callable(output) and not isinstance(output, (str, int))
+    if user_fn:
         root = _OutputWrapper(model, output)
         export_args, export_kwargs = (args, kwargs), {}
-        dynamic_shapes = _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes)
-    ep, max_batch = _export(model, root, export_args, export_kwargs, dynamic_shapes, dynamic)
+    try:
+        ep, max_batch = _export(model, root, export_args, export_kwargs,
+                                _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes) if user_fn else dynamic_shapes,
+                                dynamic)
+    except DynlrpTraceError as e:
+        if user_fn or not _non_tensor_output(e):
+            raise
+        # the model returns objects that are not tensors (the key/value cache of a generative model built with its
+        # default use_cache=True): trace it with those outputs left out; they carry no relevance
+        root = _OutputWrapper(model, tensor_outputs)
+        export_args, export_kwargs = (args, kwargs), {}
+        ep, max_batch = _export(model, root, export_args, export_kwargs,
+                                _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes), dynamic)
     gm = ep.graph_module
     _reject_higher_order_ops(gm)
     state_specs, user_ph = _split_placeholders(ep)
@@ -333,7 +375,7 @@ def trace(
     sig = ep.graph_signature
     n_user = sum(1 for s in sig.output_specs if s.kind.name == "USER_OUTPUT")
     out_names = _output_names(ep.call_spec.out_spec, n_user)
-    out_index = _select_output(None if root is not model else output, out_names, n_user)
+    out_index = _select_output(None if user_fn else output, out_names, n_user)
     static_batch = _specialised_batch(gm, out_index, batch_symbol, flat[tensor_idx[0]] if tensor_idx else None)
     if static_batch is not None:
         batch_symbol = static_batch
