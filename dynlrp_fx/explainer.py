@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import DynlrpInputError
-from .passes import PIPELINE, Pipeline, PipelineReport
+from .passes import PipelineReport
 from .passes.resolve_promises import DEFAULT_POLICY
 from .presets import resolve
 from .program import Analysis, Program, build_program
@@ -96,11 +96,6 @@ class Explainer(nn.Module):
         """The passes that ran for this explainer, in order, with each pass's time and node counts (``print`` it).
         :data:`dynlrp_fx.passes.PIPELINE` is the list they come from."""
         return self._report
-
-    @property
-    def passes(self) -> Pipeline:
-        """The pipeline definition this explainer's programs are built with."""
-        return PIPELINE
 
     def program(self, mode: str = "target") -> Program:
         """The program of a seed mode (``"target"`` or ``"seed"``), built through the pipeline on first use."""

@@ -48,7 +48,7 @@ from torch import nn
 from .errors import DynlrpError, DynlrpInputError, DynlrpLoadError
 from .explainer import Explainer
 from .passes.pair import ProgramOutputs
-from .runtime import CallPath, CallSpec, Explanation, dim_spec
+from .runtime import CallPath, CallSpec, Explanation, dim_spec, is_symbol
 
 __all__ = ["export", "load", "LoadedExplainer", "FORMAT_VERSION", "PACKAGES"]
 
@@ -152,7 +152,7 @@ def _dynamic_shapes(vals: list[torch.Tensor], auto: bool = False) -> tuple:
             if not isinstance(s, torch.SymInt):
                 continue
             name = str(s.node.expr)
-            if not auto and re.fullmatch(r"[A-Za-z_]\w*", name):
+            if not auto and is_symbol(name):
                 if name not in dims:
                     dims[name] = _sym_dim(s, name)
                 spec[d] = dims[name]

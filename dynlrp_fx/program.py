@@ -60,17 +60,6 @@ class Program:
     def input_names(self) -> list[str]:
         return self.outputs.input_names
 
-    @property
-    def param_names(self) -> list[str]:
-        return self.outputs.param_names
-
-    @property
-    def capture_names(self) -> list[str]:
-        return self.outputs.capture_names
-
-    @property
-    def unattributed(self) -> list[str]:
-        return self.outputs.unattributed
 
 
 class Analysis:

@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 
 from .errors import DynlrpInputError
 
-__all__ = ["Conservation", "Explanation", "InputSpec", "CallSpec", "CallPath", "Runner", "dim_spec"]
+__all__ = ["Conservation", "Explanation", "InputSpec", "CallSpec", "CallPath", "Runner", "dim_spec", "is_symbol"]
 
 
 @dataclass
@@ -80,7 +80,7 @@ def dim_spec(size: Any) -> int | str:
     return int(size)
 
 
-def _named(dim: int | str) -> bool:
+def is_symbol(dim: int | str) -> bool:
     """A dynamic size that is one symbol (``s0``), not an expression of several (``2*s0``)."""
     return isinstance(dim, str) and re.fullmatch(r"[A-Za-z_]\w*", dim) is not None
 
@@ -236,7 +236,7 @@ class CallPath:
                         f"dimensions {dyn} may differ from {self._shape_text(s)} (the program is static in the "
                         f"others). {spec.hint}".rstrip()
                     )
-                if _named(want):
+                if is_symbol(want):
                     prev = sizes.setdefault(want, (got, s.name))
                     if prev[0] != got:
                         raise DynlrpInputError(
@@ -284,6 +284,13 @@ class CallPath:
             )
         return t
 
+    def _expected_shape(self, shape: list[int | str], tensors: list[torch.Tensor]) -> list[int | None]:
+        """``shape`` (a spec shape) in this call's sizes: static sizes as they are, a dynamic dimension as the size
+        the bound inputs have there, ``None`` for one no input has (an expression of symbols)."""
+        sizes = {w: int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d, w in enumerate(s.shape)
+                 if is_symbol(w)}
+        return [d if isinstance(d, int) else sizes.get(d) for d in shape]
+
     def seed_tensor(self, seed: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``seed=`` checked: a floating tensor of the explained output's shape (static sizes as traced, sizes the
         output shares with a dynamic input dimension, such as the batch, as in this call's inputs)."""
@@ -299,9 +306,7 @@ class CallPath:
             )
         shape = self.spec.output_shape
         if shape is not None:
-            sizes = {w: int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d, w in enumerate(s.shape)
-                     if _named(w)}
-            want = [d if isinstance(d, int) else sizes.get(d) for d in shape]
+            want = self._expected_shape(shape, tensors)
             if seed.ndim != len(want) or any(w is not None and int(seed.shape[d]) != w for d, w in enumerate(want)):
                 shown = tuple(w if w is not None else d for w, d in zip(want, shape))
                 raise DynlrpInputError(
@@ -315,8 +320,7 @@ class CallPath:
         spec = (self.spec.extra_specs or {}).get(mode)
         if spec is None:
             return
-        sizes = {w: int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d, w in enumerate(s.shape) if _named(w)}
-        want = [d if isinstance(d, int) else sizes.get(d) for d in spec["shape"]]
+        want = self._expected_shape(spec["shape"], tensors)
         dt = getattr(torch, spec["dtype"], None)
         bad = extra.ndim != len(want) or extra.dtype != dt or any(
             w is not None and int(extra.shape[d]) != w for d, w in enumerate(want)

@@ -118,7 +118,7 @@ class Composite:
         if unknown:
             raise ValueError(f"Composite: unknown canonizers {unknown}; available: {list(CANONIZERS)}")
         for op in self.by_op:
-            if isinstance(op, str) and _resolve_op_name(op) is None:
+            if isinstance(op, str) and not _names_an_overload(op):
                 raise ValueError(
                     f"Composite: by_op key {op!r} is no ATen op overload of this torch (write e.g. "
                     "'aten.convolution.default' or torch.ops.aten.convolution.default)"
@@ -173,16 +173,13 @@ class Composite:
         ]
 
 
-def _resolve_op_name(name: str) -> Any:
-    """``"aten.convolution.default"`` (or ``torch.ops.aten...``) -> the op overload, or ``None``."""
-    import torch
+def _names_an_overload(name: str) -> bool:
+    """Whether ``name`` is the name of one op overload (``"aten.convolution.default"``, optionally with
+    ``torch.ops.``), the form :meth:`Composite.rule_for` compares ``by_op`` keys with."""
+    from .describe import resolve_op  # describe reads the presets, which build composites
 
-    parts = name.removeprefix("torch.ops.").split(".")
-    if len(parts) != 3:
-        return None
-    obj: Any = torch.ops
-    for p in parts:
-        obj = getattr(obj, p, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, torch._ops.OpOverload) else None
+    try:
+        _, ops = resolve_op(name)
+    except ValueError:
+        return False
+    return len(ops) == 1 and str(ops[0]) == name.removeprefix("torch.ops.")
