@@ -18,7 +18,10 @@ but plain tensors (see ``_check_archive``); ``package="aoti"`` files are native 
 
 Graph calling convention (both modes): ``(*input tensors, target_or_seed) -> (output, seed_total (B,),
 absorbed (B,), *input relevances, *parameter relevances, *captured relevances)`` (the last two only with
-``compile(params=..., capture=...)``); the target is ``(B,)`` int64 with ``-1`` = argmax.
+``compile(params=..., capture=...)``); the target is ``(B,)`` int64 with ``-1`` = argmax. With ``K`` explained
+outputs (``compile(output=[...])``) the graph returns all ``K`` in front of ``seed_total``, the target is ``(B, K)``
+and the seed ``(B, n_1 + ... + n_K)`` (the metadata's ``outputs`` and ``relevance_outputs[mode]["output_names"]``
+list them). For an output without a batch dimension (``output_batched`` false) ``B`` is 1: the call is one sample.
 
 Tested with torch 2.14 only. The archive API (``package_pt2``/``load_pt2``) is looked up in
 ``torch.export.pt2_archive`` and ``torch._inductor.package``; on a torch that has neither, :func:`export` and
@@ -53,7 +56,8 @@ from .runtime import CallPath, CallSpec, Explanation, dim_spec, is_symbol
 __all__ = ["export", "load", "LoadedExplainer", "FORMAT_VERSION", "PACKAGES"]
 
 #: version of the dynlrp metadata layout (bumped on incompatible changes; :func:`load` refuses newer files)
-FORMAT_VERSION = 1
+#: 2: several explained outputs and outputs without a batch dimension (``outputs``, ``output_batched``)
+FORMAT_VERSION = 2
 PACKAGES = ("exported", "aoti")
 MODES = ("target", "seed")
 _META_NAME = "dynlrp.json"
@@ -119,7 +123,9 @@ class _Frozen(nn.Module):
             key = id(t)
             if key not in seen:  # tied weights stay one buffer
                 seen[key] = f"state_{len(seen)}"
-                self.register_buffer(seen[key], t.detach())
+                # stored contiguous: torch's archive writer saves a non-contiguous tensor (channels_last weights)
+                # as its whole storage with a warning; the lowered graph runs on any strides (``passes/lower.py``)
+                self.register_buffer(seen[key], t.detach().contiguous())
             self._slots.append(seen[key])
 
     def forward(self, *inputs: torch.Tensor):
@@ -168,13 +174,14 @@ def _export_mode(explainer: Explainer, mode: str, state: list[torch.Tensor], inp
     ph = [n for n in graph.graph.nodes if n.op == "placeholder"]
     n_state = len(state)
     vals = [n.meta["val"] for n in ph[n_state:]]
-    batched = [x for x, s in zip(inputs, explainer.call_spec.inputs) if s.batched]
-    batch = batched[0].shape[0] if batched else 1
+    call = explainer._call
     device = inputs[0].device if inputs else None
-    extra = torch.full((batch,), -1, dtype=torch.long, device=device)  # the target: argmax
-    if mode == "seed":
+    extra = call.target_tensor(None, call.batch_size(inputs), device)  # the target: argmax of every output
+    if mode == "seed":  # ones for every explained output, packed as the call path packs seeds
         with torch.no_grad():
-            extra = torch.ones_like(explainer.graph("target")(*state, *inputs, extra)[0])
+            ys = explainer.graph("target")(*state, *inputs, extra)[: len(call.spec.explained)]
+        ones = [torch.ones_like(y) for y in ys]
+        extra = call.seed_tensor(ones[0] if len(ones) == 1 else tuple(ones), inputs)
     frozen = _Frozen(graph, state)
     try:
         try:
@@ -214,6 +221,8 @@ def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras
         "max_batch": traced.max_batch,
         "inputs": inputs,
         "output": {"name": traced.output_name, **(_tensor_spec(y_val) if y_val is not None else {})},
+        "outputs": [{"name": n, "shape": sh} for n, sh in explainer.call_spec.explained],
+        "output_batched": explainer.call_spec.output_batched,
         "relevance_outputs": {m: _output_names(explainer, m) for m in modes},
         "extra_inputs": extras,
         "rule_table": explainer.rule_table(),
@@ -221,12 +230,23 @@ def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras
 
 
 #: the per-program output-name lists (:class:`~dynlrp_fx.passes.pair.ProgramOutputs`) the call path splits outputs by
-_NAME_FIELDS = ("input_names", "param_names", "capture_names")
+_NAME_FIELDS = ("input_names", "param_names", "capture_names", "output_names")
 
 
 def _output_names(explainer: Explainer, mode: str) -> dict[str, list[str]]:
     outputs = explainer.program(mode).outputs
     return {f: list(getattr(outputs, f)) for f in _NAME_FIELDS}
+
+
+#: metadata fields that differ between an explainer and the explainers it built for other input shapes
+_VARIANT_FIELDS = ("in_spec", "const_leaves", "tensor_leaf_index", "max_batch", "inputs", "output", "outputs",
+                   "output_batched", "relevance_outputs", "extra_inputs")
+
+
+def _model_name(mode: str, variant: int) -> str:
+    """The archive's model name of a seed mode's program: torch's default ``"model"`` for the target mode of the
+    explainer itself (so that ``torch.export.load`` works), ``shape<k>_<mode>`` for its k-th input-shape variant."""
+    return _MODEL_NAMES[mode] if variant == 0 else f"shape{variant}_{mode}"
 
 
 def export(
@@ -248,6 +268,9 @@ def export(
         without compilation at load time).
     modes: which seed modes to store: ``"target"`` (``target=`` calls) and/or ``"seed"`` (``seed=`` calls).
         Both by default; AOTInductor compiles each one, so ``modes=("target",)`` halves its export time.
+        The programs the explainer built for other input shapes (:attr:`Explainer.variants`: the model specialised
+        a size, or the program is static in it) are stored too, each with its own copy of the weights, and the
+        loaded explainer picks the one that takes a call's inputs.
     inductor_configs: extra ``torch._inductor.config`` options for ``package="aoti"``.
 
     Returns
@@ -268,27 +291,30 @@ def export(
         raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes!r}")
     package_pt2, _ = _archive_api()
     path = os.fspath(path)
-    traced = explainer.traced
-    inputs = [traced.example_flat[i].detach() for i in traced.tensor_leaf_index]
-    state = explainer.state_tensors(inputs[0].device if inputs else None)
-    programs, extras = {}, {}
-    for mode in modes:
-        programs[mode], extras[mode] = _export_mode(explainer, mode, state, inputs)
-    meta = json.dumps(_metadata(explainer, package, modes, extras), indent=1)
-    extra_files = {_META_NAME: meta}
+    programs, meta = {}, None
+    # the explainer's own programs, then those it built for other input shapes (Explainer.variants), each under
+    # its own model names and with its own input specification in the metadata
+    for k, ex in enumerate([explainer, *explainer.variants]):
+        traced = ex.traced
+        inputs = [traced.example_flat[i].detach() for i in traced.tensor_leaf_index]
+        state = ex.state_tensors(inputs[0].device if inputs else None)
+        extras = {}
+        for mode in modes:
+            programs[_model_name(mode, k)], extras[mode] = _export_mode(ex, mode, state, inputs)
+        if meta is None:
+            meta = _metadata(ex, package, modes, extras)
+            meta["variants"] = []
+        else:
+            meta["variants"].append({f: v for f, v in _metadata(ex, package, modes, extras).items() if f in _VARIANT_FIELDS})
+    extra_files = {_META_NAME: json.dumps(meta, indent=1)}
     root, ext = os.path.splitext(os.path.abspath(path))
     tmp = f"{root}.partial{ext or '.pt2'}"
     try:
         if package == "exported":
-            package_pt2(
-                tmp, exported_programs={_MODEL_NAMES[m]: ep for m, ep in programs.items()}, extra_files=extra_files
-            )
+            package_pt2(tmp, exported_programs=programs, extra_files=extra_files)
         else:
             with tempfile.TemporaryDirectory(prefix="dynlrp_aoti_") as work:
-                files = {
-                    _MODEL_NAMES[m]: _aoti_files(ep, os.path.join(work, m), inductor_configs)
-                    for m, ep in programs.items()
-                }
+                files = {name: _aoti_files(ep, os.path.join(work, name), inductor_configs) for name, ep in programs.items()}
                 package_pt2(tmp, aoti_files=files, extra_files=extra_files)
         os.replace(tmp, path)  # never leave a half-written file under the final name
     finally:
@@ -788,6 +814,8 @@ class LoadedExplainer:
         }
         self.call_spec = CallSpec.from_metadata(meta, _dtype)
         self._call = CallPath(self.call_spec, self._run)
+        #: the programs for other input shapes the explainer had built when it was exported
+        self.variants: list[LoadedExplainer] = []
 
     @property
     def input_names(self) -> list[str]:
@@ -809,11 +837,23 @@ class LoadedExplainer:
         """Explain on these inputs; see :meth:`Explainer.forward`. Raises :class:`DynlrpLoadError` (also a
         :class:`DynlrpInputError`) when the inputs do not match the file's input specification."""
         try:
-            return self._call.explain(args, kwargs, target, seed)
+            try:
+                return self._call.explain(args, kwargs, target, seed)
+            except DynlrpShapeError:
+                for variant in self.variants:  # a program stored for other input shapes may take these
+                    try:
+                        return variant._call.explain(args, kwargs, target, seed)
+                    except DynlrpShapeError:
+                        continue
+                raise
         except DynlrpLoadError:
             raise
         except DynlrpInputError as e:
-            raise DynlrpLoadedInputError(f"{self.path}: {e}") from None
+            shapes = [v.metadata["inputs"] for v in [self, *self.variants]]
+            extra = (f" The file holds programs for these input shapes: "
+                     f"{[[(s['name'], s['shape']) for s in ins] for ins in shapes]}; explain inputs of another shape "
+                     "with the live explainer once before exporting it." if isinstance(e, DynlrpShapeError) else "")
+            raise DynlrpLoadedInputError(f"{self.path}: {e}{extra}") from None
 
     def _run(self, mode: str, tensors: list[torch.Tensor], extra: torch.Tensor, batch: int):
         """The call path's runner: the stored program of ``mode`` (its state tensors live inside it)."""
@@ -853,20 +893,26 @@ def load(path: str | os.PathLike) -> LoadedExplainer:
             f"{path}: the {meta['package']} program could not be deserialised by torch {torch.__version__} "
             f"(written with torch {meta.get('torch_version')}): {type(e).__name__}: {e}"
         ) from e
-    programs = {}
-    for mode in meta["modes"]:
-        name = _MODEL_NAMES[mode]
-        if meta["package"] == "aoti":
-            programs[mode] = contents.aoti_runners.get(name)
-        else:
-            ep = contents.exported_programs.get(name)
-            programs[mode] = _program_module(path, name, ep) if ep is not None else None
-        if programs[mode] is None:
-            raise DynlrpLoadError(
-                f"{path}: corrupt file: the {mode!r} program ({name}) listed in the metadata is missing"
-            )
+    def programs(variant: int) -> dict[str, Any]:
+        out = {}
+        for mode in meta["modes"]:
+            name = _model_name(mode, variant)
+            if meta["package"] == "aoti":
+                out[mode] = contents.aoti_runners.get(name)
+            else:
+                ep = contents.exported_programs.get(name)
+                out[mode] = _program_module(path, name, ep) if ep is not None else None
+            if out[mode] is None:
+                raise DynlrpLoadError(
+                    f"{path}: corrupt file: the {mode!r} program ({name}) listed in the metadata is missing"
+                )
+        return out
+
     try:
-        return LoadedExplainer(path, meta, programs)
+        loaded = LoadedExplainer(path, meta, programs(0))
+        for k, variant in enumerate(meta.get("variants") or [], start=1):
+            loaded.variants.append(LoadedExplainer(path, {**meta, **variant, "variants": []}, programs(k)))
+        return loaded
     except (KeyError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
         raise DynlrpLoadError(
             f"{path}: corrupt file: its dynlrp metadata is incomplete or unreadable ({type(e).__name__}: {e})"
