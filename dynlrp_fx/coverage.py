@@ -20,7 +20,7 @@ relevance is finite and the conservation-ledger error ``max_sample |seed - input
 Command line (:mod:`dynlrp_fx.cli.coverage`)::
 
     dynlrp coverage --model torchvision:resnet18 --input-shape 2,3,64,64
-    dynlrp coverage --zoo [--names gpt2,bert] [--json | --markdown]
+    dynlrp coverage --zoo [--names gpt2,bert] [--json | --markdown [--non-core]]
 
 Exit code 1 when any op is uncovered (or a model fails to trace/explain or gives non-finite relevance).
 """
@@ -47,6 +47,8 @@ __all__ = [
     "render_markdown",
     "render_json",
     "render_text",
+    "non_core_ops",
+    "render_non_core_markdown",
 ]
 
 
@@ -424,3 +426,66 @@ def render_text(reports: list[CoverageReport], *, ops: bool = True) -> str:
         for op, paths in r.uncovered.items():
             out.append(f"  UNCOVERED {op}: used by {', '.join(paths)}")
     return "\n".join(out)
+
+
+# -- ops outside Core ATen -------------------------------------------------------------------------------------------
+#: rule class(es) a kind gives at a node (``rules.table.classify``; multilinear and div depend on which operands are data)
+_KIND_CLASSES = {
+    "route": "route",
+    "affine": "linear",
+    "multilinear": "linear / product / bilinear",
+    "unary": "identity",
+    "div": "div / linear / normalizer",
+}
+
+
+def non_core_ops() -> list[dict[str, Any]]:
+    """Every op outside Core ATen that tracing can leave in a graph and that has a relevance kind in the op table:
+    not ``torch.Tag.core``, not decomposed by :func:`dynlrp_fx.trace.decomposition_table`, functional, and not a
+    CompositeImplicitAutograd op (export decomposes those), plus the ops dynlrp's table keeps whole (SDPA). Also
+    the ops dynlrp decomposes itself (:mod:`dynlrp_fx.decompositions`), with ``kind`` ``"decomposed"``. Rows:
+    ``{"op", "kind", "rule_class"}``, sorted by op name."""
+    from .decompositions import ATEN_DECOMPOSITIONS, LIBRARY_IMPLEMENTATIONS
+    from .rules.table import OP_TABLE
+    from .trace import KEEP_WHOLE, decomposition_table
+
+    decomposed = decomposition_table()
+    rows = []
+    for op, spec in OP_TABLE.items():
+        if spec.kind is None or torch.Tag.core in op.tags or op in decomposed:
+            continue
+        if op not in KEEP_WHOLE:
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
+                    continue
+            except RuntimeError:  # an overload the dispatcher does not know under this name
+                continue
+            if op._schema.is_mutable or any(r.alias_info is not None for r in op._schema.returns):
+                continue
+            if "out" in op._overloadname:
+                continue
+        rows.append({"op": str(op), "kind": spec.kind, "rule_class": _KIND_CLASSES.get(spec.kind, spec.kind)})
+    for op in ATEN_DECOMPOSITIONS:
+        rows.append({"op": str(op), "kind": "decomposed", "rule_class": "its core ops' rules"})
+    for qualname in LIBRARY_IMPLEMENTATIONS:
+        rows.append({"op": qualname.replace("::", "."), "kind": "decomposed", "rule_class": "its core ops' rules"})
+    return sorted(rows, key=lambda r: r["op"])
+
+
+def render_non_core_markdown() -> str:
+    """A markdown section listing :func:`non_core_ops` (op, kind, rule class)."""
+    lines = [
+        "",
+        "## Ops outside Core ATen",
+        "",
+        "Ops that torch's decomposition table leaves in a traced graph although they are not tagged core, with "
+        "their op-table kind and rule class (`tests/test_op_sweep.py` finds them in single-op models), and the ops "
+        "dynlrp decomposes itself (`dynlrp_fx/decompositions.py`). A `torch.library.custom_op` is traced through "
+        "its Python implementation; any other op without a rule raises `DynlrpUnsupportedOpError` naming it and "
+        "its module path.",
+        "",
+        "| op | kind | rule class |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{r['op']}` | {r['kind']} | {r['rule_class']} |" for r in non_core_ops()]
+    return "\n".join(lines) + "\n"

@@ -45,10 +45,15 @@ KEEP_WHOLE = tuple(
 
 
 def decomposition_table() -> dict:
-    """The Core-ATen decomposition table used for tracing (torch's default minus SDPA)."""
+    """The Core-ATen decomposition table used for tracing: torch's default minus SDPA (:data:`KEEP_WHOLE`), plus
+    custom ops traced through their implementation and ATen ops torch leaves whole
+    (:func:`dynlrp_fx.decompositions.extra_decompositions`)."""
+    from .decompositions import extra_decompositions
+
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:
         table.pop(op, None)
+    table.update(extra_decompositions())
     return table
 
 

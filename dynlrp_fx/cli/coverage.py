@@ -8,7 +8,15 @@ import argparse
 import sys
 from typing import Any
 
-from ..coverage import CoverageReport, coverage, render_json, render_markdown, render_text, zoo_coverage
+from ..coverage import (
+    CoverageReport,
+    coverage,
+    render_json,
+    render_markdown,
+    render_non_core_markdown,
+    render_text,
+    zoo_coverage,
+)
 from ._errors import EXPECTED, fail
 from ._models import model_from_args
 
@@ -47,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(render_json(reports, ops=args.ops))
     elif args.markdown:
         print(render_markdown(reports, title=args.title), end="")
+        if args.non_core:
+            print(render_non_core_markdown(), end="")
     else:
         print(render_text(reports, ops=not args.zoo or args.ops))
     failed = [r for r in reports if not r.ok]
@@ -97,5 +107,7 @@ def register_cli(sub: Any) -> None:
     fmt.add_argument("--markdown", action="store_true", help="a markdown table (docs/coverage.md)")
     p.add_argument("--ops", action="store_true", help="include per-op rows in --json / zoo text output")
     p.add_argument("--title", default=None, help="--markdown: a heading line")
+    p.add_argument("--non-core", action="store_true",
+                   help="--markdown: append the ops outside Core ATen that have rules (docs/coverage.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="print progress per model to stderr")
     p.set_defaults(func=run)

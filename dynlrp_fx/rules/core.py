@@ -91,7 +91,25 @@ class Route(Rule):
     classes = frozenset({"route"})
 
     def relevance(self, ctx: RuleContext):
+        if ctx.op is torch.ops.aten.constant_pad_nd.default and ctx.slots:
+            return [_unpad(ctx.relevances[0], ctx.args[1])] + [None] * (len(ctx.slots) - 1)
         return ctx.vjp(ctx.slots, ctx.relevances)
+
+
+def _unpad(r: torch.Tensor, pad) -> torch.Tensor:
+    """The pullback of ``constant_pad_nd(x, pad)`` (``pad``: before/after pairs from the last dimension on), written
+    with slices and non-negative pads: the VJP torch records (``constant_pad_nd`` with negated pads) cannot run on
+    fake tensors whose batch size is symbolic."""
+    aten = torch.ops.aten
+    for i in range(len(pad) // 2):
+        d = r.dim() - 1 - i
+        lo, hi = int(pad[2 * i]), int(pad[2 * i + 1])
+        r = aten.slice.Tensor(r, d, max(lo, 0), r.shape[d] - max(hi, 0))  # padded elements: not the input's
+        if lo < 0 or hi < 0:  # the forward cropped this side: the cropped elements receive nothing
+            spec = [0] * (2 * i + 2)
+            spec[2 * i], spec[2 * i + 1] = max(-lo, 0), max(-hi, 0)
+            r = aten.constant_pad_nd(r, spec, 0.0)
+    return r
 
 
 class Identity(Rule):
@@ -160,6 +178,7 @@ class AttnLRPAttention(Rule):
     * softmax: :class:`AttnLRPSoftmax` on the masked scores ``s``.
     * masks: a boolean or causal mask routes ``R_s`` to the kept scores; an additive float mask is a constant
       operand of an add (epsilon rule, its share absorbed; ``finfo.min`` and ``-inf`` entries give 0, not NaN).
+      A query row whose every key is masked has ``p = 0`` (SDPA's output there), so it passes no relevance.
     * ``q k^T`` is bilinear: uniform-epsilon as above.
 
     ``cp=True`` gives CP-LRP (Ali et al. 2022): the attention weights are treated as constants, all relevance
@@ -215,7 +234,11 @@ class AttnLRPAttention(Rule):
             else:
                 float_mask = mask.to(dt)
                 s = s + float_mask
-        p = torch.softmax(s, -1)
+        # a query whose every key is masked (a padded row: left padding under a causal mask, a sample with no
+        # tokens) has softmax 0/0 = NaN; SDPA outputs 0 there (torch's safe softmax), and so does this rule, so
+        # such rows pass no relevance and the NaN never reaches the relevance of kept rows
+        dead = torch.isneginf(s).all(-1, keepdim=True)
+        p = torch.where(dead, torch.zeros_like(s), torch.softmax(s, -1))
         o = out_fn(p, v)
         R = ctx.relevances[0].to(dt)
         slot_of = {"query": (0,), "key": (1,), "value": (2,)}

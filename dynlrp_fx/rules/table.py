@@ -239,6 +239,16 @@ _reg("affine", "_embedding_bag", slots=(0, 6))
 # declared: no LRP rule; relevance arriving here is absorbed and shows in the conservation ledger
 #   prod: product reductions (no conservative split); cdist/pdist: distances; fft: complex-valued spectra
 _reg("none", "prod _cdist_forward _pdist_forward _fft_r2c _fft_c2r")
+# --- ops outside Core ATen that torch's decomposition table leaves in the graph (tests/test_op_sweep.py) ----------
+# max pooling variants: the output is the input at the returned indices, so relevance goes to the winners (route)
+_reg("route", """adaptive_max_pool2d adaptive_max_pool3d fractional_max_pool2d fractional_max_pool3d""", slots=(0,))
+# selections with indices: each value is one input element (running maximum, median, k-th value, mode)
+_reg("route", "cummax cummin median.dim nanmedian.dim kthvalue mode", slots=(0,))
+# RReLU in eval mode is a leaky ReLU (slope (lower + upper) / 2); elementwise functions of one data operand
+_reg("unary", "rrelu_with_noise_functional rrelu_with_noise", slots=(0,))
+_reg("unary", "lgamma digamma i0 special_i0e special_i1 special_i1e special_ndtr special_ndtri special_log_ndtr")
+_reg("unary", "copysign.Tensor", slots=(0,))
+_reg("unary", "polygamma", slots=(1,))
 
 
 # --- facts for the passes ------------------------------------------------------------------------------------
@@ -257,7 +267,8 @@ _facts("native_layer_norm.default", cheap=True, recompute_cost=4)
 _facts("relu sigmoid _softmax softmax exp abs sqrt hardsigmoid", nonneg="always")
 _facts("clamp clamp_min hardtanh", nonneg="floor")
 _facts("""view reshape _unsafe_view permute transpose t expand slice select squeeze unsqueeze clone _to_copy alias
-    contiguous cat flatten index gather max_pool2d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d
+    contiguous cat flatten index gather max_pool2d max_pool2d_with_indices max_pool3d_with_indices
+    adaptive_max_pool2d adaptive_max_pool3d fractional_max_pool2d fractional_max_pool3d avg_pool1d
     avg_pool2d avg_pool3d adaptive_avg_pool2d _adaptive_avg_pool2d mean sum amax add mul upsample_nearest2d
     pixel_shuffle repeat stack dropout native_dropout""", nonneg="preserves")
 _facts("sum mean amax amin aminmax argmax argmin var std var_mean norm linalg_vector_norm native_layer_norm",
