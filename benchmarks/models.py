@@ -59,13 +59,15 @@ def _vision(name: str, res: int, device: torch.device) -> BenchModel:
 def _text(name: str, seq: int, device: torch.device) -> BenchModel:
     import transformers as tf
 
+    # the library's default configs and attention (SDPA for all three), only the sizes set: generative models keep
+    # use_cache=True and return their key/value cache, which the explainer leaves out
     torch.manual_seed(0)
     if name == "bert_base":
         cfg = tf.BertConfig(num_labels=2)  # bert-base-uncased shapes
-        model = tf.BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa")
+        model = tf.BertForSequenceClassification._from_config(cfg)
     elif name == "gpt2_small":
-        cfg = tf.GPT2Config(use_cache=False)  # gpt2 (124M) shapes
-        model = tf.GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+        cfg = tf.GPT2Config()  # gpt2 (124M) shapes
+        model = tf.GPT2LMHeadModel._from_config(cfg)
     elif name == "llama_8l":
         cfg = tf.LlamaConfig(
             vocab_size=32000,
@@ -75,9 +77,8 @@ def _text(name: str, seq: int, device: torch.device) -> BenchModel:
             num_attention_heads=16,
             num_key_value_heads=16,
             max_position_embeddings=512,
-            use_cache=False,
         )
-        model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+        model = tf.LlamaForCausalLM._from_config(cfg)
     else:
         raise ValueError(name)
     model = model.eval().to(device)
@@ -89,8 +90,6 @@ def _text(name: str, seq: int, device: torch.device) -> BenchModel:
         kw: dict[str, Any] = {"input_ids": torch.randint(3, vocab, (batch, seq), generator=g).to(device)}
         if with_mask:
             kw["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=device)
-        if name != "bert_base":
-            kw["use_cache"] = False
         return (), kw
 
     def embed(args: tuple, kwargs: dict):

@@ -247,7 +247,8 @@ def _lxt_model(bm: BenchModel) -> tuple[torch.nn.Module, Any, dict]:
     from lxt.efficient.models import bert as lxt_bert
 
     del patch_map[module]
-    model = lxt_bert.BertForSequenceClassification._from_config(bm.model.config, attn_implementation="sdpa")
+    model = lxt_bert.BertForSequenceClassification._from_config(
+        bm.model.config, attn_implementation=bm.model.config._attn_implementation)  # the benchmark model's attention
     model.load_state_dict(bm.model.state_dict())
     return model.eval().to(next(bm.model.parameters()).device).requires_grad_(False), module, patch_map
 

@@ -96,6 +96,19 @@ def _set(args: list, kwargs: dict, slot: Slot, value: Any) -> None:
         args[slot[0]] = value
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``aten.copy(dst, src)`` (``src`` broadcast into ``dst``'s shape, as a new tensor) in ops that have derivative
+    formulas: torch has none for the functional ``copy``, which export leaves for an in-place ``copy_`` (BART shifts
+    its labels into decoder ids so). The values are the same; the dtype is the promotion of both, so that a float
+    surrogate of integer ids stays differentiable."""
+    del non_blocking
+    return src.to(device=dst.device, dtype=torch.promote_types(dst.dtype, src.dtype)).expand(dst.shape).clone()
+
+
+#: ops re-run by :meth:`RuleContext.call` through an equivalent that autograd can differentiate
+_DIFFERENTIABLE: dict[Any, Callable] = {torch.ops.aten.copy.default: _copy}
+
+
 class RuleContext:
     """One application of an ATen op, as seen by a rule.
 
@@ -168,7 +181,7 @@ class RuleContext:
         kwargs = dict(self.kwargs)
         for s, v in (replace or {}).items():
             _set(args, kwargs, s, v)
-        res = self.op(*args, **kwargs)
+        res = _DIFFERENTIABLE.get(self.op, self.op)(*args, **kwargs)
         if keep:
             return res
         if not self.multi:
@@ -186,14 +199,25 @@ class RuleContext:
         """Vector-Jacobian products ``J_k^T v`` of the op (other operands fixed) for each slot in ``slots``.
 
         ``cotangents`` align with :attr:`outputs`. Integer operands are differentiated through a float
-        surrogate (valid for ops that route values, such as reshape or slice).
+        surrogate (valid for ops that route values, such as reshape or slice). An integer destination operand
+        (operand 0, which sets the result dtype of ``slice_scatter``, ``copy``, ``index_put``...) that receives no
+        relevance and has the dtype of a surrogate slot takes the surrogate's dtype too, so that the result stays
+        differentiable (a ``where`` condition, a bool, is left alone).
         """
         slots = list(slots)
         primals = [self.surrogate(s) for s in slots]
+        dst = self.args[0] if self.args else None
+        cast_dst = (
+            isinstance(dst, torch.Tensor) and (0,) not in slots
+            and any(p.dtype != self.value(s).dtype == dst.dtype for s, p in zip(slots, primals))
+        )
         if fn is None:
 
             def fn(*xs):
-                return tuple(self.call(dict(zip(slots, xs))))
+                replace = dict(zip(slots, xs))
+                if cast_dst:
+                    replace[(0,)] = dst.to(xs[0].dtype)
+                return tuple(self.call(replace))
 
         outs, pullback = torch.func.vjp(fn, *primals)
         cots = tuple(c.to(o.dtype) if c.dtype != o.dtype else c for c, o in zip(cotangents, outs))

@@ -37,15 +37,19 @@ Input conventions
 -----------------
 * batch size 2, never 1 (export specialises sizes 0 and 1);
 * text: integer ``input_ids`` (ids >= 3, clear of special tokens); encoders also get an
-  ``attention_mask`` whose sample 1 has its last 2 positions padded; decoders get
-  ``use_cache=False``; encoder-decoders get ``decoder_input_ids`` too;
+  ``attention_mask`` whose sample 1 has its last 2 positions padded; encoder-decoders get
+  ``decoder_input_ids`` too;
 * vision: ``pixel_values`` (transformers) or one positional image tensor (torchvision);
 * audio: ``input_values`` (raw waveform, wav2vec2 family) or ``input_features``
   (log-mel: Whisper);
 * multimodal: ``input_ids`` and ``pixel_values`` (CLIP), SigLIP-2's NaFlex patches
   (``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``; sample 1 is a smaller image
   with padded patches), Pix2Struct's ``flattened_patches`` + mask + ``decoder_input_ids``;
-* attention: ``attn_implementation="sdpa"`` where transformers supports it, else "eager".
+* library defaults: configs are the library's defaults with only size fields (and the named
+  checkpoint's architecture choices) set, and no runtime flag is passed (``use_cache``,
+  ``return_dict``, ``attn_implementation``...): generative models return their key/value cache,
+  which the explainer leaves out, and attention is what transformers picks (SDPA where the
+  model supports it, else eager).
 
 How to add an entry
 -------------------
@@ -54,8 +58,7 @@ How to add an entry
       hf("my_model", "text", "MyModelForCausalLM", "MyModelConfig",
          dict(vocab_size=V, hidden_size=32, ...),      # tiny config kwargs
          dec_text(),                                   # or enc_text(), seq2seq(), pixels(), audio(), custom fn
-         full=dict(...),                               # optional: real-size config kwargs
-         attn="sdpa")                                  # "eager" if SDPA is unsupported, None if attention-free
+         full=dict(...))                               # optional: real-size config kwargs
 
   ``inputs(config, full) -> (args, kwargs)``; ``make_config(config_cls, kw)`` builds nested
   configs (see CLIP); ``post(model)`` may shrink a model whose depth a config cannot set.
@@ -77,10 +80,13 @@ Entries needing workarounds (and why)
   ``shufflenet_v2``, ``efficientnet``, ``regnet``, ``resnext``, ``wide_resnet``, ``convnext``,
   ``swin``, ``maxvit`` are tiny instances of the torchvision classes (``full``: the named
   real-size model).
-* ``mixtral``: the default ("eager") experts loop iterates over ``nonzero()`` of the routing
-  mask (data-dependent, export fails with ``GuardOnDataDependentSymNode``); the entry uses
-  ``experts_implementation="batched_mm"`` (same maths: gather the top-k experts' weights per
-  token, batched matmuls).  ``router_jitter_noise=0``.
+* ``mixtral``: the library's default experts (``grouped_mm``) run on CPU through the custom op
+  ``torch.ops.transformers.grouped_mm_fallback``, which has no LRP rule
+  (``DynlrpUnsupportedOpError``), and the ``"eager"`` experts loop iterates over ``nonzero()``
+  of the routing mask (data-dependent, export fails with ``GuardOnDataDependentSymNode``); the
+  entry uses ``experts_implementation="batched_mm"`` (same maths: gather the top-k experts'
+  weights per token, batched matmuls), the one hand-set flag of the zoo.
+  ``router_jitter_noise=0``.
 * ``mamba`` (paper): without the CUDA kernels (``mamba_ssm``, ``causal_conv1d``) transformers
   runs the reference PyTorch scan (sequential loop over the 8 time steps, unrolled by export);
   that is the path exported here (full=True, mamba-130m: 24 layers x 16 steps unrolled, export +
@@ -97,8 +103,9 @@ Entries needing workarounds (and why)
 * ``flan_t5`` full: transformers 5's ``T5Config`` always ties ``lm_head`` to the shared embedding
   (``tie_word_embeddings=False`` only switches off the decoder-output scaling, as in T5 v1.1), so
   the full model has 223M parameters instead of flan-t5-base's 248M; the graph is the same.
-* eager attention (no SDPA in transformers): ``bloom``, ``deberta_v2``, ``mpnet``, ``wavlm``.
-* attention-free / custom attention (``attn=None``): ``mamba``, ``convnextv2``, ``mobilevit``.
+* eager attention (transformers' default where it has no SDPA): ``bloom``, ``deberta_v2``,
+  ``mpnet``, ``wavlm``; attention-free / custom attention: ``mamba``, ``convnextv2``,
+  ``mobilevit``.
 * dropped to keep ``tests/test_zoo_build.py`` within its time budget (all of them exported
   fine with the helpers above, ~1.5-6 s each): LeViT (its eval-mode attention-bias cache is also
   a Python dict filled during forward), Speech2Text, HF Swinv2, YOLOS, torchvision swin_v2 /

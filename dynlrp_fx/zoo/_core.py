@@ -20,6 +20,7 @@ __all__ = [
     "export_entry",
     "BATCH",
     "select_output",
+    "TensorOutputs",
 ]
 
 BATCH = 2  # example batch size of every zoo input (never 0/1: export would specialize)
@@ -72,13 +73,48 @@ def names(paper_only: bool = False) -> list[str]:
 
 
 def batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, batch=None) -> dict:
-    """``dynamic_shapes`` for :func:`torch.export.export` making dim 0 of every tensor
-    input (ndim >= 1) one shared ``Dim("batch", min=1)`` (the same rule :func:`dynlrp_fx.trace.trace` uses)."""
-    from ..trace import _default_dynamic_shapes
-
+    """``dynamic_shapes`` for :func:`torch.export.export` making dim 0 of every tensor input (ndim >= 1) one shared
+    ``Dim("batch", min=1)``, keyed like ``model.forward``'s signature (nested tuples, lists and dicts follow the
+    input's structure; ``*args``/``**kwargs`` parameters get a tuple/dict)."""
     if batch is None:
         batch = torch.export.Dim("batch", min=1)
-    return _default_dynamic_shapes(inspect.signature(model.forward), tuple(args), dict(kwargs or {}), batch)
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(*args, **dict(kwargs or {}))
+
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {0: batch} if v.ndim >= 1 else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(x) for x in value)
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(x) for k, x in value.items()}
+        else:
+            out[name] = spec(value)
+    return out
+
+
+class TensorOutputs(torch.nn.Module):
+    """Calls ``model`` and returns its output without the non-tensor parts (``dynlrp_fx.trace.tensor_outputs``: a
+    generative Hugging Face model's key/value cache, ``None`` entries), so that :func:`torch.export.export` can
+    return it. The model is a submodule, so parameter names get a ``model.`` prefix; the model is not changed."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from ..trace import tensor_outputs
+
+        return tensor_outputs(self.model(*args, **kwargs))
 
 
 def decomposition_table() -> dict:
@@ -93,15 +129,41 @@ def export_entry(entry: ZooEntry | str, full: bool = False, built: tuple | None 
                  decompose: bool = True) -> torch.export.ExportedProgram:
     """Build ``entry`` and export it with a dynamic batch dim (non-strict), then run the
     decompositions of :func:`decomposition_table`.  ``built`` may pass an already built
-    ``(model, args, kwargs)`` triple."""
+    ``(model, args, kwargs)`` triple.
+
+    A model whose output holds objects ``torch.export`` cannot return (the key/value cache of a
+    generative model with the library's default ``use_cache=True``) is exported through
+    :class:`TensorOutputs`, as ``dynlrp.compile`` traces it; the program is called like the model
+    (``ep.module()(*args, **kwargs)``) and returns its tensor outputs under their names."""
     if isinstance(entry, str):
         entry = get(entry)
     model, args, kwargs = built if built is not None else entry.build(full=full)
-    dyn = batch_dynamic_shapes(model, args, kwargs)
-    ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dyn, strict=False)
+    root = model
+    try:
+        ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=batch_dynamic_shapes(model, args, kwargs),
+                                 strict=False)
+    except Exception as e:  # noqa: BLE001 - only an output export cannot return is retried
+        from ..trace import _non_tensor_output
+
+        if not _non_tensor_output(e):
+            raise
+        root = TensorOutputs(model)
+        ep = torch.export.export(root, tuple(args), dict(kwargs), dynamic_shapes=batch_dynamic_shapes(root, args, kwargs),
+                                 strict=False)
+    if root is not model:
+        _drop_wrapper_guards(ep)
     if decompose:
         ep = ep.run_decompositions(decomposition_table())
+        if root is not model:
+            _drop_wrapper_guards(ep)
     return ep
+
+
+def _drop_wrapper_guards(ep: torch.export.ExportedProgram) -> None:
+    """Export words the guards of a ``**kwargs`` wrapper on ``L['kwargs'][...]``, names its flat inputs do not define,
+    so decompositions and ``ep.module()`` would fail on them; the batch guards are in the dynamic shapes."""
+    if hasattr(ep, "_guards_code"):
+        ep._guards_code = []
 
 
 def select_output(out: Any, output: str | None = None) -> torch.Tensor:

@@ -50,13 +50,10 @@ def enc_text(length: int = 8, vocab_attr: str = "vocab_size", token_type_ids: bo
     return inputs
 
 
-def dec_text(length: int = 8, vocab_attr: str = "vocab_size", use_cache: bool = True):
+def dec_text(length: int = 8, vocab_attr: str = "vocab_size"):
     def inputs(cfg, full):
         n = 16 if full else length
-        kw: dict[str, Any] = {"input_ids": _ids(getattr(cfg, vocab_attr), n)}
-        if use_cache:
-            kw["use_cache"] = False
-        return (), kw
+        return (), {"input_ids": _ids(getattr(cfg, vocab_attr), n)}
 
     return inputs
 
@@ -69,7 +66,6 @@ def seq2seq(length: int = 8, dec_length: int = 6, vocab=None):
             "input_ids": _ids(v, n),
             "attention_mask": _mask(n),
             "decoder_input_ids": _ids(v, m, seed=4),
-            "use_cache": False,
         }
 
     return inputs
@@ -95,23 +91,21 @@ def audio(samples: int = 1600, full_samples: int = 16000):
 # -----------------------------------------------------------------------------------------
 
 
-def _instantiate(model_cls, config, attn: str | None, model_kw: dict):
-    kw = dict(model_kw)
-    if attn is not None:
-        kw["attn_implementation"] = attn
-    return model_cls._from_config(config, **kw)
-
-
 def hf(name: str, modality: str, model_cls: str, config_cls: str, tiny: dict, inputs: Callable,
        full: dict | None = None, paper: bool = False, output: str | None = None,
-       attn: str | None = "sdpa", model_kw: dict | None = None, make_config: Callable | None = None,
+       model_kw: dict | None = None, make_config: Callable | None = None,
        post: Callable | None = None):
     """Register a transformers model.
 
     ``tiny``/``full`` are keyword dicts for ``config_cls`` (``full`` missing: the flag is
-    ignored). ``make_config(config_cls, kwargs)`` may build nested configs.
-    ``inputs(config, full) -> (args, kwargs)``. ``post(model)`` may shrink the built
-    tiny model in place (only applied when not ``full``).
+    ignored): the library's default config with only size fields (and the architecture
+    choices of the named checkpoint) set, never runtime flags such as ``use_cache``,
+    ``return_dict`` or ``attn_implementation``, so every entry runs as the library builds it
+    (SDPA attention where transformers supports it, eager elsewhere; the key/value cache of
+    generative models in their output). ``make_config(config_cls, kwargs)`` may build nested
+    configs. ``inputs(config, full) -> (args, kwargs)``. ``model_kw`` goes to
+    ``_from_config`` (one entry needs it, see the zoo doc's workarounds). ``post(model)`` may
+    shrink the built tiny model in place (only applied when not ``full``).
     """
 
     def build(full: bool = False):
@@ -121,7 +115,7 @@ def hf(name: str, modality: str, model_cls: str, config_cls: str, tiny: dict, in
         ccls = getattr(transformers, config_cls)
         kw = copy.deepcopy(full_cfg if (full and full_cfg is not None) else tiny)
         config = make_config(ccls, kw) if make_config else ccls(**kw)
-        model = _instantiate(getattr(transformers, model_cls), config, attn, model_kw or {})
+        model = getattr(transformers, model_cls)._from_config(config, **(model_kw or {}))
         if post is not None and not (full and full_cfg is not None):
             post(model)
         model.eval()
@@ -217,8 +211,7 @@ def _pix2struct_inputs(cfg, full):
     mask[1, n - 3:] = 0
     flattened[1, n - 3:] = 0
     return (), {"flattened_patches": flattened, "attention_mask": mask,
-                "decoder_input_ids": _ids(cfg.text_config.vocab_size, 8 if full else 6, seed=4),
-                "use_cache": False}
+                "decoder_input_ids": _ids(cfg.text_config.vocab_size, 8 if full else 6, seed=4)}
 
 
 hf("pix2struct_deplot", "multimodal", "Pix2StructForConditionalGeneration", "Pix2StructConfig",
@@ -233,7 +226,7 @@ hf("pix2struct_deplot", "multimodal", "Pix2StructForConditionalGeneration", "Pix
 
 hf("mamba", "sequence", "MambaForCausalLM", "MambaConfig",
    dict(vocab_size=V, hidden_size=32, state_size=8, num_hidden_layers=1, expand=2, conv_kernel=4),
-   dec_text(), paper=True, attn=None,  # attention-free; CPU runs the reference (slow) scan
+   dec_text(), paper=True,  # attention-free; CPU runs the reference (slow) scan
    full=dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24))  # mamba-130m
 
 
@@ -282,8 +275,7 @@ hf("wav2vec2", "audio", "Wav2Vec2ForCTC", "Wav2Vec2Config", W2V, audio(), paper=
 def _whisper_inputs(cfg, full):
     frames = 2 * cfg.max_source_positions
     feats = torch.randn(BATCH, cfg.num_mel_bins, frames, generator=_gen(3))
-    return (), {"input_features": feats, "decoder_input_ids": _ids(cfg.vocab_size, 8 if full else 6, seed=4),
-                "use_cache": False}
+    return (), {"input_features": feats, "decoder_input_ids": _ids(cfg.vocab_size, 8 if full else 6, seed=4)}
 
 
 hf("whisper", "audio", "WhisperForConditionalGeneration", "WhisperConfig",
@@ -309,11 +301,11 @@ hf("albert", "text", "AlbertForSequenceClassification", "AlbertConfig", dict(ENC
 hf("deberta_v2", "text", "DebertaV2ForSequenceClassification", "DebertaV2Config",
    dict(ENC, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
         max_relative_positions=-1, position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True),
-   enc_text(), attn="eager")  # no SDPA support in transformers
+   enc_text())  # no SDPA support in transformers: the library's default is eager attention
 hf("electra", "text", "ElectraForSequenceClassification", "ElectraConfig", dict(ENC, embedding_size=16),
    enc_text())
-hf("mpnet", "text", "MPNetForSequenceClassification", "MPNetConfig", dict(ENC, pad_token_id=1), enc_text(),
-   attn="eager")  # no SDPA support in transformers
+hf("mpnet", "text", "MPNetForSequenceClassification", "MPNetConfig", dict(ENC, pad_token_id=1),
+   enc_text())  # no SDPA support in transformers: eager attention
 
 # --- decoders ----------------------------------------------------------------------------
 hf("mistral", "text", "MistralForCausalLM", "MistralConfig", dict(DEC, head_dim=8, sliding_window=4), dec_text())
@@ -336,8 +328,7 @@ hf("persimmon", "text", "PersimmonForCausalLM", "PersimmonConfig",
 hf("gptj", "text", "GPTJForCausalLM", "GPTJConfig",
    dict(vocab_size=V, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64, bos_token_id=1, eos_token_id=2), dec_text())
 hf("bloom", "text", "BloomForCausalLM", "BloomConfig",
-   dict(vocab_size=V, hidden_size=32, n_layer=1, n_head=4), dec_text(),
-   attn="eager")  # no SDPA support in transformers (ALiBi)
+   dict(vocab_size=V, hidden_size=32, n_layer=1, n_head=4), dec_text())  # no SDPA in transformers (ALiBi): eager
 hf("olmo", "text", "OlmoForCausalLM", "OlmoConfig", DEC, dec_text())
 
 # --- encoder-decoder text ------------------------------------------------------------------
@@ -361,10 +352,10 @@ hf("beit", "vision", "BeitForImageClassification", "BeitConfig", dict(VIT, use_r
    pixels())
 hf("dinov2", "vision", "Dinov2ForImageClassification", "Dinov2Config", VIT, pixels())
 hf("convnextv2", "vision", "ConvNextV2ForImageClassification", "ConvNextV2Config",
-   dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_labels=10), pixels(32), attn=None)
+   dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_labels=10), pixels(32))
 hf("mobilevit", "vision", "MobileViTForImageClassification", "MobileViTConfig",
    dict(image_size=64, patch_size=2, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
-        num_attention_heads=2, num_labels=10), pixels(), attn=None, post=_mobilevit_shrink,
+        num_attention_heads=2, num_labels=10), pixels(), post=_mobilevit_shrink,
    full=dict())  # MobileViTConfig() defaults = mobilevit-small
 hf("segformer", "vision", "SegformerForImageClassification", "SegformerConfig",
    dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 2],
@@ -381,5 +372,5 @@ hf("clip", "multimodal", "CLIPModel", "CLIPConfig",
 
 # --- audio ---------------------------------------------------------------------------------
 hf("hubert", "audio", "HubertForSequenceClassification", "HubertConfig", W2V, audio())
-hf("wavlm", "audio", "WavLMForSequenceClassification", "WavLMConfig", dict(W2V, num_buckets=32), audio(),
-   attn="eager")  # no SDPA support in transformers (gated relative position bias)
+hf("wavlm", "audio", "WavLMForSequenceClassification", "WavLMConfig", dict(W2V, num_buckets=32),
+   audio())  # no SDPA in transformers (gated relative position bias): eager
