@@ -32,12 +32,14 @@ def mark_data(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.GraphMo
     """Annotate data-ness (see :mod:`.nodes`) and which nodes lie on a path to the explained output.
 
     The explained inputs are ``ctx.traced.user_inputs`` (float ones carry relevance, integer ones are token ids that
-    may reach an embedding); the explained output is the graph output at ``ctx.traced.output_index``.
+    may reach an embedding); the explained outputs are the graph outputs at ``ctx.traced.output_indices`` (the
+    graph's output node lists mutation outputs, new buffer values and mutated inputs, before the user outputs).
     """
     traced = ctx.traced
     float_inputs = {u.placeholder for u in traced.user_inputs if u.is_float}
     index_inputs = {u.placeholder for u in traced.user_inputs if not u.is_float}
-    output_node = next(n for n in gm.graph.nodes if n.op == "output").args[0][traced.output_index]
+    graph_outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    output_nodes = [graph_outs[i] for i in (traced.output_indices or [traced.output_index])]
     for node in gm.graph.nodes:
         node.meta.pop("dynlrp", None)
         if node.op == "placeholder":
@@ -81,8 +83,8 @@ def mark_data(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.GraphMo
         if spec is not None:
             ann.factors = [s for s in slots if s[0] in spec.factors]
         node.meta["dynlrp"] = ann
-    # relevance can only reach ancestors of the explained output
-    stack = [output_node]
+    # relevance can only reach ancestors of the explained outputs
+    stack = list(output_nodes)
     seen = set()
     while stack:
         n = stack.pop()

@@ -12,6 +12,16 @@ Rules that are not exactly conservative get a *ledger* node computing, per sampl
 
 The graph returns ``(output, seed_total, absorbed, *input_relevance, *param_relevance, *captured_relevance)``.
 
+**Several outputs** (``output=["start_logits", "end_logits"]``): each explained output gets its own seed and the
+seeds enter the same reverse sweep (LRP is linear in the seed, so one sweep gives the sum of the single-output
+explanations); the graph returns every explained output in front of ``seed_total``, which is the sum of their
+seeds. The target placeholder is then ``(B, K)`` (column ``k``: the target of output ``k``) and the seed
+placeholder ``(B, n_1 + ... + n_K)`` (each output's per-sample seed, flattened, side by side).
+
+**Outputs without a batch dimension** (``traced.output_batched`` false: a 0-d score or loss, an output over the
+nodes of a graph, a ``chunk`` along dimension 0) are explained as one sample per call: the target is ``(1,)`` (an
+index into the flattened output), and the seed total and the ledger are ``(1,)`` totals of the whole call.
+
 Parameter relevance (``params=``) is a *separate* quantity that leaves the input relevance untouched: for every
 op that receives relevance ``R`` and takes a chosen parameter ``W`` (directly or through route ops such as the
 ``permute`` of a decomposed ``nn.Linear``) as a non-data operand, the pass emits an extra relevance op
@@ -45,7 +55,10 @@ from ..rules.core import Epsilon, Route
 from ..rules.table import lookup
 from .nodes import FLOAT, INDEX, tensor_slots
 
-__all__ = ["pair", "RelevanceOp", "LedgerOp", "promise", "ProgramOutputs", "seed_from_target", "seed_given"]
+__all__ = [
+    "pair", "RelevanceOp", "LedgerOp", "promise", "ProgramOutputs", "seed_from_target", "seed_given",
+    "seed_from_target_call", "call_total", "target_column", "seed_part",
+]
 
 if TYPE_CHECKING:
     from .pipeline import CompileContext
@@ -191,6 +204,32 @@ def per_sample_total(r: torch.Tensor) -> torch.Tensor:
     return _per_sample(r, 0, r.shape[0])
 
 
+def seed_from_target_call(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The seed of an output without a batch dimension, explained as one sample: ``target`` is ``(1,)``, an index
+    into the flattened output (``-1``: argmax)."""
+    return seed_from_target(y.reshape(1, -1), target).reshape(y.shape)
+
+
+def call_total(r: torch.Tensor) -> torch.Tensor:
+    """The total of a whole call's relevance as a ``(1,)`` tensor (float32 or wider): the ledger of an output
+    without a batch dimension."""
+    return r.to(torch.promote_types(r.dtype, torch.float32)).sum().reshape(1)
+
+
+def target_column(target: torch.Tensor, k: int) -> torch.Tensor:
+    """The targets of explained output ``k`` from the ``(B, K)`` target of a program with several outputs."""
+    return target[:, k]
+
+
+def seed_part(seed: torch.Tensor, k: int, *ys: torch.Tensor) -> torch.Tensor:
+    """The seed of explained output ``k`` from the packed ``(B, n_1 + ... + n_K)`` seed of a program with several
+    outputs ``ys`` (``n_j``: the entries of one sample of output ``j``), shaped like that output."""
+    b = seed.shape[0]
+    sizes = [y.numel() // b for y in ys]
+    start = sum(sizes[:k])
+    return seed[:, start : start + sizes[k]].reshape(ys[k].shape)
+
+
 def _expr(s: Any) -> Any:
     return s.node.expr if isinstance(s, torch.SymInt) else s
 
@@ -261,12 +300,15 @@ def _outer_factor(node: fx.Node, batch_symbol: Any, limit: int = 16) -> int | No
 
 @dataclass
 class ProgramOutputs:
-    """What the outputs of a paired graph are: ``(output, seed_total, absorbed, *inputs, *params, *captured)``."""
+    """What the outputs of a paired graph are: ``(*outputs, seed_total, absorbed, *inputs, *params, *captured)``."""
 
     input_names: list[str] = field(default_factory=list)  #: user inputs whose relevance is returned, in order
     unattributed: list[str] = field(default_factory=list)  #: nodes whose absorbed relevance has no sample
     param_names: list[str] = field(default_factory=list)  #: public names of the parameter relevances
     capture_names: list[str] = field(default_factory=list)  #: public names of the captured relevances
+    #: names of the explained outputs the graph returns in front of ``seed_total`` (one entry, or none in files
+    #: written before several outputs existed: a single output)
+    output_names: list[str] = field(default_factory=list)
 
 
 #: rule classes whose parameter operands get the route rule ``R_W = J_W^T R``
@@ -336,7 +378,10 @@ class _Pairing:
         self.fake_mode = torch._guards.detect_fake_mode(
             [n.meta["val"] for n in self.nodes if n.op == "placeholder" and "val" in n.meta]
         )
-        self.y_src = next(n for n in self.nodes if n.op == "output").args[0][traced.output_index]
+        graph_outs = next(n for n in self.nodes if n.op == "output").args[0]
+        self.y_srcs = [graph_outs[i] for i in (traced.output_indices or [traced.output_index])]
+        self.y_names = list(traced.explained_outputs or [traced.output_name])
+        self.batched = traced.output_batched
         self.g = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
@@ -379,12 +424,19 @@ class _Pairing:
             if n.op == "placeholder":
                 env[n] = g.placeholder(n.name)
                 env[n].meta = dict(n.meta)
-        y_val = _val(self.y_src)
+        ys = [_val(y) for y in self.y_srcs]
         with self.fake_mode:
+            b = ys[0].shape[0] if self.batched else 1
             if self.mode == "target":
-                seed_fake = torch.empty((y_val.shape[0],), dtype=torch.long, device=y_val.device)
+                size = (b,) if len(ys) == 1 else (b, len(ys))
+                seed_fake = torch.empty(size, dtype=torch.long, device=ys[0].device)
+            elif len(ys) == 1:
+                seed_fake = torch.empty_like(ys[0])
             else:
-                seed_fake = torch.empty_like(y_val)
+                dtype = torch.float32  # the widest of the outputs' dtypes, at least float32
+                for y in ys:
+                    dtype = torch.promote_types(dtype, y.dtype)
+                seed_fake = torch.cat([torch.empty_like(y, dtype=dtype).reshape(b, -1) for y in ys], 1)
         self.seed_ph = g.placeholder("dynlrp_target" if self.mode == "target" else "dynlrp_seed")
         self.seed_ph.meta["val"] = seed_fake
         for n in self.nodes:
@@ -392,11 +444,34 @@ class _Pairing:
                 env[n] = g.node_copy(n, lambda a: env[a])
 
     def seed(self) -> None:
-        """The relevance of the explained output and its per-sample total."""
-        seed_fn = seed_from_target if self.mode == "target" else seed_given
-        r_seed = self.emit(seed_fn, self.env[self.y_src], self.seed_ph)
-        self.seed_total = self.emit(per_sample_total, r_seed)
-        self.add(self.y_src, None, r_seed)
+        """The relevance of each explained output and their summed total (per sample, or per call for outputs
+        without a batch dimension)."""
+        if self.mode == "target":
+            seed_fn = seed_from_target if self.batched else seed_from_target_call
+        else:
+            seed_fn = seed_given
+        total_fn = per_sample_total if self.batched else call_total
+        ys = [self.env[y] for y in self.y_srcs]
+        self.seed_total = None
+        unreached = []
+        for k, y in enumerate(self.y_srcs):
+            if len(ys) == 1:
+                extra = self.seed_ph
+            elif self.mode == "target":
+                extra = self.emit(target_column, self.seed_ph, k)
+            else:
+                extra = self.emit(seed_part, self.seed_ph, k, *ys)
+            r_seed = self.emit(seed_fn, ys[k], extra)
+            total = self.emit(total_fn, r_seed)
+            self.seed_total = total if self.seed_total is None else self.emit(torch.ops.aten.add.Tensor,
+                                                                              self.seed_total, total)
+            ann = y.meta.get("dynlrp")
+            if ann is not None and ann.status in (FLOAT, INDEX):
+                self.add(y, None, r_seed)
+            else:  # an output computed from no explained input (parameters only): its whole seed is absorbed
+                unreached.append((y, r_seed))
+        for y, r_seed in unreached:
+            self.ledger(y, r_seed, [])
 
     def operands(self, n: fx.Node):
         """``(args template, kwargs template, operand values, output)``, tensors as promise nodes."""
@@ -484,22 +559,25 @@ class _Pairing:
     def ledger(self, n: fx.Node, r_arg: Any, r_ins: list) -> None:
         """A ledger entry: what ``n``'s relevance op absorbed, per sample."""
         routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
-        out_b = [_batch_dim(_val(x), self.batch_symbol, n, self.example_batch) for x in routs]
-        in_b = [_batch_dim(_val(x), self.batch_symbol, src, self.example_batch) for x, src in r_ins]
-        if any(b is None for b in out_b + in_b):
-            self.unattributed.append(n.name)
+        if self.batched:
+            out_b = [_batch_dim(_val(x), self.batch_symbol, n, self.example_batch) for x in routs]
+            in_b = [_batch_dim(_val(x), self.batch_symbol, src, self.example_batch) for x, src in r_ins]
+            if any(b is None for b in out_b + in_b):
+                self.unattributed.append(n.name)
+        else:  # one sample per call: the ledger (of size 1) takes whole totals
+            out_b, in_b = [None] * len(routs), [None] * len(r_ins)
         led = LedgerOp(out_b, in_b, n.name)
         self.ledgers.append(self.emit(led, self.seed_total, routs, [x for x, _ in r_ins]))
 
     def finish(self) -> ProgramOutputs:
-        """The graph's outputs: ``(output, seed_total, absorbed, *inputs, *params, *captured)``."""
+        """The graph's outputs: ``(*outputs, seed_total, absorbed, *inputs, *params, *captured)``."""
         emit, env, R = self.emit, self.env, self.R
         absorbed = None
         for led in self.ledgers:
             absorbed = led if absorbed is None else emit(torch.ops.aten.add.Tensor, absorbed, led)
         if absorbed is None:
             absorbed = emit(torch.ops.aten.mul.Tensor, self.seed_total, 0.0)
-        outs = [env[self.y_src], self.seed_total, absorbed]
+        outs = [*(env[y] for y in self.y_srcs), self.seed_total, absorbed]
         names = []
         for ui in self.user_inputs:
             ph = self.by_name[ui.placeholder]
@@ -520,4 +598,5 @@ class _Pairing:
             r = self.captured.get(pub)
             outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[self.by_name[node_name]]))
         self.g.output(tuple(outs))
-        return ProgramOutputs(names, self.unattributed, [pub for _, pub in self.param_order], list(self.capture))
+        return ProgramOutputs(names, self.unattributed, [pub for _, pub in self.param_order], list(self.capture),
+                              list(self.y_names))
