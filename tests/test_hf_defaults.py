@@ -91,6 +91,19 @@ def test_default_sequence_classifier_with_cache_output():
     _check(model, {"input_ids": _ids()})
 
 
+def _shifted_reference(model, kwargs: dict, dec: torch.Tensor, target: torch.Tensor):
+    """Autograd's gradient x input of ``model`` called with its derived decoder ids ``dec`` passed explicitly as
+    ``decoder_input_ids`` (the same computation), the decoder ids' share shifted back onto the input positions they
+    were copied from (decoder position ``t + 1`` reads input position ``t``): ``(reference, magnitude, output)`` of
+    ``input_ids``."""
+    ref, mag, y = autograd_gradient_x_input(model, (), {**kwargs, "decoder_input_ids": dec}, None, target)
+    expected, scale = ref["input_ids"].clone(), mag["input_ids"].clone()
+    expected[:, :-1] += ref["decoder_input_ids"][:, 1:]
+    scale[:, :-1] += mag["decoder_input_ids"][:, 1:]
+    assert float(ref["decoder_input_ids"][:, 1:].abs().max()) > 0  # the decoder's share is not vacuous
+    return expected, scale, y
+
+
 @pytest.mark.slow
 def test_default_bart_from_input_ids_only():
     """BART makes its decoder ids from ``input_ids`` (``shift_tokens_right``: an in-place ``copy_`` of integer ids into
@@ -109,13 +122,41 @@ def test_default_bart_from_input_ids_only():
     assert set(expl.inputs) == {"input_ids"}
     dec = shift_tokens_right(ids, model.config.pad_token_id, model.config.decoder_start_token_id)
     out = expl.output
-    target = out.reshape(out.shape[0], -1).argmax(1)
-    ref, mag, y = autograd_gradient_x_input(model, (), {"input_ids": ids, "decoder_input_ids": dec}, None, target)
+    expected, scale, y = _shifted_reference(model, {"input_ids": ids}, dec, out.reshape(out.shape[0], -1).argmax(1))
     torch.testing.assert_close(out, y)
-    expected, scale = ref["input_ids"].clone(), mag["input_ids"].clone()
-    expected[:, :-1] += ref["decoder_input_ids"][:, 1:]
-    scale[:, :-1] += mag["decoder_input_ids"][:, 1:]
-    assert float(ref["decoder_input_ids"][:, 1:].abs().max()) > 0  # the decoder's share is not vacuous
+    err = float((expl.inputs["input_ids"].double() - expected.double()).abs().max()) / float(scale.max())
+    assert err <= GRADIENT_TOL, err
+
+
+class _ShiftedIds(torch.nn.Module):
+    """BART's ``shift_tokens_right`` in a few lines: the decoder ids are a shifted copy of the input ids (an in-place
+    ``copy_`` into a new integer tensor, then a start token), looked up by the same embedding as the ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, input_ids, decoder_input_ids=None):
+        if decoder_input_ids is None:
+            decoder_input_ids = input_ids.new_zeros(input_ids.shape)
+            decoder_input_ids[:, 1:] = input_ids[:, :-1].clone()
+            decoder_input_ids[:, 0] = 2
+        return self.head(torch.relu(self.emb(input_ids) + self.emb(decoder_input_ids)))
+
+
+def test_ids_copied_into_a_new_tensor_route_their_relevance():
+    """Integer ids written in place into a new tensor (``aten.copy`` and ``slice_scatter`` after export, which torch
+    cannot differentiate as such) carry their lookups' relevance back to the input ids, as gradient x input does."""
+    torch.manual_seed(0)
+    model = _ShiftedIds().eval()
+    ids = torch.randint(3, 16, (2, 6), generator=torch.Generator().manual_seed(0))
+    expl = dynlrp.compile(model, (ids,), rules="gradient", backend="eager")(ids)
+    dec = ids.new_full(ids.shape, 2)
+    dec[:, 1:] = ids[:, :-1]
+    out = expl.output
+    expected, scale, y = _shifted_reference(model, {"input_ids": ids}, dec, out.reshape(out.shape[0], -1).argmax(1))
+    torch.testing.assert_close(out, y)
     err = float((expl.inputs["input_ids"].double() - expected.double()).abs().max()) / float(scale.max())
     assert err <= GRADIENT_TOL, err
 
