@@ -14,6 +14,7 @@ from .errors import (
     DynlrpError,
     DynlrpInputError,
     DynlrpLoadError,
+    DynlrpShapeError,
     DynlrpTraceError,
     DynlrpUnsupportedOpError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "DynlrpError",
     "DynlrpDatasetError",
     "DynlrpInputError",
+    "DynlrpShapeError",
     "DynlrpLoadError",
     "DynlrpTraceError",
     "DynlrpUnsupportedOpError",

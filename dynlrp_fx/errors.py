@@ -36,6 +36,12 @@ class DynlrpInputError(DynlrpError, ValueError):
     """An explainer was called with inputs that do not match the compiled program."""
 
 
+class DynlrpShapeError(DynlrpInputError):
+    """An input's size lies outside what a program was traced for: a dimension the program is static in (the model
+    specialised it, or it was compiled with ``dynamic=False``) has another size, or a dynamic one is out of its
+    range. A live explainer answers it by building a program for the new shape; a loaded file cannot."""
+
+
 class DynlrpLoadError(DynlrpError):
     """A saved relevance program could not be loaded or called."""
 

@@ -9,12 +9,15 @@ same one a loaded explainer uses.
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import DynlrpInputError
+from .errors import DynlrpInputError, DynlrpShapeError, DynlrpTraceError
 from .passes import PipelineReport
 from .passes.resolve_promises import DEFAULT_POLICY
 from .presets import resolve
@@ -84,6 +87,12 @@ class Explainer(nn.Module):
             for v in (vals.get(ph) for ph, _kind, _target in traced.state_specs)
         ]
         self._call = CallPath(self.call_spec, self._run)
+        self._params_arg, self._capture_arg = params, capture
+        #: how to trace the model again at another input shape (set by :func:`compile`; ``None``: no variants)
+        self._retrace: Callable[[tuple, dict], TracedProgram] | None = None
+        #: explainers for input shapes this one's program is static in, most recently used last
+        self._variants: OrderedDict[int, Explainer] = OrderedDict()
+        self._warned_shapes = False
         self.program("target")
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -121,8 +130,11 @@ class Explainer(nn.Module):
         new_mode = self.mode if mode == "unchanged" else mode
         request = self._backend_request if backend is None else backend
         policy = self.promise_policy if promise_policy is None else promise_policy  # checked by resolve_promises
-        return Explainer(self.model, self.traced, self.composite, backend=request, dynamic=self.dynamic,
-                         mode=new_mode, promise_policy=policy, analysis=self.analysis)
+        new = Explainer(self.model, self.traced, self.composite, backend=request, dynamic=self.dynamic,
+                        params=self._params_arg, capture=self._capture_arg, mode=new_mode, promise_policy=policy,
+                        analysis=self.analysis)
+        new._retrace = self._retrace
+        return new
 
     def _device(self) -> torch.device | None:
         """Where the model runs: the device of the first example input tensor, else of the first parameter."""
@@ -206,13 +218,15 @@ class Explainer(nn.Module):
         prog = self.program(mode)
         state = self.state_tensors(tensors[0].device if tensors else None)
         self._check_state(state)
-        # torch specialises size-1 dims (conv backend choice, broadcasting), so a batch of 1 gets its own static
-        # compilation the first time it is seen; every other batch size shares one dynamic-batch program
-        if self.backend != "eager" and self.dynamic and batch > 1:
+        # torch specialises size-1 dims (conv backend choice, broadcasting), so a batch (or sequence) of 1 gets its
+        # own static compilation the first time it is seen; every other size shares one dynamic program
+        if self.backend != "eager" and self.dynamic:
             for x, s in zip(tensors, self.call_spec.inputs):
-                if s.batched:
-                    torch._dynamo.mark_dynamic(x, 0)
-            if extra.ndim >= 1:
+                for d, want in enumerate(s.shape):
+                    if isinstance(want, str) and x.shape[d] > 1:
+                        torch._dynamo.mark_dynamic(x, d)
+            if batch > 1 and extra.ndim >= 1 and self.call_spec.output_batched and any(
+                    s.batched and isinstance(s.shape[0], str) for s in self.call_spec.inputs):
                 torch._dynamo.mark_dynamic(extra, 0)
         graphs = self.backend != "eager" and self.mode in ("reduce-overhead", "max-autotune")
         if graphs:  # CUDA graphs: a new step, so the previous call's static outputs may be reused
@@ -232,10 +246,71 @@ class Explainer(nn.Module):
         *args, **kwargs: the model inputs (same structure as the example inputs; any batch size).
         target: ``None`` (argmax per sample), an int (same index for every sample), or one index per sample; the
             index is into the flattened per-sample output (the class for ``(batch, classes)`` outputs). The seed
-            relevance is the output value at the target, so input relevance sums to the logit.
-        seed: an explicit output-shaped relevance seed, used as is (one-hot reproduces Zennit's default).
+            relevance is the output value at the target, so input relevance sums to the logit. An explained output
+            without a batch dimension (a 0-d score, an output over graph nodes) is one sample per call: one int
+            into the flattened output, or ``None``. With several explained outputs (``compile(...,
+            output=["start_logits", "end_logits"])``): a dict output name -> target (outputs left out: argmax) or
+            a tuple with one target per output; all are seeded together in one relevance sweep.
+        seed: an explicit output-shaped relevance seed, used as is (one-hot reproduces Zennit's default); with
+            several explained outputs a dict output name -> seed (or a tuple), one for every output.
         """
-        return self._call.explain(args, kwargs, target, seed)
+        try:
+            return self._call.explain(args, kwargs, target, seed)
+        except DynlrpShapeError as e:
+            if self._retrace is None:
+                raise
+            mismatch = e
+        for key, variant in reversed(self._variants.items()):
+            try:
+                result = variant._call.explain(args, kwargs, target, seed)
+            except DynlrpShapeError:
+                continue
+            self._variants.move_to_end(key)
+            return result
+        return self._variant(args, kwargs, mismatch)._call.explain(args, kwargs, target, seed)
+
+    @property
+    def variants(self) -> list[Explainer]:
+        """The explainers built for input shapes outside this one's program (see :meth:`forward`), least recently
+        used first; each has its own trace and programs, and the rules of this one."""
+        return list(self._variants.values())
+
+    def _variant(self, args: tuple, kwargs: dict, mismatch: DynlrpShapeError) -> Explainer:
+        """Trace the model again at the shapes of this call and build (and cache) an explainer for them."""
+        if not self._warned_shapes:
+            self._warned_shapes = True
+            static = ", ".join(f"{k}={v}" if v >= 0 else k for k, v in self.traced.specialised.items())
+            why = (f"{type(self.model).__name__} specialised {static} when traced" if static else
+                   "compiled with dynamic=False" if not self.dynamic else
+                   "a size outside the range the model's ops allow" if "outside the range" in str(mismatch) else
+                   "the program is static in some dimensions (only batch and token sequence lengths are dynamic)")
+            shapes = {s.name: tuple(x.shape) for s, x in zip(self.call_spec.inputs, _tensor_leaves(args, kwargs))}
+            warnings.warn(
+                f"dynlrp: explaining inputs of shapes {shapes}, which the compiled program does not take ({why}): "
+                f"the model is traced again for each new input shape on first use and the explainer cached (at most "
+                f"{MAX_VARIANTS}), like a recompilation in torch.compile. First mismatch: {mismatch}",
+                stacklevel=5,  # _variant <- forward <- Module._call_impl <- Module.__call__ <- the caller
+            )
+        try:
+            traced = self._retrace(args, kwargs)
+        except DynlrpTraceError as e:
+            raise DynlrpShapeError(f"{mismatch}\nTracing the model again at this call's shapes failed: {e}") from e
+        variant = Explainer(self.model, traced, self.composite, backend=self._backend_request, dynamic=self.dynamic,
+                            params=self._params_arg, capture=self._capture_arg, mode=self.mode,
+                            promise_policy=self.promise_policy)
+        self._variants[id(variant)] = variant
+        while len(self._variants) > MAX_VARIANTS:
+            self._variants.popitem(last=False)
+        return variant
+
+
+def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensor leaves of a call's inputs, in flat order (the order of ``CallSpec.inputs``)."""
+    return [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+
+
+#: how many per-shape explainers one explainer keeps (least recently used ones are dropped beyond it)
+MAX_VARIANTS = 16
 
 
 def _state(get: Any, target: str, kind: str) -> torch.Tensor:
@@ -286,8 +361,13 @@ def compile(
     example_kwargs: keyword example inputs (e.g. ``{"input_ids": ..., "attention_mask": ...}``).
     rules: a preset name (``"epsilon"`` default, ``"lrp0"``), a :class:`dynlrp_fx.Composite`, or
         ``{rule class: Rule}``.
-    output: which model output to explain: ``None`` (``logits`` if present, else the first tensor), an output
-        name, a flat index, or a callable on the model output.
+    output: which model output to explain: ``None`` (``logits`` if present, else the first floating tensor;
+        integer and bool outputs such as an argmax, and non-tensor outputs, are skipped), an output name, a flat
+        index, a list of names/indices (several outputs seeded together in one relevance sweep, each at its own
+        target: ``output=["start_logits", "end_logits"]``; :attr:`Explanation.output` is then a dict), or a
+        callable on the model output. Outputs the model writes in place (an updated buffer, a mutated input) are
+        never explained. An output whose dimension 0 is not the batch (a 0-d score or loss) is explained as one
+        sample per call.
     backend: ``"auto"`` (default: ``"inductor"`` when the model or the example inputs are on a GPU, or when a
         ``mode`` is given, ``"eager"`` on CPU, where Inductor measured slower than the eager program; see
         :func:`resolve_backend`), ``"inductor"`` (``torch.compile`` into fused kernels), ``"eager"`` (run the
@@ -337,7 +417,11 @@ def compile(
         dynamic=dynamic,
         dynamic_shapes=dynamic_shapes,
     )
-    return Explainer(model, traced, composite, backend=backend, dynamic=dynamic, params=params, capture=capture,
-                     mode=mode, promise_policy=promise_policy)
+    explainer = Explainer(model, traced, composite, backend=backend, dynamic=dynamic, params=params, capture=capture,
+                          mode=mode, promise_policy=promise_policy)
+    static = frozenset(traced.specialised)  # a variant skips the dynamic dimensions this model is known to specialise
+    explainer._retrace = lambda args, kwargs: trace(model, args, kwargs, output=output, dynamic=dynamic,
+                                                    static_dims=static)
+    return explainer
 
 

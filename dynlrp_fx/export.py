@@ -48,7 +48,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .errors import DynlrpError, DynlrpInputError, DynlrpLoadError
+from .errors import DynlrpError, DynlrpInputError, DynlrpLoadError, DynlrpShapeError
 from .explainer import Explainer
 from .passes.pair import ProgramOutputs
 from .runtime import CallPath, CallSpec, Explanation, dim_spec, is_symbol
@@ -220,6 +220,7 @@ def _metadata(explainer: Explainer, package: str, modes: tuple[str, ...], extras
         "tensor_leaf_index": list(traced.tensor_leaf_index),
         "max_batch": traced.max_batch,
         "inputs": inputs,
+        "ranges": {k: list(v) for k, v in explainer.call_spec.ranges.items()},
         "output": {"name": traced.output_name, **(_tensor_spec(y_val) if y_val is not None else {})},
         "outputs": [{"name": n, "shape": sh} for n, sh in explainer.call_spec.explained],
         "output_batched": explainer.call_spec.output_batched,
@@ -239,7 +240,7 @@ def _output_names(explainer: Explainer, mode: str) -> dict[str, list[str]]:
 
 
 #: metadata fields that differ between an explainer and the explainers it built for other input shapes
-_VARIANT_FIELDS = ("in_spec", "const_leaves", "tensor_leaf_index", "max_batch", "inputs", "output", "outputs",
+_VARIANT_FIELDS = ("in_spec", "const_leaves", "tensor_leaf_index", "max_batch", "inputs", "ranges", "output", "outputs",
                    "output_batched", "relevance_outputs", "extra_inputs")
 
 

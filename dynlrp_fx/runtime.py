@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import DynlrpInputError
+from .errors import DynlrpInputError, DynlrpShapeError
 
 __all__ = ["Conservation", "Explanation", "InputSpec", "CallSpec", "CallPath", "Runner", "dim_spec", "is_symbol"]
 
@@ -51,19 +51,22 @@ class Explanation:
 
     Attributes
     ----------
-    output: the explained model output (e.g. the logits).
+    output: the explained model output (e.g. the logits); with several explained outputs (``compile(...,
+        output=["start_logits", "end_logits"])``) a dict name -> output.
     relevance: relevance of the first input, same shape (for token ids: one value per token).
     inputs: forward-parameter name -> relevance, for every input that receives relevance (float inputs; integer
         inputs that feed embeddings get the relevance of their embedding rows summed over the hidden dimension).
     absorbed: per-sample relevance absorbed by biases and stabilisers.
-    conservation: the per-sample ledger (seed total, sum over inputs, absorbed).
+    conservation: the per-sample ledger (seed total, sum over inputs, absorbed). The seed total is the sum of
+        the seeds of every explained output. For an output without a batch dimension (a 0-d score, an output over
+        graph nodes) the call is one sample: the ledger's tensors have one entry, totals over the whole call.
     params: parameter name -> relevance of that parameter (shape of the parameter, summed over the batch); only
         with ``compile(..., params=...)``. See :func:`dynlrp_fx.compile` for the rule.
     captured: module path -> relevance of that module's output (shape of the output, per sample); only with
         ``compile(..., capture=...)``.
     """
 
-    output: torch.Tensor
+    output: torch.Tensor | dict[str, torch.Tensor]
     relevance: torch.Tensor | None
     inputs: dict[str, torch.Tensor]
     absorbed: torch.Tensor
@@ -78,6 +81,26 @@ def dim_spec(size: Any) -> int | str:
         expr = size.node.expr
         return int(expr) if getattr(expr, "is_number", False) else str(expr)
     return int(size)
+
+
+def symbol_ranges(values: Any) -> dict[str, tuple[int | None, int | None]]:
+    """The value range of every single-symbol size of these fake tensors that is narrower than ``[2, inf]``
+    (torch traces dynamic sizes as ``>= 2``; a size of 1 still runs, as the batch does, unless the range says
+    more): ``{symbol: (min, max)}``, ``None`` for an open end."""
+    out: dict[str, tuple[int | None, int | None]] = {}
+    for v in values:
+        for size in getattr(v, "shape", ()) if isinstance(v, torch.Tensor) else ():
+            if not isinstance(size, torch.SymInt) or not is_symbol(name := str(size.node.expr)):
+                continue
+            try:
+                rng = size.node.shape_env.var_to_range.get(size.node.expr)
+                lo = int(rng.lower) if rng is not None and int(rng.lower) > 2 else None
+                hi = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+            except (AttributeError, TypeError, ValueError, OverflowError):
+                continue
+            if lo is not None or hi is not None:
+                out[name] = (lo, hi)
+    return out
 
 
 def is_symbol(dim: int | str) -> bool:
@@ -109,6 +132,10 @@ class CallSpec:
     ``max_batch`` the largest batch the model's ops allow; ``output_shape`` the explained output's sizes (as
     :class:`InputSpec` shapes; ``None`` when unknown); ``extra_specs`` (loaded files only): per seed mode the
     ``{"dtype", "shape"}`` the target/seed tensor must have; ``hint`` is added to size errors.
+
+    ``output_names``/``output_shapes`` list every explained output when there are several (``output_name`` and
+    ``output_shape`` are the first's); ``output_batched`` is false when dimension 0 of the explained output is not
+    the batch (a 0-d score): a call is then one sample, with one target.
     """
 
     in_spec: Any
@@ -121,6 +148,11 @@ class CallSpec:
     static_batch: int | None = None
     extra_specs: dict[str, dict] | None = None
     hint: str = ""
+    #: dynamic dimension name -> (min, max) it was traced for, where narrower than (1, unbounded)
+    ranges: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    output_names: list[str] = field(default_factory=list)
+    output_shapes: list[list[int | str] | None] = field(default_factory=list)
+    output_batched: bool = True
 
     @classmethod
     def from_traced(cls, traced: Any, graph: torch.fx.GraphModule, output: torch.fx.Node) -> CallSpec:
@@ -135,13 +167,18 @@ class CallSpec:
                 shape[0] = traced.static_batch
             inputs.append(InputSpec(ui.name, ui.dtype, shape, ui.batched))
         y = output.meta.get("val")
-        hint = "Compile with dynamic_shapes= for more dynamic dimensions."
+        graph_outs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+        ys = [graph_outs[i].meta.get("val") for i in (traced.output_indices or [traced.output_index])]
+        hint = ""
         if traced.static_batch is not None:
-            hint += f" This model specialised its batch size to {traced.static_batch} when traced."
+            hint = f"This model specialised its batch size to {traced.static_batch} when traced."
         return cls(
             traced.in_spec, dict(traced.const_leaves), list(traced.tensor_leaf_index), inputs, traced.output_name,
             [dim_spec(s) for s in y.shape] if isinstance(y, torch.Tensor) else None, traced.max_batch,
-            traced.static_batch, None, hint,
+            traced.static_batch, None, hint, ranges=symbol_ranges(vals.values()),
+            output_names=list(traced.explained_outputs or [traced.output_name]),
+            output_shapes=[[dim_spec(s) for s in v.shape] if isinstance(v, torch.Tensor) else None for v in ys],
+            output_batched=bool(getattr(traced, "output_batched", True)),
         )
 
     @classmethod
@@ -160,11 +197,24 @@ class CallSpec:
             None,
             dict(meta["extra_inputs"]),
             "",
+            ranges={str(k): (v[0], v[1]) for k, v in (meta.get("ranges") or {}).items()},
+            output_names=[o["name"] for o in meta.get("outputs") or [meta["output"]]],
+            output_shapes=[o.get("shape") for o in meta.get("outputs") or [meta["output"]]],
+            output_batched=bool(meta.get("output_batched", True)),
         )
 
-    def per_sample_numel(self) -> int | None:
-        """Entries of one sample's output (what a target indexes), when static."""
-        rest = self.output_shape[1:] if self.output_shape else None
+    @property
+    def explained(self) -> list[tuple[str, list[int | str] | None]]:
+        """``(name, shape)`` of every explained output, in seed order (one entry for a single output)."""
+        if len(self.output_names) > 1:
+            return list(zip(self.output_names, self.output_shapes))
+        return [(self.output_name, self.output_shape)]
+
+    def per_sample_numel(self, shape: list[int | str] | None | str = "first") -> int | None:
+        """Entries of one sample of an output (what a target indexes), when static: the whole output when it has
+        no batch dimension. ``shape`` defaults to the first explained output's."""
+        shape = self.output_shape if shape == "first" else shape
+        rest = (shape[1:] if self.output_batched else shape) if shape is not None else None
         if rest is None or not all(isinstance(d, int) for d in rest):
             return None
         return math.prod(rest)
@@ -231,10 +281,17 @@ class CallPath:
                 got = int(x.shape[d])
                 if isinstance(want, int) and got != want:
                     dyn = [k for k, w in enumerate(s.shape) if not isinstance(w, int)]
-                    raise DynlrpInputError(
+                    raise DynlrpShapeError(
                         f"input {s.name!r} has shape {tuple(x.shape)}, but dimension {d} must be {want}: only "
                         f"dimensions {dyn} may differ from {self._shape_text(s)} (the program is static in the "
                         f"others). {spec.hint}".rstrip()
+                    )
+                lo, hi = spec.ranges.get(want, (None, None)) if isinstance(want, str) else (None, None)
+                if (lo is not None and got < lo) or (hi is not None and got > hi):
+                    raise DynlrpShapeError(
+                        f"input {s.name!r} has size {got} in dimension {d}, outside the range [{lo or 1}, "
+                        f"{'inf' if hi is None else hi}] the program was traced for (the model's ops bound it, e.g. "
+                        f"its number of position embeddings). {spec.hint}".rstrip()
                     )
                 if is_symbol(want):
                     prev = sizes.setdefault(want, (got, s.name))
@@ -255,9 +312,41 @@ class CallPath:
         src = next((x for x, s in zip(tensors, self.spec.inputs) if s.batched), None)
         return int(src.shape[0]) if src is not None else 1
 
+    def per_output(self, value: Any, what: str) -> list[Any]:
+        """``target=``/``seed=`` of an explainer with several explained outputs, one entry per output in seed order:
+        ``None`` (the default for every output), a dict output name -> value (outputs left out get ``None``) or a
+        tuple/list with one value per output."""
+        names = [n for n, _ in self.spec.explained]
+        if value is None:
+            return [None] * len(names)
+        if isinstance(value, Mapping):
+            unknown = [k for k in value if k not in names]
+            if unknown:
+                raise DynlrpInputError(
+                    f"{what}= names {unknown}, which are not explained outputs; this explainer explains {names}"
+                )
+            return [value.get(n) for n in names]
+        if isinstance(value, (tuple, list)) and len(value) == len(names):
+            return list(value)
+        raise DynlrpInputError(
+            f"this explainer explains {len(names)} outputs {names}: give {what}= as a dict output name -> {what} "
+            f"(e.g. {{{names[0]!r}: ...}}) or a tuple with one {what} per output, not {type(value).__name__}"
+        )
+
     def target_tensor(self, target: Any, batch: int, device: Any) -> torch.Tensor:
-        """``target=`` as a ``(batch,)`` int64 tensor (``-1``: argmax), checked against the output size: an int or
-        one integer per sample (a list or an integer tensor); floats and bools are refused, not truncated."""
+        """``target=`` as an int64 tensor (``-1``: argmax), checked against the output size: ``(batch,)`` for one
+        output (an int or one integer per sample, as a list or an integer tensor; floats and bools are refused, not
+        truncated), ``(batch, K)`` for ``K`` explained outputs (see :meth:`per_output`; column ``k`` is output
+        ``k``'s). An output without a batch dimension is one sample: ``batch`` is then 1."""
+        outs = self.spec.explained
+        b = batch if self.spec.output_batched else 1
+        if len(outs) == 1:
+            return self._one_target(target, b, device, *outs[0])
+        per = self.per_output(target, "target")
+        return torch.stack([self._one_target(t, b, device, n, sh) for t, (n, sh) in zip(per, outs)], 1)
+
+    def _one_target(self, target: Any, batch: int, device: Any, name: str, shape: Any) -> torch.Tensor:
+        """The ``(batch,)`` target of one explained output."""
         if target is None:
             t = torch.full((batch,), -1, dtype=torch.long, device=device)
         elif isinstance(target, int) and not isinstance(target, bool):
@@ -275,12 +364,19 @@ class CallPath:
                     f"{raw.flatten()[:8].tolist()}; give an int, None (argmax) or one int per sample"
                 )
             t = raw.to(dtype=torch.long, device=device).reshape(-1)
+            if t.numel() != batch and not self.spec.output_batched:
+                raise DynlrpInputError(
+                    f"target has {t.numel()} entries, but the explained output {name!r} (shape "
+                    f"{tuple(shape or ())}) has no batch dimension, so a call is explained as one sample: give one "
+                    "int (an index into the flattened output) or None (argmax)"
+                )
             if t.numel() != batch:
                 raise DynlrpInputError(f"target has {t.numel()} entries but the batch has {batch} samples")
-        numel = self.spec.per_sample_numel()
+        numel = self.spec.per_sample_numel(shape)
         if numel is not None and bool(((t >= numel) | (t < -1)).any()):
+            where = "each sample's output" if self.spec.output_batched else "the output (flattened)"
             raise DynlrpInputError(
-                f"target {t.tolist()} out of range: each sample's output has {numel} entries (use -1/None for argmax)"
+                f"target {t.tolist()} out of range for {name!r}: {where} has {numel} entries (use -1/None for argmax)"
             )
         return t
 
@@ -293,25 +389,45 @@ class CallPath:
 
     def seed_tensor(self, seed: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``seed=`` checked: a floating tensor of the explained output's shape (static sizes as traced, sizes the
-        output shares with a dynamic input dimension, such as the batch, as in this call's inputs)."""
+        output shares with a dynamic input dimension, such as the batch, as in this call's inputs). With ``K``
+        explained outputs one seed per output (see :meth:`per_output`), packed into one ``(B, n_1 + ... + n_K)``
+        tensor (each output's per-sample seed flattened; ``B`` is 1 for outputs without a batch dimension)."""
+        outs = self.spec.explained
+        if len(outs) == 1:
+            return self._one_seed(seed, tensors, *outs[0])
+        per = self.per_output(seed, "seed")
+        missing = [n for (n, _), p in zip(outs, per) if p is None]
+        if missing:
+            raise DynlrpInputError(
+                f"seed= gives no seed for {missing}; give one for every explained output (zeros leave one out)"
+            )
+        checked = [self._one_seed(p, tensors, n, sh) for p, (n, sh) in zip(per, outs)]
+        b = checked[0].shape[0] if self.spec.output_batched and checked[0].ndim else 1
+        stored = (self.spec.extra_specs or {}).get("seed", {}).get("dtype")
+        dtype = getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else None
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch.promote_types(torch.result_type(*checked[:2]) if len(checked) > 1 else checked[0].dtype,
+                                        torch.float32)
+        return torch.cat([c.reshape(b, -1).to(dtype) for c in checked], 1)
+
+    def _one_seed(self, seed: Any, tensors: list[torch.Tensor], name: str, shape: Any) -> torch.Tensor:
+        """The checked seed of one explained output."""
         if not isinstance(seed, torch.Tensor):
             raise DynlrpInputError(
-                f"seed= must be a tensor shaped like the explained output {self.spec.output_name!r}, got "
-                f"{type(seed).__name__}"
+                f"seed= must be a tensor shaped like the explained output {name!r}, got {type(seed).__name__}"
             )
         if not seed.dtype.is_floating_point:
             raise DynlrpInputError(
                 f"seed= must be a floating tensor (relevance values), got dtype {seed.dtype}; e.g. a one-hot "
                 "seed as float: torch.nn.functional.one_hot(t, n).float()"
             )
-        shape = self.spec.output_shape
         if shape is not None:
             want = self._expected_shape(shape, tensors)
             if seed.ndim != len(want) or any(w is not None and int(seed.shape[d]) != w for d, w in enumerate(want)):
                 shown = tuple(w if w is not None else d for w, d in zip(want, shape))
                 raise DynlrpInputError(
                     f"seed= has shape {tuple(seed.shape)}; expected the explained output's shape {shown} (one seed "
-                    f"per output entry of every sample, output {self.spec.output_name!r})"
+                    f"per output entry of every sample, output {name!r})"
                 )
         return seed.detach()
 
@@ -349,17 +465,27 @@ class CallPath:
         return self.unpack(outs, names)
 
     def unpack(self, outs: Any, names: Any) -> Explanation:
-        """``(output, seed_total, absorbed, *inputs, *params, *captured)`` -> :class:`Explanation`; ``names`` is the
-        program's :class:`~dynlrp_fx.passes.pair.ProgramOutputs`."""
+        """``(*outputs, seed_total, absorbed, *inputs, *params, *captured)`` -> :class:`Explanation`; ``names`` is
+        the program's :class:`~dynlrp_fx.passes.pair.ProgramOutputs` (several outputs when it names several)."""
+        out_names = list(getattr(names, "output_names", None) or [])
+        k = max(1, len(out_names))
         n_in, n_par = len(names.input_names), len(names.param_names)
-        y, seed_total, absorbed, *rest = outs
+        ys = list(outs[:k])
+        seed_total, absorbed, *rest = outs[k:]
         rels = rest[:n_in]
         inputs = dict(zip(names.input_names, rels))
         first = self.spec.inputs[0].name if self.spec.inputs else None
         relevance = inputs.get(first) if first in inputs else (next(iter(inputs.values())) if inputs else None)
-        total = sum((r.reshape(r.shape[0], -1).to(seed_total.dtype).sum(1) for r in rels), torch.zeros_like(seed_total))
+        batched = {s.name: s.batched for s in self.spec.inputs}
+        total = torch.zeros_like(seed_total)
+        for name, r in zip(names.input_names, rels):
+            r = r.to(seed_total.dtype)
+            if self.spec.output_batched and batched.get(name, True) and r.ndim >= 1:
+                total = total + r.reshape(r.shape[0], -1).sum(1)
+            else:  # a whole-call total (one sample), or an input without a batch dimension: spread evenly
+                total = total + r.sum() / total.shape[0]
         return Explanation(
-            output=y,
+            output=ys[0] if k == 1 else dict(zip(out_names, ys)),
             relevance=relevance,
             inputs=inputs,
             absorbed=absorbed,

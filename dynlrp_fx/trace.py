@@ -83,14 +83,24 @@ class TracedProgram:
     in_spec: pytree.TreeSpec
     const_leaves: dict[int, Any]  #: flat index -> non-tensor leaf value the program specialised on
     tensor_leaf_index: list[int]  #: flat index of each user input in the flattened (args, kwargs)
-    output_index: int  #: index of the explained leaf among the graph's user outputs
+    output_index: int  #: position of the (first) explained output in the graph's output node (after mutations)
     output_name: str
     output_names: list[str]
     module_root: nn.Module  #: the module whose parameters/buffers the state specs name (model or wrapper)
     batch_symbol: Any = None  #: sympy symbol (or int) of the batch size in the graph's fake values
     static_batch: int | None = None  #: set when the model specialised the batch size during tracing
     max_batch: int | None = None  #: largest batch the graph is valid for, when the model's ops bound it
+    #: default-dynamic dimensions the model specialised, traced static (``{"batch": 5}``; ``-1`` for a size that is
+    #: not one number)
+    specialised: dict[str, int] = field(default_factory=dict)
     example_flat: list[Any] = field(default_factory=list)
+    #: positions of every explained output in the graph's output node, in seed order (``output=[...]``: several)
+    output_indices: list[int] = field(default_factory=list)
+    #: names of the explained outputs, in seed order (``logits``; ``start_logits``, ``end_logits``)
+    explained_outputs: list[str] = field(default_factory=list)
+    #: dimension 0 of the explained outputs is the input batch; ``False``: a 0-d output or one of another leading
+    #: size (a score, a loss, nodes of a graph), explained as one sample per call
+    output_batched: bool = True
 
 
 class _OutputWrapper(nn.Module):
@@ -194,20 +204,120 @@ def _trace_error(exc: BaseException) -> DynlrpTraceError:
     return DynlrpTraceError("\n".join(lines))
 
 
-def _suggested_max_batch(exc: BaseException) -> int | None:
-    """The upper batch bound torch.export suggests when the model's ops bound the batch dimension
-    (``Suggested fixes: batch = Dim('batch', max=N)``), or ``None``."""
-    m = re.search(r"batch = Dim\('batch'(?:, min=\d+)?, max=(\d+)\)", str(exc))
-    return int(m.group(1)) if m else None
+_FIX = re.compile(r"^\s*(\w+) = (.+?)\s*$")
+_DIM_FIX = re.compile(r"Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)")
 
 
-def _default_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, batch) -> Any:
+def _suggested_fixes(exc: BaseException) -> dict[str, Any]:
+    """The fixes ``torch.export`` suggests after a constraint violation, per dimension name: an ``int`` (the
+    model specialised that dimension to a constant), a ``(min, max)`` pair (its ops bound it: positional
+    embeddings, cuDNN batch norm), or the name of another dimension it must equal; ``{}`` when there are none."""
+    text = str(exc)
+    if "Suggested fixes:" not in text:
+        return {}
+    fixes: dict[str, Any] = {}
+    for line in text.split("Suggested fixes:", 1)[1].splitlines():
+        m = _FIX.match(line)
+        if m is None:
+            if fixes:
+                break
+            continue
+        name, rhs = m.groups()
+        if re.fullmatch(r"-?\d+", rhs):
+            fixes[name] = int(rhs)
+        elif (d := _DIM_FIX.fullmatch(rhs)) is not None:
+            fixes[name] = (int(d.group(2)) if d.group(2) else None, int(d.group(3)) if d.group(3) else None)
+        elif re.fullmatch(r"\w+", rhs):
+            fixes[name] = rhs
+        else:  # a derived relation (``2*_s``): the dimension is not kept dynamic
+            fixes[name] = None
+    return fixes
+
+
+@dataclass
+class _DynamicPlan:
+    """Which input dimensions are traced as dynamic by default, and how export's suggestions narrow them.
+
+    Dimension 0 of every tensor input is one shared ``batch``. Dimension 1 of an integer tensor of rank >= 2 (token
+    ids, attention masks, token types, positions) is a sequence length: inputs of equal length there share one
+    dimension (``seq``, ``seq_2`` for a second length, as an encoder-decoder's decoder ids). Sizes 0 and 1 are left
+    static, because ``torch.export`` specialises them. A dimension the model specialises (Python arithmetic on a
+    size, ``len(x)``) becomes static; bounds export finds (``max_position_embeddings``) are applied.
+    """
+
+    dims: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  #: name -> (min, max)
+    alias: dict[str, str] = field(default_factory=dict)  #: a dimension export proved equal to another
+    static: dict[str, int] = field(default_factory=dict)  #: dimensions the model specialised -> traced size
+    seq_sizes: dict[int, str] = field(default_factory=dict)  #: example length -> dimension name
+    objects: dict[tuple, Any] = field(default_factory=dict, repr=False)  #: (name, min, max) -> Dim
+
+    def apply(self, fixes: dict[str, Any]) -> bool:
+        """Apply export's suggested fixes; ``False`` when none of them concerns a dimension of this plan (retrying
+        would fail the same way)."""
+        changed = False
+        for name, fix in fixes.items():
+            name = self.alias.get(name, name)
+            if name not in self.dims:
+                continue
+            changed = True
+            if isinstance(fix, tuple):
+                lo, hi = self.dims[name]
+                self.dims[name] = (fix[0] if fix[0] is not None else lo, fix[1] if fix[1] is not None else hi)
+            elif isinstance(fix, str) and self.alias.get(fix, fix) in self.dims and fix != name:
+                self.alias[name] = self.alias.get(fix, fix)
+                del self.dims[name]
+            else:
+                self.static[name] = fix if isinstance(fix, int) else -1
+                del self.dims[name]
+        return changed
+
+    def dim(self, name: str) -> Any:
+        """The ``Dim`` of a dimension name, ``None`` when it is static."""
+        name = self.alias.get(name, name)
+        if name not in self.dims:
+            return None
+        lo, hi = self.dims[name]
+        key = (name, lo, hi)
+        if key not in self.objects:  # one Dim object per name and range, shared by every input that has it
+            self.objects[key] = torch.export.Dim(name, min=lo or 1, max=hi) if hi is not None else torch.export.Dim(name, min=lo or 1)
+        return self.objects[key]
+
+    def leaf_spec(self, v: torch.Tensor) -> dict[int, Any] | None:
+        """``{dim: Dim}`` of one tensor input."""
+        if not isinstance(v, torch.Tensor) or v.ndim == 0:
+            return None
+        out = {}
+        if v.shape[0] >= 2 and (d := self.dim("batch")) is not None:
+            out[0] = d
+        if v.ndim >= 2 and not (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool):
+            n = int(v.shape[1])
+            if n >= 2:
+                if n not in self.seq_sizes:
+                    self.seq_sizes[n] = "seq" if not self.seq_sizes else f"seq_{len(self.seq_sizes) + 1}"
+                    if self.seq_sizes[n] not in self.static:
+                        self.dims.setdefault(self.seq_sizes[n], (2, None))
+                if (d := self.dim(self.seq_sizes[n])) is not None:
+                    out[1] = d
+        return out or None
+
+    @classmethod
+    def default(cls, static: frozenset[str] = frozenset()) -> _DynamicPlan:
+        """Batch and sequence lengths dynamic (sequence dimensions are added as inputs are seen), except the
+        dimension names in ``static`` (known to be specialised by the model)."""
+        plan = cls(static={name: -1 for name in static})
+        if "batch" not in static:
+            plan.dims["batch"] = (1, None)
+        return plan
+
+
+def _default_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, plan: _DynamicPlan) -> Any:
+    """``torch.export`` dynamic shapes for ``(args, kwargs)`` under ``plan``, keyed like ``forward``'s signature."""
     bound = fn_sig.bind(*args, **kwargs)
     out = {}
 
     def spec(v):
         if isinstance(v, torch.Tensor):
-            return {0: batch} if v.ndim >= 1 else None
+            return plan.leaf_spec(v)
         if isinstance(v, (list, tuple)):
             return type(v)(spec(x) for x in v)
         if isinstance(v, dict):
@@ -269,25 +379,71 @@ def _spec_paths(spec: pytree.TreeSpec, prefix: str = "") -> list[str]:
     return out
 
 
-def _select_output(output: Any, names: list[str], n_user: int) -> int:
-    def norm(s: str) -> str:
-        return s.strip(".").replace("['", "").replace("']", "")
+def _norm_name(name: str) -> str:
+    """An output name as users write it: ``['start_logits']`` -> ``start_logits`` (tuple positions stay ``[1]``)."""
+    return name.strip(".").replace("['", "").replace("']", "")
 
+
+def _is_float_output(v: Any) -> bool:
+    """Whether a graph output entry is a floating tensor (the only kind of output that carries relevance)."""
+    val = v.meta.get("val") if isinstance(v, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and (val.dtype.is_floating_point or val.dtype.is_complex)
+
+
+def _describe_output(v: Any) -> str:
+    """``tensor float32 (2, 4)`` / ``tensor int64 (2,)`` / ``None`` / ``str 'hi'``: what a user output is."""
+    val = v.meta.get("val") if isinstance(v, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor):  # dynamic sizes as traced (the example's)
+        shape = tuple(int(s.node.hint) if isinstance(s, torch.SymInt) and s.node.hint is not None else s
+                      for s in val.shape)
+        return f"tensor {str(val.dtype).replace('torch.', '')} {shape}"
+    return repr(v) if v is None else f"{type(v).__name__} {v!r}"
+
+
+def _select_output(output: Any, names: list[str], vals: list[Any]) -> list[int]:
+    """The user outputs to explain, as indices into ``names``/``vals`` (the user outputs in flat order).
+
+    ``None``: ``logits`` when it is a floating tensor, else the first floating tensor (integer and bool outputs,
+    such as an argmax, and non-tensor outputs carry no relevance and are skipped). A name or a flat index selects
+    one output, a list or tuple of them several (seeded together, one relevance sweep). Naming an output that is
+    not a floating tensor is an error.
+    """
+    listing = ", ".join(f"{_norm_name(nm)}: {_describe_output(v)}" for nm, v in zip(names, vals)) or "(none)"
     if output is None:
-        for i, nm in enumerate(names):
-            if norm(nm) == "logits":
-                return i
-        return 0
+        floats = [i for i, v in enumerate(vals) if _is_float_output(v)]
+        if not floats:
+            raise DynlrpTraceError(
+                "the model returns no floating tensor, so there is nothing to explain (LRP explains a floating "
+                f"output such as logits or a score). Its outputs: {listing}. Return the logits from forward(), or "
+                "pass output= a callable that computes the floating tensor to explain from the model output."
+            )
+        return next(([i] for i in floats if _norm_name(names[i]) == "logits"), [floats[0]])
+    if isinstance(output, (list, tuple)):
+        if not output:
+            raise ValueError("output= is an empty list; name at least one output to explain")
+        chosen = [i for o in output for i in _select_output(o, names, vals)]
+        dup = sorted({_norm_name(names[i]) for i in chosen if chosen.count(i) > 1})
+        if dup:
+            raise ValueError(f"output= names {dup} more than once; name each explained output once")
+        return chosen
+    if isinstance(output, bool) or not isinstance(output, (int, str)):
+        raise TypeError(
+            f"output= must be None, an int, a str, a list of them or a callable, not {type(output).__name__}"
+        )
     if isinstance(output, int):
-        if not -n_user <= output < n_user:
-            raise ValueError(f"output={output} is out of range: the model has {n_user} tensor outputs {names}")
-        return output % n_user
-    if isinstance(output, str):
-        for i, nm in enumerate(names):
-            if norm(nm) == output or nm == output:
-                return i
-        raise ValueError(f"output={output!r} is not an output of the model; tensor outputs are {[norm(n) for n in names]}")
-    raise TypeError(f"output= must be None, an int, a str or a callable, not {type(output).__name__}")
+        if not -len(vals) <= output < len(vals):
+            raise ValueError(f"output={output} is out of range: the model has {len(vals)} outputs ({listing})")
+        i = output % len(vals)
+    else:
+        i = next((k for k, nm in enumerate(names) if _norm_name(nm) == output or nm == output), None)
+        if i is None:
+            raise ValueError(f"output={output!r} is not an output of the model; its outputs are {listing}")
+    if not _is_float_output(vals[i]):
+        raise DynlrpTraceError(
+            f"output={output!r} selects {_norm_name(names[i])!r}, which is a {_describe_output(vals[i])}: only "
+            f"floating tensors carry relevance. Choose a floating output (the model's outputs: {listing})."
+        )
+    return [i]
 
 
 def _maybe_grow_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -308,6 +464,7 @@ def trace(
     output: Any = None,
     dynamic: bool = True,
     dynamic_shapes: Any = None,
+    static_dims: frozenset[str] = frozenset(),
 ) -> TracedProgram:
     """Trace ``model`` to a Core-ATen FX graph.
 
@@ -318,12 +475,20 @@ def trace(
     example_inputs, example_kwargs:
         Positional and keyword example inputs (e.g. ``input_ids=..., attention_mask=...``).
     output:
-        Which model output is explained: ``None`` (``logits`` if present, else the first tensor), an output
-        name (``"logits"``), a flat index, or a callable applied to the model output (traced with the model).
+        Which model output is explained: ``None`` (``logits`` if present, else the first floating tensor), an
+        output name (``"logits"``), a flat index, a list of names/indices (several outputs, seeded together), or
+        a callable applied to the model output (traced with the model). Mutation outputs (updated buffers,
+        mutated inputs) are never explained; see :func:`_select_output`.
     dynamic:
-        Make dimension 0 of every tensor input a shared dynamic batch dimension.
+        Trace the batch (dimension 0 of every tensor input, shared) and the sequence lengths (dimension 1 of
+        integer inputs of rank >= 2: token ids, masks) as dynamic dimensions. Dimensions the model specialises
+        (``len(x)``, Python arithmetic on a size) are traced static; they are listed in
+        :attr:`TracedProgram.specialised`. ``False`` traces every size as given.
     dynamic_shapes:
         Explicit ``torch.export`` dynamic shapes (overrides ``dynamic``).
+    static_dims:
+        Names of default-dynamic dimensions (``"batch"``, ``"seq"``) to trace static from the start: the
+        :attr:`TracedProgram.specialised` of an earlier trace of the same model, which saves the failed attempts.
 
     Returns
     -------
@@ -335,7 +500,7 @@ def trace(
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
     args = example_inputs
-    if dynamic and dynamic_shapes is None:
+    if dynamic and dynamic_shapes is None and "batch" not in static_dims:
         args, kwargs = _maybe_grow_batch(args, kwargs)
     fn_sig = inspect.signature(model.forward)
     try:
@@ -350,9 +515,9 @@ def trace(
         root = _OutputWrapper(model, output)
         export_args, export_kwargs = (args, kwargs), {}
     try:
-        ep, max_batch = _export(model, root, export_args, export_kwargs,
+        ep, max_batch, plan = _export(model, root, export_args, export_kwargs,
                                 _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes) if user_fn else dynamic_shapes,
-                                dynamic)
+                                dynamic, static_dims)
     except DynlrpTraceError as e:
         if user_fn or not _non_tensor_output(e):
             raise
@@ -360,8 +525,8 @@ def trace(
         # default use_cache=True): trace it with those outputs left out; they carry no relevance
         root = _OutputWrapper(model, tensor_outputs)
         export_args, export_kwargs = (args, kwargs), {}
-        ep, max_batch = _export(model, root, export_args, export_kwargs,
-                                _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes), dynamic)
+        ep, max_batch, plan = _export(model, root, export_args, export_kwargs,
+                                _wrapper_dynamic_shapes(fn_sig, args, kwargs, dynamic_shapes), dynamic, static_dims)
     gm = ep.graph_module
     _reject_higher_order_ops(gm)
     state_specs, user_ph = _split_placeholders(ep)
@@ -377,11 +542,16 @@ def trace(
         )
     user_inputs, batch_symbol = _user_inputs(user_ph, tensor_idx, flat, names)
 
-    sig = ep.graph_signature
-    n_user = sum(1 for s in sig.output_specs if s.kind.name == "USER_OUTPUT")
-    out_names = _output_names(ep.call_spec.out_spec, n_user)
-    out_index = _select_output(None if user_fn else output, out_names, n_user)
-    static_batch = _specialised_batch(gm, out_index, batch_symbol, flat[tensor_idx[0]] if tensor_idx else None)
+    # the graph's output node lists mutation outputs (new buffer values, mutated inputs) before the user outputs
+    positions = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind.name == "USER_OUTPUT"]
+    out_names = _output_names(ep.call_spec.out_spec, len(positions))
+    graph_outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    selected = _select_output(None if user_fn else output, out_names, [graph_outs[p] for p in positions])
+    out_indices = [positions[i] for i in selected]
+    out_index = out_indices[0]
+    static_batch = _specialised_batch(gm, out_indices, batch_symbol, flat[tensor_idx[0]] if tensor_idx else None)
+    out_batched = _outputs_batched([graph_outs[p] for p in out_indices], [out_names[i] for i in selected],
+                                   static_batch if static_batch is not None else batch_symbol)
     if static_batch is not None:
         batch_symbol = static_batch
         warnings.warn(
@@ -398,23 +568,30 @@ def trace(
         const_leaves=const_leaves,
         tensor_leaf_index=tensor_idx,
         output_index=out_index,
-        output_name=out_names[out_index],
+        output_name=out_names[selected[0]],
         output_names=out_names,
+        output_indices=out_indices,
+        explained_outputs=[_norm_name(out_names[i]) for i in selected],
+        output_batched=out_batched,
         module_root=root,
         batch_symbol=batch_symbol,
         static_batch=static_batch,
         max_batch=max_batch,
         example_flat=flat,
+        specialised=dict(plan.static) if plan is not None else {},
     )
 
 
 def _export(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-            dynamic: bool) -> tuple[torch.export.ExportedProgram, int | None]:
-    """``torch.export`` (non-strict) of ``root`` in eval mode, decomposed to Core ATen; ``(program, max_batch)``.
+            dynamic: bool, static_dims: frozenset[str] = frozenset()) -> tuple[torch.export.ExportedProgram, int | None, _DynamicPlan | None]:
+    """``torch.export`` (non-strict) of ``root`` in eval mode, decomposed to Core ATen; ``(program, max_batch,
+    plan)``.
 
-    With the default dynamic shapes (dimension 0 of every tensor input is one ``batch`` dimension) a model whose
-    ops bound the batch (cuDNN batch norm on CUDA: at most 65535) is traced again within the bound torch suggests,
-    returned as ``max_batch``. Every submodule's ``training`` flag is restored afterwards.
+    With the default dynamic shapes (:class:`_DynamicPlan`: batch and sequence lengths) the model is traced again
+    with what export suggests when a dimension cannot stay as asked: a bound its ops set (cuDNN batch norm on CUDA
+    bounds the batch to 65535, returned as ``max_batch``), a dimension it specialised (traced static). ``plan`` is
+    the plan that traced (``None`` for user-given shapes). Every submodule's ``training`` flag is restored
+    afterwards.
 
     Torch's logging is quiet meanwhile: torch.export, dynamo, fake tensors and the symbolic-shape machinery log
     failures we handle (a first export retried within a batch bound, an error re-raised as
@@ -449,31 +626,14 @@ def _export(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dynami
             for lg, level in reversed(saved):
                 lg.setLevel(level)
 
-    default_shapes = dynamic_shapes is None and dynamic
-
-    def batch_shapes(max_batch: int | None) -> Any:
-        dim = torch.export.Dim("batch", min=1) if max_batch is None else torch.export.Dim("batch", min=1, max=max_batch)
-        return _default_dynamic_shapes(inspect.signature(root.forward), args, kwargs, dim)
-
-    if default_shapes:
-        dynamic_shapes = batch_shapes(None)
-    max_batch = None
+    plan = _DynamicPlan.default(static_dims) if dynamic_shapes is None and dynamic else None
+    sig = inspect.signature(root.forward)
     flags = [(m, m.training) for m in model.modules()]
     with quiet_torch_logs():
         try:
             model.eval()
-
-            def export(shapes: Any) -> torch.export.ExportedProgram:
-                return torch.export.export(root, args, kwargs, dynamic_shapes=shapes, strict=False)
-
             try:
-                try:
-                    ep = export(dynamic_shapes)
-                except Exception as e:  # noqa: BLE001
-                    max_batch = _suggested_max_batch(e) if default_shapes else None
-                    if max_batch is None:
-                        raise
-                    ep = export(batch_shapes(max_batch))
+                ep = _export_with_plan(root, args, kwargs, plan, sig, dynamic_shapes)
             except Exception as e:  # noqa: BLE001 - re-raised with a clear message
                 raise _trace_error(e) from e
             if root is not model and hasattr(ep, "_guards_code"):
@@ -485,7 +645,40 @@ def _export(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dynami
         finally:
             for m, t in flags:
                 m.training = t
-    return ep, max_batch
+    max_batch = plan.dims.get("batch", (None, None))[1] if plan is not None else None
+    return ep, max_batch, plan
+
+
+def _export_with_plan(root: nn.Module, args: tuple, kwargs: dict, plan: _DynamicPlan | None, sig: inspect.Signature,
+                      dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with the user's ``dynamic_shapes``, or with the default ``plan`` narrowed by export's
+    own suggestions until it traces: a bound (``max_position_embeddings``), a dimension the model specialised (it
+    becomes static), two dimensions that must be equal. A constraint violation that suggests nothing usable makes
+    every dimension static (the explainer then builds a program per new shape)."""
+    if plan is None:
+        return torch.export.export(root, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    for _attempt in range(8):
+        try:
+            return torch.export.export(root, args, kwargs, dynamic_shapes=_default_dynamic_shapes(sig, args, kwargs, plan),
+                                       strict=False)
+        except Exception as e:  # noqa: BLE001
+            if plan.apply(_suggested_fixes(e)):
+                continue
+            if not plan.dims or not _constraint_violation(e):
+                raise
+            plan.static.update({name: -1 for name in plan.dims})
+            plan.dims.clear()
+    return torch.export.export(root, args, kwargs, dynamic_shapes=None, strict=False)
+
+
+def _constraint_violation(exc: BaseException) -> bool:
+    """Whether ``torch.export`` failed because a dimension marked dynamic could not stay dynamic."""
+    while exc is not None:
+        text = str(exc)
+        if "Constraints violated" in text or "specialized" in text or "specialised" in text:
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _reject_higher_order_ops(gm: torch.fx.GraphModule) -> None:
@@ -542,20 +735,58 @@ def _user_inputs(user_ph: list, tensor_idx: list[int], flat: list, names: list[s
             batch_symbol = dim0.node.expr
         user_inputs.append(UserInput(names[i], ph.name, flat[i].dtype, flat[i].ndim, batched))
     if batch_symbol is None and user_inputs and user_inputs[0].ndim >= 1:
+        # a static batch (the model specialised it, or dynamic=False): dimension 0 of the inputs of the first one's
+        # size is still the batch, so per-sample targets and ledgers keep working at that size
         batch_symbol = int(flat[tensor_idx[0]].shape[0])
+        for ui, i in zip(user_inputs, tensor_idx):
+            ui.batched = ui.ndim >= 1 and int(flat[i].shape[0]) == batch_symbol
     return user_inputs, batch_symbol
 
 
-def _specialised_batch(gm: torch.fx.GraphModule, out_index: int, batch_symbol: Any, first: Any) -> int | None:
-    """The traced batch size when the model's code specialised it (shape arithmetic in Python: the inputs' batch
-    is symbolic but the explained output's is not), else ``None``; the graph then only runs at that size."""
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][out_index]
-    y_val = out.meta.get("val") if isinstance(out, torch.fx.Node) else None
-    if (
-        hasattr(batch_symbol, "free_symbols")
-        and isinstance(y_val, torch.Tensor)
-        and y_val.ndim >= 1
-        and not isinstance(y_val.shape[0], torch.SymInt)
-    ):
-        return int(first.shape[0])
+def _specialised_batch(gm: torch.fx.GraphModule, out_indices: list[int], batch_symbol: Any, first: Any) -> int | None:
+    """The traced batch size when the model's code specialised it, else ``None``; the graph then only runs at that
+    size. Specialised means: the inputs' batch is symbolic, an explained output is entirely static with the example
+    batch as dimension 0, and some op turned a value that carries the batch symbol into a static one of the example
+    batch's size (shape arithmetic in Python). A static output that never came from the batch that way (an
+    ``expand`` to a literal size) is simply not batched (see :func:`_outputs_batched`)."""
+    if not hasattr(batch_symbol, "free_symbols") or first is None or first.ndim == 0:
+        return None
+    size = int(first.shape[0])
+
+    def static_with_batch(v: Any) -> bool:
+        return (isinstance(v, torch.Tensor) and v.ndim >= 1 and size in [int(s) for s in v.shape
+                if not isinstance(s, torch.SymInt)] and not any(isinstance(s, torch.SymInt) for s in v.shape))
+
+    def carries_batch(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and any(
+            isinstance(s, torch.SymInt) and batch_symbol in s.node.expr.free_symbols for s in v.shape)
+
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    vals = [outs[i].meta.get("val") if isinstance(outs[i], torch.fx.Node) else None for i in out_indices]
+    if not any(static_with_batch(v) and int(v.shape[0]) == size for v in vals):
+        return None
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and static_with_batch(n.meta.get("val")) and any(
+                carries_batch(a.meta.get("val")) for a in n.all_input_nodes):
+            return size
     return None
+
+
+def _outputs_batched(outs: list[Any], names: list[str], batch: Any) -> bool:
+    """Whether dimension 0 of the explained outputs is the input batch ``batch`` (a symbol, or an int for a static
+    batch). ``False`` when none is: a 0-d score or loss, an output over the nodes of a graph, a ``chunk`` or
+    ``diagonal`` along dimension 0; those are explained as one sample per call. Several outputs must agree, since
+    their seeds add up per sample."""
+    flags = []
+    for v in outs:
+        val = v.meta.get("val")
+        d0 = val.shape[0] if val.ndim >= 1 else None
+        d0 = d0.node.expr if isinstance(d0, torch.SymInt) else (int(d0) if d0 is not None else None)
+        flags.append(batch is not None and d0 is not None and d0 == batch)
+    if len(set(flags)) > 1:
+        shapes = ", ".join(f"{_norm_name(n)} {tuple(v.meta['val'].shape)}" for n, v in zip(names, outs))
+        raise DynlrpTraceError(
+            f"output= mixes outputs whose dimension 0 is the batch with outputs that have none ({shapes}); their "
+            "seeds cannot be added per sample. Explain them in separate explainers."
+        )
+    return flags[0]

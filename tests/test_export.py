@@ -122,17 +122,10 @@ def test_cnn_fresh_process_matches_explainer(cnn, tmp_path):
     "modes", [("target",), pytest.param(("target", "seed"), marks=pytest.mark.slow)], ids=["target", "target+seed"]
 )
 def test_bert_fresh_process_dynamic_batch_and_seq(tmp_path, modes):
-    """input_ids + attention_mask keywords; batch and sequence length dynamic (given at compile time). The default
-    run stores only the target mode (the CNN test covers seed=); the slow variant stores both."""
+    """input_ids + attention_mask keywords; batch and sequence length dynamic (the default for token inputs). The
+    default run stores only the target mode (the CNN test covers seed=); the slow variant stores both."""
     torch.manual_seed(0)
-    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2, max=32)
-    explainer = dynlrp.compile(
-        _tiny_bert(),
-        example_kwargs=_tokens(2, 8),
-        backend="eager",
-        dynamic=False,
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-    )
+    explainer = dynlrp.compile(_tiny_bert(), example_kwargs=_tokens(2, 8), backend="eager")
     path = str(tmp_path / "bert.pt2")
     dynlrp.export(explainer, path, modes=modes)
     cases = [{"args": (), "kwargs": _tokens(b, s), "target": t} for b, s, t in ((1, 8, None), (3, 5, 1), (5, 11, None))]
