@@ -49,3 +49,8 @@ class DynlrpLoadError(DynlrpError):
 class DynlrpDatasetError(DynlrpError, ValueError):
     """A dataset run's shards cannot be resumed or merged: a shard file is missing, truncated or corrupted (the
     message names it), or the loader's batches differ from those the finished shards were computed from."""
+
+
+class DynlrpInternalError(DynlrpError, RuntimeError):
+    """A compiler pass failed on a graph that ``torch.export`` traced: a dynlrp-fx bug, never the user's fault. The
+    message names the pass and the original error (chained as ``__cause__``); please report it with the model."""

@@ -345,3 +345,24 @@ def test_registering_a_custom_op_is_enough_for_every_pass(monkeypatch):
     torch.testing.assert_close(relevance[True], relevance[False], rtol=0, atol=1e-12)
     rep = dynlrp.coverage(model, x, explain=False)
     assert rep.uncovered == {} and next(r for r in rep.rows if r.op == str(op)).rule_classes == ["identity"]
+
+
+def test_a_raw_error_inside_a_pass_is_named_as_an_internal_error():
+    """A pass that fails with a raw Python error surfaces as DynlrpInternalError naming the pass, with the original
+    chained; errors meant for the user (Dynlrp*, ValueError) pass through unchanged."""
+    from dynlrp_fx.errors import DynlrpInternalError
+    from dynlrp_fx.passes import CompileContext
+    from dynlrp_fx.passes.pipeline import Pass, Pipeline
+
+    def broken(gm, ctx):
+        return [][0]
+
+    def refuses(gm, ctx):
+        raise ValueError("promise_policy must be one of ...")
+
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(DynlrpInternalError, match=r"pass 'broken' \(analysis stage\) failed: IndexError") as info:
+        Pipeline([Pass("broken", broken, "analysis")]).run(gm, CompileContext())
+    assert isinstance(info.value.__cause__, IndexError) and isinstance(info.value, RuntimeError)
+    with pytest.raises(ValueError, match="promise_policy"):
+        Pipeline([Pass("refuses", refuses, "analysis")]).run(gm, CompileContext())

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import DynlrpError, DynlrpInternalError
 from . import (
     assign_rules,
     canonicalize,
@@ -183,7 +184,18 @@ class Pipeline:
             if rec.ran:
                 rec.nodes_in = _nodes(gm)
                 t0 = time.perf_counter()
-                gm = p.fn(gm, ctx)
+                try:
+                    gm = p.fn(gm, ctx)
+                except (DynlrpError, ValueError):  # errors meant for the user (an op without a rule, a bad option)
+                    raise
+                except Exception as e:  # noqa: BLE001 - a raw error from inside a pass is a bug: say where it came from
+                    first = (str(e).strip().splitlines() or [""])[0][:500]
+                    raise DynlrpInternalError(
+                        f"dynlrp-fx's compiler pass {p.name!r} ({p.stage} stage) failed: {type(e).__name__}: {first}\n"
+                        "The model traced, so this is a dynlrp-fx bug, not a problem with the model. Please report it "
+                        "with the model (the full traceback is chained below); meanwhile another rules preset or "
+                        "promise_policy='keep' may avoid it."
+                    ) from e
                 rec.seconds = time.perf_counter() - t0
                 rec.nodes_out = _nodes(gm)
             if report is not None:
