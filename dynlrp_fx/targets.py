@@ -21,6 +21,12 @@ helper                             explained tensor           ``target=``
 
 LRP rules are linear in the seed relevance, so ``contrastive(a, b)`` gives exactly the relevance for ``a`` minus
 the relevance for ``b`` under LRP-0 (with epsilon > 0 up to the stabiliser of the subtraction).
+
+Several outputs are explained together by naming them: ``output=["start_logits", "end_logits"]`` seeds both
+(each at its own target, ``target={"start_logits": s, "end_logits": e}``, argmax by default) in one relevance
+sweep, which equals the sum of the two single-output explanations (DynamicLRP's SQuAD setting; ``qa_start()`` and
+``qa_end()`` explain one of them). An output without a batch dimension (a 0-d score or loss) is explained as one
+sample per call, its ``target=`` an index into the flattened output.
 """
 
 from __future__ import annotations
