@@ -307,6 +307,13 @@ NON_CORE: dict[str, str | None] = {
     "aten._linalg_det.default": None,
 }
 
+#: cases with a known defect outside the op table (strict xfail: they fail the run once fixed, so the entry goes)
+KNOWN_GAPS: dict[str, str] = {
+    "Upsample_bilinear": "the per-sample ledger mixes samples: absorbed is +-0.12 per sample on a bias-free model "
+    "while the inputs equal gradient x input exactly and the batch total closes (upsample_bilinear2d.vec with "
+    "scale factors under a dynamic batch; the ledger's batch attribution, passes/pair.py)",
+}
+
 #: the default run: every case with a non-core op or a rule added for the sweep (about 2 s each)
 DEFAULT = {
     "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "FractionalMaxPool2d", "cummax_cummin", "median",
@@ -389,7 +396,14 @@ def _non_core(name: str) -> bool:
     return torch.Tag.core not in op.tags and not name.startswith("aten.sym_")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in DEFAULT else [pytest.mark.slow]) for n in CASES])
+def _marks(name: str) -> list:
+    marks = [] if name in DEFAULT else [pytest.mark.slow]
+    if name in KNOWN_GAPS:
+        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
+    return marks
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in CASES])
 def test_single_op_model(name):
     _check(name)
 
