@@ -149,7 +149,11 @@ class AttnLRPSoftmax(Rule):
 
     .. math::  R_x = x \odot (R - s \textstyle\sum_{dim} R)
 
-    with ``s = softmax(x)``. Masked entries (``x = -inf``) get zero relevance instead of ``inf * 0 = NaN``.
+    with ``s = softmax(x)``. Masked entries (``x = -inf``, or an additive mask's ``finfo.min``: see
+    :func:`_masked_scores`) get zero relevance, instead of ``inf * 0 = NaN`` or ``finfo.min * R``, which overflows
+    to ``-inf`` and turns into NaN at the mask's add. A row whose every entry is masked (a padded query, a sample
+    with no tokens: its softmax is uniform under a finite mask) therefore passes no relevance; the ledger records
+    what it held.
     """
 
     name = "attnlrp_softmax"
@@ -157,13 +161,22 @@ class AttnLRPSoftmax(Rule):
     classes = frozenset({"softmax"})
 
     def relevance(self, ctx: RuleContext):
-        x = ctx.value(ctx.slots[0]).to(ctx.dtype)
+        x0 = ctx.value(ctx.slots[0])
+        x = x0.to(ctx.dtype)
         dim = ctx.args[1]
         s = ctx.outputs[0].to(ctx.dtype)
         r = ctx.relevances[0]
         term = r - s * r.sum(dim, keepdim=True)
-        res = torch.where(torch.isinf(x) | (term == 0), torch.zeros_like(term), x * term)
+        res = torch.where(_masked_scores(x, x0.dtype) | (term == 0), torch.zeros_like(term), x * term)
         return [res] + [None] * (len(ctx.slots) - 1)
+
+
+def _masked_scores(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where attention scores ``x`` (computed in ``dtype``) are masked: ``-inf``, or at most half of ``dtype``'s
+    most negative value (an additive mask of ``finfo.min``, as Hugging Face's eager attention adds; no score of a
+    real model comes near it, and ``finfo.min`` plus a score rounds to ``finfo.min`` or overflows to ``-inf``)."""
+    floor = torch.finfo(dtype).min / 2 if dtype.is_floating_point else -math.inf
+    return torch.isinf(x) | (x <= floor)
 
 
 def _attn_mask_bool(L, S, device, is_causal):
@@ -259,7 +272,8 @@ class AttnLRPAttention(Rule):
             result["value"] = v * gv
             rp = p * gp
             term = rp - p * rp.sum(-1, keepdim=True)
-            rs = torch.where(torch.isinf(s) | (term == 0), torch.zeros_like(term), s * term)
+            masked = _masked_scores(s, mask.dtype if float_mask is not None else dt)
+            rs = torch.where(masked | (term == 0), torch.zeros_like(term), s * term)
             if float_mask is not None:
                 rs = scores * safe_divide(rs, scores + float_mask, eps)
                 rs = torch.where(torch.isfinite(rs), rs, torch.zeros_like(rs))
