@@ -81,12 +81,8 @@ Entries needing workarounds (and why)
   ``swin``, ``maxvit`` are tiny instances of the torchvision classes (``full``: the named
   real-size model).
 * ``mixtral``: the library's default experts (``grouped_mm``) run on CPU through the custom op
-  ``torch.ops.transformers.grouped_mm_fallback``, which has no LRP rule
-  (``DynlrpUnsupportedOpError``), and the ``"eager"`` experts loop iterates over ``nonzero()``
-  of the routing mask (data-dependent, export fails with ``GuardOnDataDependentSymNode``); the
-  entry uses ``experts_implementation="batched_mm"`` (same maths: gather the top-k experts'
-  weights per token, batched matmuls), the one hand-set flag of the zoo.
-  ``router_jitter_noise=0``.
+  ``torch.ops.transformers.grouped_mm_fallback``, which the trace goes through (its composite
+  implementation).  ``router_jitter_noise=0``.
 * ``mamba`` (paper): without the CUDA kernels (``mamba_ssm``, ``causal_conv1d``) transformers
   runs the reference PyTorch scan (sequential loop over the 8 time steps, unrolled by export);
   that is the path exported here (full=True, mamba-130m: 24 layers x 16 steps unrolled, export +

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -93,8 +92,7 @@ def audio(samples: int = 1600, full_samples: int = 16000):
 
 def hf(name: str, modality: str, model_cls: str, config_cls: str, tiny: dict, inputs: Callable,
        full: dict | None = None, paper: bool = False, output: str | None = None,
-       model_kw: dict | None = None, make_config: Callable | None = None,
-       post: Callable | None = None):
+       make_config: Callable | None = None, post: Callable | None = None):
     """Register a transformers model.
 
     ``tiny``/``full`` are keyword dicts for ``config_cls`` (``full`` missing: the flag is
@@ -103,9 +101,8 @@ def hf(name: str, modality: str, model_cls: str, config_cls: str, tiny: dict, in
     ``return_dict`` or ``attn_implementation``, so every entry runs as the library builds it
     (SDPA attention where transformers supports it, eager elsewhere; the key/value cache of
     generative models in their output). ``make_config(config_cls, kwargs)`` may build nested
-    configs. ``inputs(config, full) -> (args, kwargs)``. ``model_kw`` goes to
-    ``_from_config`` (one entry needs it, see the zoo doc's workarounds). ``post(model)`` may
-    shrink the built tiny model in place (only applied when not ``full``).
+    configs. ``inputs(config, full) -> (args, kwargs)``. ``post(model)`` may shrink the built
+    tiny model in place (only applied when not ``full``).
     """
 
     def build(full: bool = False):
@@ -115,7 +112,7 @@ def hf(name: str, modality: str, model_cls: str, config_cls: str, tiny: dict, in
         ccls = getattr(transformers, config_cls)
         kw = copy.deepcopy(full_cfg if (full and full_cfg is not None) else tiny)
         config = make_config(ccls, kw) if make_config else ccls(**kw)
-        model = getattr(transformers, model_cls)._from_config(config, **(model_kw or {}))
+        model = getattr(transformers, model_cls)._from_config(config)
         if post is not None and not (full and full_cfg is not None):
             post(model)
         model.eval()
@@ -311,7 +308,7 @@ hf("mpnet", "text", "MPNetForSequenceClassification", "MPNetConfig", dict(ENC, p
 hf("mistral", "text", "MistralForCausalLM", "MistralConfig", dict(DEC, head_dim=8, sliding_window=4), dec_text())
 hf("mixtral", "text", "MixtralForCausalLM", "MixtralConfig",
    dict(DEC, head_dim=8, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0),
-   dec_text(), model_kw=dict(experts_implementation="batched_mm"))  # eager experts: nonzero() loop, see zoo doc
+   dec_text())  # the library's grouped_mm experts: a custom op with a composite implementation, traced through
 hf("phi3", "text", "Phi3ForCausalLM", "Phi3Config", dict(DEC, pad_token_id=0), dec_text())
 hf("falcon", "text", "FalconForCausalLM", "FalconConfig",
    dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, new_decoder_architecture=True,
