@@ -500,14 +500,26 @@ def trace(
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
     args = example_inputs
-    if dynamic and dynamic_shapes is None and "batch" not in static_dims:
-        args, kwargs = _maybe_grow_batch(args, kwargs)
     fn_sig = inspect.signature(model.forward)
     try:
         fn_sig.bind(*args, **kwargs)
     except TypeError as e:
         raise DynlrpTraceError(f"example inputs do not match {type(model).__name__}.forward{fn_sig}: {e}") from None
+    if dynamic and dynamic_shapes is None and "batch" not in static_dims:
+        grown_args, grown_kwargs = _maybe_grow_batch(args, kwargs)
+        if grown_args is not args or grown_kwargs is not kwargs:
+            try:
+                return _trace_at(model, grown_args, grown_kwargs, fn_sig, output, dynamic, dynamic_shapes, static_dims)
+            except DynlrpTraceError:
+                # a model that refuses the doubled batch (a sequence classifier without a pad token takes one
+                # sample only): trace the user's batch of 1, static; other batch sizes get programs of their own
+                static_dims = static_dims | {"batch"}
+    return _trace_at(model, args, kwargs, fn_sig, output, dynamic, dynamic_shapes, static_dims)
 
+
+def _trace_at(model: nn.Module, args: tuple, kwargs: dict, fn_sig: inspect.Signature, output: Any, dynamic: bool,
+              dynamic_shapes: Any, static_dims: frozenset[str]) -> TracedProgram:
+    """:func:`trace` at these example inputs (already grown to a batch of 2 where that is wanted)."""
     root: nn.Module = model
     export_args, export_kwargs = args, kwargs
     user_fn = callable(output) and not isinstance(output, (str, int))

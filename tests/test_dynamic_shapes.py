@@ -174,3 +174,21 @@ def test_export_stores_the_shapes_seen(tmp_path):
         torch.testing.assert_close(loaded(x, seed=seed).relevance, explainer(x, seed=seed).relevance)
     with pytest.raises(dynlrp.DynlrpLoadError, match=r"holds programs for these input shapes.*\[5, 8\].*\[3, 8\]"):
         loaded(torch.randn(4, 8))
+
+
+def test_a_model_that_takes_one_sample_only_is_traced_at_its_batch():
+    """A sequence classifier without a pad token refuses batches above 1 (its library raises), so the doubled batch
+    the tracer tries first fails: the user's batch of 1 is traced static and the length stays dynamic."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.MistralForSequenceClassification(config).eval()
+    explainer = dynlrp.compile(model, example_kwargs={"input_ids": torch.randint(3, 128, (1, 8))}, rules="gradient")
+    shape = explainer.call_spec.inputs[0].shape
+    assert shape[0] == 1 and isinstance(shape[1], str)
+    for length in (8, 11):
+        kwargs = {"input_ids": torch.randint(3, 128, (1, length))}
+        errs = gradient_oracle_errors(explainer(**kwargs), model, (), kwargs)
+        assert max(errs.values()) < GRADIENT_TOL, (length, errs)
+    assert explainer.variants == []
