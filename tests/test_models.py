@@ -40,10 +40,10 @@ def _hf(name):
         return tiny_bert(vocab_size=100, num_attention_heads=4, max_position_embeddings=64, num_labels=2), {}
     if name == "gpt2":
         cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
-        return GPT2LMHeadModel(cfg).eval(), {"use_cache": False}
+        return GPT2LMHeadModel(cfg).eval(), {}
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=64, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval(), {"use_cache": False}
+    return LlamaForCausalLM(cfg).eval(), {}
 
 
 def _check_oracle(expl, model, kwargs):

@@ -46,7 +46,7 @@ def test_next_token_on_gpt2_equals_a_seed_at_the_last_position():
     cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 40, (2, 6))
-    kw = {"input_ids": ids, "use_cache": False}
+    kw = {"input_ids": ids}
     nt = dynlrp.compile(model, example_kwargs=kw, backend="eager", output=targets.next_token())
     e = nt(**kw, target=7)
     logits = model(input_ids=ids).logits.detach()
