@@ -697,6 +697,16 @@ def _reject_higher_order_ops(gm: torch.fx.GraphModule) -> None:
     """Raise for ``torch.cond`` / ``while_loop`` / ``map`` subgraphs, which relevance cannot pass yet."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and "torch.ops.higher_order" in str(node.target.__module__ if hasattr(node.target, "__module__") else ""):
+            if getattr(node.target, "__name__", "") == "with_effects" and len(node.args) > 1:
+                from .passes.nodes import module_path
+
+                raise DynlrpTraceError(
+                    f"the traced graph contains {node.args[1]} (node {node.name}, module {module_path(node) or '<root>'!r}), an "
+                    "op with side effects that torch.export wraps in with_effects (e.g. the error checks of "
+                    "torch.linalg.inv/solve, a print or a custom op declared with effects); dynlrp-fx cannot pass "
+                    "relevance through it. Use an equivalent without side effects (torch.linalg.inv_ex, "
+                    "torch.linalg.solve_ex) or move it out of the explained forward pass."
+                )
             raise DynlrpTraceError(
                 f"the traced graph contains the higher-order op {node.target} (node {node.name}); dynlrp-fx does not "
                 "propagate relevance through torch.cond / while_loop / map subgraphs yet. Move the data-dependent "

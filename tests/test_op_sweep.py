@@ -552,3 +552,26 @@ def test_qwen3_moe_gradient_preset_equals_autograd():
     errs = gradient_oracle_errors(explainer(input_ids=ids), model, (), {"input_ids": ids})
     assert errs["input_ids"] <= GRADIENT_TOL, errs
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model was modified"
+
+
+def test_an_op_with_side_effects_is_named_with_a_way_out():
+    """torch.linalg.inv checks its input with an effectful op (export wraps it in with_effects): the error names
+    that op and the side-effect-free variant, which then compiles and equals autograd's gradient x input."""
+
+    class Inverse(nn.Module):
+        def __init__(self, checked: bool):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.checked = checked
+
+        def forward(self, x):
+            a = self.lin.weight + 4 * torch.eye(4)
+            inv = torch.linalg.inv(a) if self.checked else torch.linalg.inv_ex(a)[0]
+            return x @ inv
+
+    with pytest.raises(dynlrp.DynlrpTraceError, match=r"_linalg_check_errors.*side effects.*inv_ex"):
+        dynlrp.compile(Inverse(True).eval(), torch.randn(3, 4))
+    model = Inverse(False).eval()
+    x = torch.randn(3, 4)
+    expl = dynlrp.compile(model, x, rules="gradient")(x, target=1)
+    torch.testing.assert_close(expl.relevance, grad_x_input(model, x, 1), rtol=1e-5, atol=1e-6)
