@@ -49,7 +49,7 @@ def _target(text: str) -> int | None:
 
 def _target_problem(exc: DynlrpInputError, target: int | None) -> DynlrpInputError:
     """The explainer refused ``--target``: the message in terms of the flag."""
-    m = re.search(r"out of range: each sample's output has (\d+) entries", str(exc))
+    m = re.search(r"out of range(?: for '[^']*')?: each sample's output has (\d+) entries", str(exc))
     if m:
         n = int(m.group(1))
         return DynlrpInputError(
@@ -59,7 +59,8 @@ def _target_problem(exc: DynlrpInputError, target: int | None) -> DynlrpInputErr
     return DynlrpInputError(f"--target {target}: {exc}" if "target" in str(exc) else str(exc))
 
 
-def _input_problem(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, exc: BaseException) -> BaseException:
+def _input_problem(model: nn.Module, x: torch.Tensor, args: argparse.Namespace,
+                   exc: BaseException | None) -> BaseException | None:
     """After ``compile`` failed: if the model does not even run eagerly on the input, the input is the problem (its
     shape or dtype); say so, naming the file. Otherwise ``exc`` itself."""
     try:
@@ -107,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         if x.is_floating_point() and dt is not None and x.dtype != dt:
             x = x.to(dt)
         target = args.target
+        # an input the model cannot run on is named as such before tracing: torch.export's fake tensors do not
+        # check every dtype (an integer input into a float Linear traces), so compile alone would not catch it
+        problem = _input_problem(model, x, args, None)
+        if problem is not None:
+            raise problem
         try:
             explainer = dynlrp_compile(model, x, rules=args.rules, backend=args.backend)
         except Exception as e:  # noqa: BLE001 - an input the model cannot run on is named as such, else re-raised
