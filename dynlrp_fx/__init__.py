@@ -6,7 +6,7 @@
 >>> expl.relevance, expl.conservation                              # doctest: +SKIP
 """
 
-from . import presets, targets
+from . import evaluate, presets, targets
 from .coverage import coverage
 from .dataset import attribute_dataset, load_shards, merge_shards
 from .errors import (
@@ -19,6 +19,7 @@ from .errors import (
     DynlrpTraceError,
     DynlrpUnsupportedOpError,
 )
+from .evaluate import select_rules
 from .explainer import Conservation, Explainer, Explanation, compile
 from .export import export, load
 from .rules import Composite, Rule, register_op
@@ -38,6 +39,8 @@ __all__ = [
     "register_op",
     "presets",
     "targets",
+    "evaluate",
+    "select_rules",
     "attribute_dataset",
     "merge_shards",
     "load_shards",
