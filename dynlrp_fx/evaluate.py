@@ -104,7 +104,8 @@ class PerturbationResult:
         x = self.fractions.numpy()
         for name, curve, color in (("LeRF", self.lerf, "tab:blue"), ("MoRF", self.morf, "tab:red")):
             mean, se = curve.mean(0).numpy(), _se_curve(curve).numpy()
-            ax.plot(x, mean, color=color, label=f"{name} (area {float(torch.trapezoid(curve.mean(0), self.fractions)):.3f})")
+            area = float(torch.trapezoid(curve.mean(0), self.fractions))
+            ax.plot(x, mean, color=color, label=f"{name} (area {area:.3f})")
             ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
         ax.fill_between(x, self.morf.mean(0).numpy(), self.lerf.mean(0).numpy(), color="0.8", alpha=0.4, linewidth=0)
         ax.set_xlabel("fraction of features removed")

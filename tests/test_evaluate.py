@@ -276,6 +276,30 @@ def test_select_rules_metrics_and_batches(cnn):
         dynlrp.select_rules(model, x, candidates=["no_such"])
 
 
+class TinyText(nn.Module):
+    """Embedding -> masked mean -> linear: linear in the embeddings for a fixed mask (LRP-0 == gradient x input)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).to(self.emb.weight.dtype)
+        return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1))
+
+
+def test_select_rules_on_tokens_with_removal():
+    model = TinyText().eval()
+    ids, mask, _ = _tokens()
+    x = {"input_ids": ids, "attention_mask": mask}
+    ranking = dynlrp.select_rules(model, x, candidates=["lrp0", "gradient"], steps=3, baseline="remove")
+    assert ranking["lrp0"].mean == pytest.approx(ranking["gradient"].mean, abs=1e-5)
+    expl = dynlrp.compile(model, example_kwargs=x, rules="lrp0", backend="eager")(**x)
+    direct = perturbation(model, x, expl.output.argmax(1), expl, steps=3, baseline="remove")
+    torch.testing.assert_close(ranking["lrp0"].result.morf, direct.morf)
+
+
 def test_default_candidates_follow_the_model(cnn):
     model, x = cnn
     conv = default_candidates(model, x)

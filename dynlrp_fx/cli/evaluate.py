@@ -51,7 +51,9 @@ def _region(text: str | None) -> int | tuple[int, ...] | None:
     try:
         sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise UsageError(f"--region {text!r}: give a patch size in pixels such as 2, or one per dimension: 2,2") from None
+        raise UsageError(
+            f"--region {text!r}: give a patch size in pixels such as 2, or one per dimension: 2,2"
+        ) from None
     if any(s < 1 for s in sizes):
         raise UsageError(f"--region {text!r}: patch sizes must be positive")
     return sizes[0] if len(sizes) == 1 else sizes
