@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--baseline", default="blur", choices=("blur", "zero", "mean"))
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--score", default="probability", choices=("probability", "logit"))
+    p.add_argument("--grid", action="store_true",
+                   help="candidates: epsilon over eps and epsilon_gamma_box over gamma (box [0, 1]) instead of presets")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -94,7 +96,12 @@ def main() -> None:
           f"trained in {time.perf_counter() - t0:.1f} s; "
           f"torch threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
-    ranking = dynlrp.select_rules(model, x, steps=args.steps, baseline=args.baseline, score=args.score)
+    candidates = None
+    if args.grid:
+        grid = dynlrp.evaluate.grid
+        candidates = {**grid("epsilon", eps=[1e-6, 0.1, 1.0]),
+                      **grid("epsilon_gamma_box", gamma=[0.05, 0.25, 1.0], low=[0.0], high=[1.0])}
+    ranking = dynlrp.select_rules(model, x, candidates=candidates, steps=args.steps, baseline=args.baseline, score=args.score)
     total = time.perf_counter() - t0
     print(ranking)
     print(f"select_rules: {total:.1f} s in all ({len(ranking)} candidates, trace {ranking.trace_seconds:.2f} s)")

@@ -40,7 +40,15 @@ from torch import nn
 
 from .errors import DynlrpUnsupportedOpError
 
-__all__ = ["perturbation", "PerturbationResult", "select_rules", "RuleRanking", "RankedRules", "default_candidates"]
+__all__ = [
+    "perturbation",
+    "PerturbationResult",
+    "select_rules",
+    "RuleRanking",
+    "RankedRules",
+    "default_candidates",
+    "grid",
+]
 
 _SCORES = ("probability", "logit")
 _METRICS = ("abpc", "morf", "lerf")
@@ -198,7 +206,11 @@ def _targets(target: Any, out: torch.Tensor) -> torch.Tensor:
     if target is None:
         t = out.reshape(n, -1).argmax(1)
     else:
-        t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+        try:
+            t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"target must be an int, one int per sample or None (the argmax), got "
+                             f"{type(target).__name__}") from None
         if t.numel() == 1:
             t = t.expand(n)
         if t.numel() != n:
@@ -592,6 +604,41 @@ def default_candidates(model: nn.Module, x: Any = None, traced: Any = None) -> d
         for name in ("attnlrp", "cp_lrp", "dynamiclrp"):
             out[name] = presets.PRESETS[name]()
     out["gradient"] = presets.gradient()
+    return out
+
+
+def grid(preset: str, **values: Sequence[Any]) -> dict[str, Any]:
+    """Candidates for :func:`select_rules` on a parameter grid of one preset: every combination of ``values``
+    (each a list of values for one keyword argument of the preset's function in :mod:`dynlrp_fx.presets`).
+
+    ``grid("epsilon", eps=[1e-6, 1e-2, 0.25])`` or ``grid("epsilon_gamma_box", gamma=[0.1, 0.25, 1.0], low=[0.0],
+    high=[1.0])`` (the first-layer box as a grid too) returns ``{"epsilon_gamma_box(gamma=0.1, low=0, high=1)":
+    Composite, ...}``; merge grids of several presets with ``{**a, **b}``.
+    """
+    import inspect
+    import itertools
+
+    from .presets import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"grid: unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+    fn = PRESETS[preset]
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in values if k not in params]
+    if unknown:
+        raise ValueError(f"grid: {preset} has no parameter {', '.join(map(repr, unknown))}; its parameters: "
+                         f"{list(params)}")
+    lists = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in values.items()}
+    if any(not v for v in lists.values()):
+        raise ValueError(f"grid: every parameter needs at least one value, got {values}")
+    out: dict[str, Any] = {}
+    for combo in itertools.product(*lists.values()):
+        kw = dict(zip(lists, combo))
+        comp = fn(**kw)
+        name = f"{preset}(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in kw.items()) + ")"
+        comp.name = name
+        out[name] = comp
     return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.cli import main
-from dynlrp_fx.evaluate import default_candidates, perturbation
+from dynlrp_fx.evaluate import default_candidates, grid, perturbation
 
 N, F = 256, 32
 
@@ -213,6 +213,7 @@ def test_token_removal_needs_a_mask():
         ({"baseline": "noise"}, "unknown baseline"),
         ({"relevance": torch.randn(2, 3)}, "does not match"),
         ({"target": 7}, "out of range"),
+        ({"target": {"a": 1}}, "target must be an int"),
         ({"steps": 0}, "steps"),
         ({"score": "loss"}, "score"),
         ({"region": (2, 2)}, "region"),
@@ -333,3 +334,17 @@ def test_cli_evaluate_unknown_preset_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("dynlrp evaluate: error: --rules: unknown preset 'no_such'") and "lrp0" in err
+
+
+def test_grid_builds_one_candidate_per_combination(cnn):
+    model, x = cnn
+    cands = grid("epsilon_gamma_box", gamma=[0.1, 1.0], low=[0.0], high=[1.0, 2.0])
+    assert list(cands) == [f"epsilon_gamma_box(gamma={g:g}, low=0, high={h:g})" for g in (0.1, 1.0) for h in (1.0, 2.0)]
+    rule = cands["epsilon_gamma_box(gamma=1, low=0, high=2)"]
+    assert float(rule.first_layer.high) == 2.0
+    ranking = dynlrp.select_rules(model, x, candidates={**grid("epsilon", eps=[1e-6, 10.0])}, steps=2)
+    assert {r.name for r in ranking} == {"epsilon(eps=1e-06)", "epsilon(eps=10)"}
+    # a huge epsilon absorbs relevance but is a different attribution: the two rows differ
+    assert ranking.rows[0].mean != ranking.rows[1].mean
+    with pytest.raises(ValueError, match="no parameter 'gama'"):
+        grid("epsilon_gamma_box", gama=[0.1])
