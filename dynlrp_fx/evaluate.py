@@ -726,7 +726,6 @@ def select_rules(
     named = _named_candidates(candidates) if given else default_candidates(model, x, traced)
     rows, skipped = [], {}
     step = batch_size or n
-    ranges = None
     for name, comp in named.items():
         t1 = time.perf_counter()
         try:
@@ -736,15 +735,6 @@ def select_rules(
                 raise
             skipped[name] = str(e).splitlines()[0]
             continue
-        # building a program re-runs fake convolutions on the shared trace, and torch's conv backend guard narrows
-        # the batch symbol's range there (to <= 15); an explainer built later on the same trace would read that
-        # narrowed range as a real bound of the model, so every explainer keeps the ranges of the unbuilt trace,
-        # which the first one read before its own build
-        if ranges is None:
-            ranges = dict(explainer.call_spec.ranges)
-        else:
-            explainer.call_spec.ranges.clear()
-            explainer.call_spec.ranges.update(ranges)
         parts = []
         for i in range(0, n, step):
             sl = slice(i, i + step)

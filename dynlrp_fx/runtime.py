@@ -175,7 +175,7 @@ class CallSpec:
         return cls(
             traced.in_spec, dict(traced.const_leaves), list(traced.tensor_leaf_index), inputs, traced.output_name,
             [dim_spec(s) for s in y.shape] if isinstance(y, torch.Tensor) else None, traced.max_batch,
-            traced.static_batch, None, hint, ranges=symbol_ranges(vals.values()),
+            traced.static_batch, None, hint, ranges=dict(getattr(traced, "ranges", {})),
             output_names=list(traced.explained_outputs or [traced.output_name]),
             output_shapes=[[dim_spec(s) for s in v.shape] if isinstance(v, torch.Tensor) else None for v in ys],
             output_batched=bool(getattr(traced, "output_batched", True)),

@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import DynlrpTraceError
+from .runtime import symbol_ranges
 
 __all__ = ["TracedProgram", "UserInput", "trace", "decomposition_table"]
 
@@ -93,6 +94,8 @@ class TracedProgram:
     #: default-dynamic dimensions the model specialised, traced static (``{"batch": 5}``; ``-1`` for a size that is
     #: not one number)
     specialised: dict[str, int] = field(default_factory=dict)
+    #: dynamic size symbol -> (min, max) as traced, where narrower than [2, inf] (see runtime.symbol_ranges)
+    ranges: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     example_flat: list[Any] = field(default_factory=list)
     #: positions of every explained output in the graph's output node, in seed order (``output=[...]``: several)
     output_indices: list[int] = field(default_factory=list)
@@ -276,6 +279,10 @@ class _DynamicPlan:
         name = self.alias.get(name, name)
         if name not in self.dims:
             return None
+        if name.startswith("seq"):
+            # Dim.AUTO: export keeps a length dynamic where it can, bounds it where the model's ops do (position
+            # embeddings) and unifies lengths that must be equal, without failing and tracing again
+            return torch.export.Dim.AUTO
         lo, hi = self.dims[name]
         key = (name, lo, hi)
         if key not in self.objects:  # one Dim object per name and range, shared by every input that has it
@@ -553,6 +560,15 @@ def _trace_at(model: nn.Module, args: tuple, kwargs: dict, fn_sig: inspect.Signa
             f"internal: {len(tensor_idx)} tensor inputs but {len(user_ph)} user placeholders in the exported graph"
         )
     user_inputs, batch_symbol = _user_inputs(user_ph, tensor_idx, flat, names)
+    # value ranges of the dynamic sizes as export left them: later passes (pair, lower) re-run fake kernels on this
+    # graph's shape environment, and their guards may narrow a range that the traced program does not need
+    ranges = symbol_ranges(ph.meta.get("val") for ph in user_ph)
+    if plan is not None:  # lengths export kept static (Dim.AUTO specialised them) are known for later traces
+        for ph, i in zip(user_ph, tensor_idx):
+            x, val = flat[i], ph.meta.get("val")
+            if (x.ndim >= 2 and int(x.shape[1]) in plan.seq_sizes and isinstance(val, torch.Tensor)
+                    and not isinstance(val.shape[1], torch.SymInt)):
+                plan.static.setdefault(plan.seq_sizes[int(x.shape[1])], int(x.shape[1]))
 
     # the graph's output node lists mutation outputs (new buffer values, mutated inputs) before the user outputs
     positions = [i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind.name == "USER_OUTPUT"]
@@ -591,6 +607,7 @@ def _trace_at(model: nn.Module, args: tuple, kwargs: dict, fn_sig: inspect.Signa
         max_batch=max_batch,
         example_flat=flat,
         specialised=dict(plan.static) if plan is not None else {},
+        ranges=ranges,
     )
 
 

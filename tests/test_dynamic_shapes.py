@@ -192,3 +192,25 @@ def test_a_model_that_takes_one_sample_only_is_traced_at_its_batch():
         errs = gradient_oracle_errors(explainer(**kwargs), model, (), kwargs)
         assert max(errs.values()) < GRADIENT_TOL, (length, errs)
     assert explainer.variants == []
+
+
+def test_explainers_sharing_a_trace_keep_its_ranges():
+    """Building a program re-runs fake convolutions on the trace's shape environment, where a torch guard narrows
+    the batch symbol's range (to <= 15): a second explainer on the same trace still takes any batch, because the
+    ranges are those recorded at trace time."""
+    from dynlrp_fx.explainer import Explainer
+    from dynlrp_fx.presets import resolve
+    from dynlrp_fx.trace import trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    traced = trace(model, (torch.randn(4, 1, 8, 8),))
+    first = Explainer(model, traced, resolve("lrp0"))
+    second = Explainer(model, traced, resolve("gradient"))
+    assert first.call_spec.ranges == second.call_spec.ranges == traced.ranges
+    x = torch.randn(20, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no program per shape: batch 20 is in range
+        a, b = first(x, target=1), second(x, target=1)
+    torch.testing.assert_close(a.relevance, b.relevance, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.relevance, grad_x_input(model, x, 1), rtol=1e-5, atol=1e-6)
