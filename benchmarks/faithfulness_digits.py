@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import dynlrp_fx as dynlrp
-from dynlrp_fx.demo import load_digits_tensors, train_digits_cnn
+from dynlrp_fx.demo import fit_digits, train_digits_cnn
 
 
 class _Block(nn.Module):
@@ -58,23 +58,7 @@ class DigitsViT(nn.Module):
 def train_digits_vit(epochs: int = 40, seed: int = 0) -> tuple[DigitsViT, float, torch.Tensor, torch.Tensor]:
     """Train :class:`DigitsViT` like the demo's CNN (Adam, batches of 64, the same split); returns ``(model in eval
     mode, test accuracy, x_test, y_test)``."""
-    torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = load_digits_tensors(seed)
-    model = DigitsViT()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=gen)
-        for i in range(0, len(x_tr), 64):
-            idx = perm[i : i + 64]
-            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x_te).argmax(1) == y_te).float().mean())
-    return model, acc, x_te, y_te
+    return fit_digits(DigitsViT, epochs, seed)
 
 
 def main() -> None:

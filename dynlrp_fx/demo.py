@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "SentencePairSimilarity",
     "DigitsCNN",
     "train_digits_cnn",
+    "fit_digits",
 ]
 
 #: epsilon of the text demo: 1e-6 (the default preset) gives exploding relevance on this real model's deep
@@ -268,9 +270,17 @@ def train_digits_cnn(epochs: int = 8, seed: int = 0) -> tuple[DigitsCNN, float, 
 
 
 def _train_digits(epochs: int, seed: int) -> tuple[DigitsCNN, float, torch.Tensor, torch.Tensor]:
+    return fit_digits(DigitsCNN, epochs, seed)
+
+
+def fit_digits(make_model: Callable[[], nn.Module], epochs: int, seed: int = 0,
+               ) -> tuple[nn.Module, float, torch.Tensor, torch.Tensor]:
+    """Train ``make_model()`` (built after seeding, so its initial weights depend on ``seed`` only) on the digits
+    with Adam (lr 3e-3, batches of 64, cross-entropy); returns ``(model in eval mode, test accuracy, x_test,
+    y_test)``. Shared by the demo's CNN and the faithfulness benchmark's small ViT."""
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = load_digits_tensors(seed)
-    model = DigitsCNN()
+    model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
