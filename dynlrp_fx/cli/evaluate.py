@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import DynlrpError
 from ._errors import EXPECTED, UsageError, fail, make_parent, output_path
 from ._models import load_factory, load_input
-from .explain import _input_problem, _model_dtype, _target
+from .explain import _as_batch, _input_problem, _target
 
 __all__ = ["register_cli", "run"]
 
@@ -76,11 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except (DynlrpError, ValueError, OSError, ImportError) as e:
         return fail(args, "evaluate", e, code=2)
     try:
-        if args.single:
-            x = x.unsqueeze(0)
-        dt = _model_dtype(model)
-        if x.is_floating_point() and dt is not None and x.dtype != dt:
-            x = x.to(dt)
+        x = _as_batch(model, x, args.single)
         if not x.is_floating_point():
             raise UsageError(f"--input {args.input}: dynlrp evaluate takes float inputs (images, features); for token "
                              "inputs use dynlrp.select_rules from Python")

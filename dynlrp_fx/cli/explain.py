@@ -47,6 +47,16 @@ def _target(text: str) -> int | None:
         ) from None
 
 
+def _as_batch(model: nn.Module, x: torch.Tensor, single: bool) -> torch.Tensor:
+    """The input as the model takes it: a batch dimension added for ``--single``, floats in the model's dtype."""
+    if single:
+        x = x.unsqueeze(0)
+    dt = _model_dtype(model)
+    if x.is_floating_point() and dt is not None and x.dtype != dt:
+        x = x.to(dt)
+    return x
+
+
 def _target_problem(exc: DynlrpInputError, target: int | None) -> DynlrpInputError:
     """The explainer refused ``--target``: the message in terms of the flag."""
     m = re.search(r"out of range(?: for '[^']*')?: each sample's output has (\d+) entries", str(exc))
@@ -102,11 +112,7 @@ def run(args: argparse.Namespace) -> int:
     except (DynlrpError, ValueError, OSError, ImportError) as e:
         return fail(args, "explain", e, code=2)
     try:
-        if args.single:
-            x = x.unsqueeze(0)
-        dt = _model_dtype(model)
-        if x.is_floating_point() and dt is not None and x.dtype != dt:
-            x = x.to(dt)
+        x = _as_batch(model, x, args.single)
         target = args.target
         # an input the model cannot run on is named as such before tracing: torch.export's fake tensors do not
         # check every dtype (an integer input into a float Linear traces), so compile alone would not catch it
