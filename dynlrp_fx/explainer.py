@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from .passes.resolve_promises import DEFAULT_POLICY
 from .presets import resolve
 from .program import Analysis, Program, build_program
 from .rules.composite import Composite
-from .runtime import CallPath, CallSpec, Conservation, Explanation
+from .runtime import CallPath, CallSpec, Conservation, Explanation, explain_first_that_fits
 from .trace import TracedProgram, trace
 
 __all__ = ["compile", "Explainer", "Explanation", "Conservation", "resolve_backend", "BACKENDS"]
@@ -91,7 +90,7 @@ class Explainer(nn.Module):
         #: how to trace the model again at another input shape (set by :func:`compile`; ``None``: no variants)
         self._retrace: Callable[[tuple, dict], TracedProgram] | None = None
         #: explainers for input shapes this one's program is static in, most recently used last
-        self._variants: OrderedDict[int, Explainer] = OrderedDict()
+        self._variants: list[Explainer] = []
         self._warned_shapes = False
         self.program("target")
 
@@ -254,26 +253,22 @@ class Explainer(nn.Module):
         seed: an explicit output-shaped relevance seed, used as is (one-hot reproduces Zennit's default); with
             several explained outputs a dict output name -> seed (or a tuple), one for every output.
         """
+        paths = [self._call, *(v._call for v in reversed(self._variants))]  # most recently used variants first
         try:
-            return self._call.explain(args, kwargs, target, seed)
+            explanation, hit = explain_first_that_fits(paths, args, kwargs, target, seed)
         except DynlrpShapeError as e:
             if self._retrace is None:
                 raise
-            mismatch = e
-        for key, variant in reversed(self._variants.items()):
-            try:
-                result = variant._call.explain(args, kwargs, target, seed)
-            except DynlrpShapeError:
-                continue
-            self._variants.move_to_end(key)
-            return result
-        return self._variant(args, kwargs, mismatch)._call.explain(args, kwargs, target, seed)
+            return self._variant(args, kwargs, e)._call.explain(args, kwargs, target, seed)
+        if hit:
+            self._variants.append(self._variants.pop(-hit))
+        return explanation
 
     @property
     def variants(self) -> list[Explainer]:
         """The explainers built for input shapes outside this one's program (see :meth:`forward`), least recently
         used first; each has its own trace and programs, and the rules of this one."""
-        return list(self._variants.values())
+        return list(self._variants)
 
     def _variant(self, args: tuple, kwargs: dict, mismatch: DynlrpShapeError) -> Explainer:
         """Trace the model again at the shapes of this call and build (and cache) an explainer for them."""
@@ -298,9 +293,8 @@ class Explainer(nn.Module):
         variant = Explainer(self.model, traced, self.composite, backend=self._backend_request, dynamic=self.dynamic,
                             params=self._params_arg, capture=self._capture_arg, mode=self.mode,
                             promise_policy=self.promise_policy)
-        self._variants[id(variant)] = variant
-        while len(self._variants) > MAX_VARIANTS:
-            self._variants.popitem(last=False)
+        self._variants.append(variant)
+        del self._variants[:-MAX_VARIANTS]  # the least recently used beyond the bound
         return variant
 
 

@@ -51,7 +51,7 @@ from torch import nn
 from .errors import DynlrpError, DynlrpInputError, DynlrpLoadError, DynlrpShapeError
 from .explainer import Explainer
 from .passes.pair import ProgramOutputs
-from .runtime import CallPath, CallSpec, Explanation, dim_spec, is_symbol
+from .runtime import CallPath, CallSpec, Explanation, dim_spec, explain_first_that_fits, is_symbol
 
 __all__ = ["export", "load", "LoadedExplainer", "FORMAT_VERSION", "PACKAGES"]
 
@@ -837,16 +837,9 @@ class LoadedExplainer:
     def __call__(self, *args, target: Any = None, seed: torch.Tensor | None = None, **kwargs) -> Explanation:
         """Explain on these inputs; see :meth:`Explainer.forward`. Raises :class:`DynlrpLoadError` (also a
         :class:`DynlrpInputError`) when the inputs do not match the file's input specification."""
-        try:
-            try:
-                return self._call.explain(args, kwargs, target, seed)
-            except DynlrpShapeError:
-                for variant in self.variants:  # a program stored for other input shapes may take these
-                    try:
-                        return variant._call.explain(args, kwargs, target, seed)
-                    except DynlrpShapeError:
-                        continue
-                raise
+        try:  # this program, else one stored for other input shapes
+            return explain_first_that_fits([self._call, *(v._call for v in self.variants)], args, kwargs, target,
+                                           seed)[0]
         except DynlrpLoadError:
             raise
         except DynlrpInputError as e:

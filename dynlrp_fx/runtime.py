@@ -21,7 +21,8 @@ import torch.utils._pytree as pytree
 
 from .errors import DynlrpInputError, DynlrpShapeError
 
-__all__ = ["Conservation", "Explanation", "InputSpec", "CallSpec", "CallPath", "Runner", "dim_spec", "is_symbol"]
+__all__ = ["Conservation", "Explanation", "InputSpec", "CallSpec", "CallPath", "Runner", "dim_spec", "is_symbol",
+           "explain_first_that_fits"]
 
 
 @dataclass
@@ -218,6 +219,20 @@ class CallSpec:
         if rest is None or not all(isinstance(d, int) for d in rest):
             return None
         return math.prod(rest)
+
+
+def explain_first_that_fits(paths: list[CallPath], args: tuple, kwargs: dict, target: Any,
+                            seed: Any) -> tuple[Explanation, int]:
+    """Explain with the first of ``paths`` whose program takes these input shapes (a live explainer and those it
+    built for other shapes, or a loaded file's programs): ``(explanation, index of that path)``. Raises the first
+    path's :class:`~dynlrp_fx.DynlrpShapeError` when none takes them; any other error at once."""
+    first = None
+    for i, path in enumerate(paths):
+        try:
+            return path.explain(args, kwargs, target, seed), i
+        except DynlrpShapeError as e:
+            first = first or e
+    raise first
 
 
 #: ``runner(mode, tensors, extra, batch) -> (outputs, ProgramOutputs)``: runs the program of a seed mode

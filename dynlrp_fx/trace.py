@@ -143,13 +143,18 @@ def tensor_outputs(out: Any) -> Any:
     return None
 
 
-def _non_tensor_output(exc: BaseException) -> bool:
-    """Whether ``torch.export`` failed on an output of a type it cannot flatten (``Found <class ...> in output``)."""
+def _raised_with(exc: BaseException | None, *texts: str) -> bool:
+    """Whether ``exc`` or an exception it was raised from (its ``__cause__`` chain) says one of ``texts``."""
     while exc is not None:
-        if "in output, which is not a known type" in str(exc):
+        if any(t in str(exc) for t in texts):
             return True
         exc = exc.__cause__
     return False
+
+
+def _non_tensor_output(exc: BaseException) -> bool:
+    """Whether ``torch.export`` failed on an output of a type it cannot flatten (``Found <class ...> in output``)."""
+    return _raised_with(exc, "in output, which is not a known type")
 
 
 def _wrapper_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, spec: Any) -> dict:
@@ -213,8 +218,9 @@ _DIM_FIX = re.compile(r"Dim\('(\w+)'(?:, min=(\d+))?(?:, max=(\d+))?\)")
 
 def _suggested_fixes(exc: BaseException) -> dict[str, Any]:
     """The fixes ``torch.export`` suggests after a constraint violation, per dimension name: an ``int`` (the
-    model specialised that dimension to a constant), a ``(min, max)`` pair (its ops bound it: positional
-    embeddings, cuDNN batch norm), or the name of another dimension it must equal; ``{}`` when there are none."""
+    model specialised that dimension to a constant), a ``(min, max)`` pair (its ops bound it: cuDNN batch norm),
+    or ``None`` for a relation to other dimensions (the dimension is not kept dynamic); ``{}`` when there are
+    none."""
     text = str(exc)
     if "Suggested fixes:" not in text:
         return {}
@@ -230,9 +236,7 @@ def _suggested_fixes(exc: BaseException) -> dict[str, Any]:
             fixes[name] = int(rhs)
         elif (d := _DIM_FIX.fullmatch(rhs)) is not None:
             fixes[name] = (int(d.group(2)) if d.group(2) else None, int(d.group(3)) if d.group(3) else None)
-        elif re.fullmatch(r"\w+", rhs):
-            fixes[name] = rhs
-        else:  # a derived relation (``2*_s``): the dimension is not kept dynamic
+        else:  # a relation to other dimensions (``2*_s``, another name): the dimension is not kept dynamic
             fixes[name] = None
     return fixes
 
@@ -244,12 +248,13 @@ class _DynamicPlan:
     Dimension 0 of every tensor input is one shared ``batch``. Dimension 1 of an integer tensor of rank >= 2 (token
     ids, attention masks, token types, positions) is a sequence length: inputs of equal length there share one
     dimension (``seq``, ``seq_2`` for a second length, as an encoder-decoder's decoder ids). Sizes 0 and 1 are left
-    static, because ``torch.export`` specialises them. A dimension the model specialises (Python arithmetic on a
-    size, ``len(x)``) becomes static; bounds export finds (``max_position_embeddings``) are applied.
+    static, because ``torch.export`` specialises them. The batch is a named ``Dim``: a batch the model specialises
+    (``len(x)``) becomes static, a bound export finds is applied (both from export's suggested fixes). Lengths are
+    ``Dim.AUTO``: export bounds them (``max_position_embeddings``), unifies equal ones and keeps specialised ones
+    static by itself.
     """
 
     dims: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  #: name -> (min, max)
-    alias: dict[str, str] = field(default_factory=dict)  #: a dimension export proved equal to another
     static: dict[str, int] = field(default_factory=dict)  #: dimensions the model specialised -> traced size
     seq_sizes: dict[int, str] = field(default_factory=dict)  #: example length -> dimension name
     objects: dict[tuple, Any] = field(default_factory=dict, repr=False)  #: (name, min, max) -> Dim
@@ -259,16 +264,12 @@ class _DynamicPlan:
         would fail the same way)."""
         changed = False
         for name, fix in fixes.items():
-            name = self.alias.get(name, name)
             if name not in self.dims:
                 continue
             changed = True
             if isinstance(fix, tuple):
                 lo, hi = self.dims[name]
                 self.dims[name] = (fix[0] if fix[0] is not None else lo, fix[1] if fix[1] is not None else hi)
-            elif isinstance(fix, str) and self.alias.get(fix, fix) in self.dims and fix != name:
-                self.alias[name] = self.alias.get(fix, fix)
-                del self.dims[name]
             else:
                 self.static[name] = fix if isinstance(fix, int) else -1
                 del self.dims[name]
@@ -276,7 +277,6 @@ class _DynamicPlan:
 
     def dim(self, name: str) -> Any:
         """The ``Dim`` of a dimension name, ``None`` when it is static."""
-        name = self.alias.get(name, name)
         if name not in self.dims:
             return None
         if name.startswith("seq"):
@@ -702,12 +702,7 @@ def _export_with_plan(root: nn.Module, args: tuple, kwargs: dict, plan: _Dynamic
 
 def _constraint_violation(exc: BaseException) -> bool:
     """Whether ``torch.export`` failed because a dimension marked dynamic could not stay dynamic."""
-    while exc is not None:
-        text = str(exc)
-        if "Constraints violated" in text or "specialized" in text or "specialised" in text:
-            return True
-        exc = exc.__cause__
-    return False
+    return _raised_with(exc, "Constraints violated", "specialized", "specialised")
 
 
 def _reject_higher_order_ops(gm: torch.fx.GraphModule) -> None:
