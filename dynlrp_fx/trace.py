@@ -317,14 +317,18 @@ class _DynamicPlan:
         return plan
 
 
-def _default_dynamic_shapes(fn_sig: inspect.Signature, args: tuple, kwargs: dict, plan: _DynamicPlan) -> Any:
-    """``torch.export`` dynamic shapes for ``(args, kwargs)`` under ``plan``, keyed like ``forward``'s signature."""
+def dynamic_shapes_for(fn_sig: inspect.Signature, args: tuple, kwargs: dict,
+                       leaf_spec: Callable[[torch.Tensor], Any]) -> dict:
+    """``torch.export`` dynamic shapes for ``(args, kwargs)`` keyed like the signature ``fn_sig``: ``leaf_spec``
+    gives each tensor's ``{dim: Dim}`` (or ``None``); nested tuples, lists and dicts follow the input's structure,
+    ``*args``/``**kwargs`` parameters get a tuple/dict. Used with a :class:`_DynamicPlan` by :func:`trace` and with
+    a batch-only rule by :func:`dynlrp_fx.zoo.batch_dynamic_shapes`."""
     bound = fn_sig.bind(*args, **kwargs)
     out = {}
 
     def spec(v):
         if isinstance(v, torch.Tensor):
-            return plan.leaf_spec(v)
+            return leaf_spec(v)
         if isinstance(v, (list, tuple)):
             return type(v)(spec(x) for x in v)
         if isinstance(v, dict):
@@ -688,7 +692,7 @@ def _export_with_plan(root: nn.Module, args: tuple, kwargs: dict, plan: _Dynamic
         return torch.export.export(root, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     for _attempt in range(8):
         try:
-            return torch.export.export(root, args, kwargs, dynamic_shapes=_default_dynamic_shapes(sig, args, kwargs, plan),
+            return torch.export.export(root, args, kwargs, dynamic_shapes=dynamic_shapes_for(sig, args, kwargs, plan.leaf_spec),
                                        strict=False)
         except Exception as e:  # noqa: BLE001
             if plan.apply(_suggested_fixes(e)):

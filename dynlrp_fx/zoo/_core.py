@@ -76,30 +76,12 @@ def batch_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, batc
     """``dynamic_shapes`` for :func:`torch.export.export` making dim 0 of every tensor input (ndim >= 1) one shared
     ``Dim("batch", min=1)``, keyed like ``model.forward``'s signature (nested tuples, lists and dicts follow the
     input's structure; ``*args``/``**kwargs`` parameters get a tuple/dict)."""
+    from ..trace import dynamic_shapes_for
+
     if batch is None:
         batch = torch.export.Dim("batch", min=1)
-    sig = inspect.signature(model.forward)
-    bound = sig.bind(*args, **dict(kwargs or {}))
-
-    def spec(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return {0: batch} if v.ndim >= 1 else None
-        if isinstance(v, (list, tuple)):
-            return type(v)(spec(x) for x in v)
-        if isinstance(v, dict):
-            return {k: spec(x) for k, x in v.items()}
-        return None
-
-    out = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind == inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(spec(x) for x in value)
-        elif kind == inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: spec(x) for k, x in value.items()}
-        else:
-            out[name] = spec(value)
-    return out
+    return dynamic_shapes_for(inspect.signature(model.forward), tuple(args), dict(kwargs or {}),
+                              lambda v: {0: batch} if v.ndim >= 1 else None)
 
 
 class TensorOutputs(torch.nn.Module):
