@@ -9,21 +9,29 @@ same one a loaded explainer uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import time
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import cache
 from .errors import DynlrpInputError, DynlrpShapeError, DynlrpTraceError
 from .passes import PipelineReport
+from .passes.pair import ProgramOutputs
+from .passes.pipeline import PassRecord
 from .passes.resolve_promises import DEFAULT_POLICY
 from .presets import resolve
-from .program import Analysis, Program, build_program
+from .program import Analysis, Program, build_program, compiled
+from .progress import compile_progress
+from .progress import stage as progress_stage
 from .rules.composite import Composite
 from .runtime import CallPath, CallSpec, Conservation, Explanation, explain_first_that_fits
-from .trace import TracedProgram, trace
+from .trace import TracedProgram, _OutputWrapper, trace
 
 __all__ = ["compile", "Explainer", "Explanation", "Conservation", "resolve_backend", "BACKENDS"]
 
@@ -58,41 +66,110 @@ class Explainer(nn.Module):
     come from the same trace and composite.
     """
 
-    def __init__(self, model: nn.Module, traced: TracedProgram, composite: Composite, backend: str = "auto",
+    def __init__(self, model: nn.Module, traced: TracedProgram | None, composite: Composite, backend: str = "auto",
                  dynamic: bool = True, params: Any = None, capture: Any = None, mode: str | None = None,
-                 promise_policy: str = DEFAULT_POLICY, *, analysis: Analysis | None = None):
+                 promise_policy: str = DEFAULT_POLICY, *, analysis: Analysis | None = None,
+                 cached: _CacheLink | None = None):
         super().__init__()
         self._model_ref = [model]  # not a submodule: .to()/.eval() on the explainer never touch the model
-        self.traced = traced
         self.composite = composite
         self._backend_request = backend  # "auto" is resolved again when recompile() changes the mode
-        self.backend = resolve_backend(backend, self._device(), mode)
         self.dynamic = dynamic
         self.mode = mode  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
         self.promise_policy = promise_policy  # passes.resolve_promises.POLICIES
-        if analysis is None:
-            analysis = Analysis(traced, composite, params=params, capture=capture)
-        elif analysis.traced is not traced or analysis.composite is not composite:
-            raise ValueError("Explainer(analysis=...) must come from the same trace and composite")
-        self.analysis = analysis
-        self._report = PipelineReport(analysis.report.records)
+        self._params_arg, self._capture_arg = params, capture
+        self._traced, self._analysis = traced, analysis
+        #: the compile cache entry this explainer reads and writes its programs through (``None``: no cache)
+        self._cache = cached
         self._programs: dict[str, Program] = {}
         self._const_cache: dict[Any, torch.Tensor] = {}
-        self.call_spec = CallSpec.from_traced(traced, analysis.graph, analysis.output_node)
-        vals = {n.name: n.meta.get("val") for n in analysis.graph.graph.nodes if n.op == "placeholder"}
-        #: (dtype, shape) of each state tensor as traced: a model changed after compile is refused, not mis-run
-        self._state_specs = [
-            (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None
-            for v in (vals.get(ph) for ph, _kind, _target in traced.state_specs)
-        ]
-        self._call = CallPath(self.call_spec, self._run)
-        self._params_arg, self._capture_arg = params, capture
-        #: how to trace the model again at another input shape (set by :func:`compile`; ``None``: no variants)
-        self._retrace: Callable[[tuple, dict], TracedProgram] | None = None
+        #: how to build an explainer for another input shape (set by :func:`compile`; ``None``: no variants)
+        self._rebuild: Callable[[tuple, dict, frozenset], Explainer] | None = None
         #: explainers for input shapes this one's program is static in, most recently used last
         self._variants: list[Explainer] = []
         self._warned_shapes = False
+        if traced is None:  # everything the call path needs comes from the compile cache; tracing waits until asked
+            if cached is None or cached.entry is None:
+                raise ValueError("Explainer(traced=None) needs a compile cache entry")
+            self._device_hint = cached.device
+            self.backend = resolve_backend(backend, self._device_hint, mode)
+            self._report = PipelineReport()
+            self._from_entry(cached.entry)
+            self._programs["target"] = self._load_program("target", cached.entry)
+            return
+        self._device_hint = None
+        self.backend = resolve_backend(backend, self._device(), mode)
+        if analysis is not None and (analysis.traced is not traced or analysis.composite is not composite):
+            raise ValueError("Explainer(analysis=...) must come from the same trace and composite")
+        self._from_trace()
         self.program("target")
+
+    def _from_trace(self) -> None:
+        """Call spec and state inputs from the trace and this explainer's analysis of it."""
+        traced = self._traced
+        self._report = PipelineReport([*self.analysis.report.records, *self._report.records]
+                                      if hasattr(self, "_report") else self.analysis.report.records)
+        self.call_spec = CallSpec.from_traced(traced, self.analysis.graph, self.analysis.output_node)
+        vals = {n.name: n.meta.get("val") for n in self.analysis.graph.graph.nodes if n.op == "placeholder"}
+        #: (kind, target, dtype, shape) of each state input as traced: a model changed after compile is refused
+        self._state_plan = []
+        for ph, kind, target in traced.state_specs:
+            v = vals.get(ph)
+            spec = (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None
+            self._state_plan.append((kind, target, spec))
+        self._root = traced.module_root
+        self._constants = traced.exported.constants
+        self._specialised = dict(traced.specialised)
+        self._call = CallPath(self.call_spec, self._run)
+
+    def _from_entry(self, entry: cache.Entry) -> None:
+        """Call spec and state inputs from a compile cache entry (constants are read from the model when it holds
+        a tensor of the same name, else from the entry)."""
+        self.call_spec = cache.call_spec_from_data(entry.call_spec)
+        self._state_plan = [(kind, target, (cache._DTYPES[dtype], tuple(shape)) if dtype is not None else None)
+                            for kind, target, dtype, shape in entry.state]
+        self._root = _OutputWrapper(self.model, None) if entry.prefix else self.model
+        self._constants = {}
+        for target, data in entry.constants.items():
+            live = _tensor_at(self._root, target)
+            self._constants[target] = live if live is not None else cache.tensor_from_data(data)
+        self._specialised = dict(entry.specialised)
+        self._call = CallPath(self.call_spec, self._run)
+
+    @property
+    def traced(self) -> TracedProgram:
+        """The model's trace (made now if this explainer came from the compile cache)."""
+        if self._traced is None:
+            self._materialise()
+        return self._traced
+
+    @property
+    def analysis(self) -> Analysis:
+        """This explainer's analysis of the trace (made on first use)."""
+        if self._analysis is None:
+            if self._traced is None:
+                self._materialise()
+            else:
+                self._analysis = Analysis(self._traced, self.composite, params=self._params_arg,
+                                          capture=self._capture_arg)
+        return self._analysis
+
+    def _materialise(self) -> None:
+        """Trace and analyse the model for an explainer made from the compile cache (for :meth:`rule_table`,
+        :meth:`graph`, a seed mode the cache lacks, export). Programs read from the cache are kept when the trace
+        has the same state inputs; otherwise the cache trusted something that changed, and they are dropped."""
+        cached_plan = [(k, t) for k, t, _ in self._state_plan]
+        with compile_progress(None, type(self.model).__name__):
+            progress_stage("trace (torch.export)")
+            self._traced = self._cache.trace()
+            self._analysis = Analysis(self._traced, self.composite, params=self._params_arg, capture=self._capture_arg)
+        self._from_trace()
+        if [(k, t) for k, t, _ in self._state_plan] != cached_plan:
+            warnings.warn("dynlrp: the compile cache entry does not match the model's trace (the model depends on "
+                          "something the cache key cannot see); its programs are replaced. Clear the cache with "
+                          "`dynlrp cache clear`.", stacklevel=3)
+            self._programs.clear()
+            self._cache.drop()
 
     # -- construction -------------------------------------------------------------------------------------------
     @property
@@ -110,11 +187,26 @@ class Explainer(nn.Module):
         if mode not in ("target", "seed"):
             raise ValueError(f"seed mode must be 'target' or 'seed', got {mode!r}")
         prog = self._programs.get(mode)
+        if prog is None and self._traced is None and (entry := self._cache.load(mode)) is not None:
+            prog = self._load_program(mode, entry)
         if prog is None:
             prog = build_program(self.analysis, mode, promise_policy=self.promise_policy, backend=self.backend,
                                  dynamic=self.dynamic, mode=self.mode, report=self._report)
-            self._programs[mode] = prog
+            if self._cache is not None:
+                self._cache.save(mode, self, prog)
+        self._programs[mode] = prog
         return prog
+
+    def _load_program(self, mode: str, entry: cache.Entry) -> Program:
+        """A program rebuilt from a compile cache entry, compiled for this explainer's backend."""
+        t0 = time.perf_counter()
+        graph = cache.graph_from_data(entry.graph)
+        outputs = ProgramOutputs(**{k: list(v) for k, v in entry.outputs.items()})
+        fn = graph if self.backend == "eager" else compiled(graph, self.backend, self.dynamic, self.mode)
+        seconds = time.perf_counter() - t0
+        self._report.records.append(PassRecord("cache", f"cache[{mode}]", "load", True, seconds, 0,
+                                               len(graph.graph.nodes)))
+        return Program(mode, graph, fn, outputs, seconds, from_cache=True)
 
     def recompile(
         self, *, backend: Any = None, mode: Any = "unchanged", promise_policy: str | None = None
@@ -131,12 +223,14 @@ class Explainer(nn.Module):
         policy = self.promise_policy if promise_policy is None else promise_policy  # checked by resolve_promises
         new = Explainer(self.model, self.traced, self.composite, backend=request, dynamic=self.dynamic,
                         params=self._params_arg, capture=self._capture_arg, mode=new_mode, promise_policy=policy,
-                        analysis=self.analysis)
-        new._retrace = self._retrace
+                        analysis=self.analysis, cached=self._cache.with_options(request, policy) if self._cache else None)
+        new._rebuild = self._rebuild
         return new
 
     def _device(self) -> torch.device | None:
         """Where the model runs: the device of the first example input tensor, else of the first parameter."""
+        if self._traced is None:
+            return self._device_hint
         return next(
             (t.device for t in self.traced.example_flat if isinstance(t, torch.Tensor)),
             next((p.device for p in self.model.parameters()), None),
@@ -181,15 +275,14 @@ class Explainer(nn.Module):
     def state_tensors(self, device: torch.device | None = None) -> list[torch.Tensor]:
         """The model's parameters, buffers and constants in the order the programs take them (read live, so the
         explainer follows weight updates); constants are moved to ``device`` once."""
-        root = self.traced.module_root
         out = []
-        for _ph, kind, target in self.traced.state_specs:
+        for kind, target, _spec in self._state_plan:
             if kind == "PARAMETER":
-                t = _state(root.get_parameter, target, kind)
+                t = _state(self._root.get_parameter, target, kind)
             elif kind == "BUFFER":
-                t = _state(root.get_buffer, target, kind)
+                t = _state(self._root.get_buffer, target, kind)
             else:
-                t = self.traced.exported.constants[target]
+                t = self._constants[target]
                 if device is not None and t.device != device:
                     key = (target, device)
                     if key not in self._const_cache:
@@ -200,7 +293,7 @@ class Explainer(nn.Module):
 
     def _check_state(self, state: list[torch.Tensor]) -> None:
         """The model's parameters and buffers still have the dtypes and shapes the programs were traced with."""
-        for t, spec, (_ph, kind, target) in zip(state, self._state_specs, self.traced.state_specs):
+        for t, (kind, target, spec) in zip(state, self._state_plan):
             if spec is not None and (t.dtype != spec[0] or tuple(t.shape) != spec[1]):
                 raise DynlrpInputError(
                     f"{kind.lower()} {target!r} of the model is now {t.dtype} {tuple(t.shape)} but the explainer was "
@@ -257,7 +350,7 @@ class Explainer(nn.Module):
         try:
             explanation, hit = explain_first_that_fits(paths, args, kwargs, target, seed)
         except DynlrpShapeError as e:
-            if self._retrace is None:
+            if self._rebuild is None:
                 raise
             return self._variant(args, kwargs, e)._call.explain(args, kwargs, target, seed)
         if hit:
@@ -274,7 +367,7 @@ class Explainer(nn.Module):
         """Trace the model again at the shapes of this call and build (and cache) an explainer for them."""
         if not self._warned_shapes:
             self._warned_shapes = True
-            static = ", ".join(f"{k}={v}" if v >= 0 else k for k, v in self.traced.specialised.items())
+            static = ", ".join(f"{k}={v}" if v >= 0 else k for k, v in self._specialised.items())
             why = (f"{type(self.model).__name__} specialised {static} when traced" if static else
                    "compiled with dynamic=False" if not self.dynamic else
                    "a size outside the range the model's ops allow" if "outside the range" in str(mismatch) else
@@ -287,12 +380,9 @@ class Explainer(nn.Module):
                 stacklevel=5,  # _variant <- forward <- Module._call_impl <- Module.__call__ <- the caller
             )
         try:
-            traced = self._retrace(args, kwargs)
+            variant = self._rebuild(args, kwargs, frozenset(self._specialised))
         except DynlrpTraceError as e:
             raise DynlrpShapeError(f"{mismatch}\nTracing the model again at this call's shapes failed: {e}") from e
-        variant = Explainer(self.model, traced, self.composite, backend=self._backend_request, dynamic=self.dynamic,
-                            params=self._params_arg, capture=self._capture_arg, mode=self.mode,
-                            promise_policy=self.promise_policy)
         self._variants.append(variant)
         del self._variants[:-MAX_VARIANTS]  # the least recently used beyond the bound
         return variant
@@ -344,6 +434,8 @@ def compile(
     capture: Any = None,
     mode: str | None = None,
     promise_policy: str = DEFAULT_POLICY,
+    cache: bool | None = None,
+    progress: bool | None = None,
 ) -> Explainer:
     """Compile ``model`` into an :class:`Explainer` that returns LRP explanations.
 
@@ -386,6 +478,12 @@ def compile(
     promise_policy: memory policy for the forward values the relevance half needs: ``"recompute"`` (default:
         rematerialise cheap pointwise/view values instead of keeping them alive) or ``"keep"``; see
         :mod:`dynlrp_fx.passes.resolve_promises`.
+    cache: read and write the persistent compile cache (:mod:`dynlrp_fx.cache`): a compile of the same model
+        code, configuration, parameter shapes, input spec and options (in this or another process) reads its
+        program from disk instead of tracing the model. ``None`` (default) uses it unless ``DYNLRP_CACHE=0``;
+        weights are never part of the key (programs read the live parameters). Not used with ``dynamic_shapes=``.
+    progress: show a progress bar over the compile's stages (tracing, passes, backend) once it runs longer than
+        2 s: ``None`` (default) when standard error is a terminal or ``DYNLRP_PROGRESS=1``; ``True``/``False``.
 
     Returns
     -------
@@ -403,19 +501,182 @@ def compile(
     >>> expl.relevance.shape == x.shape  # doctest: +SKIP
     """
     composite = resolve(rules)
-    traced = trace(
-        model,
-        example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
-        example_kwargs,
-        output=output,
-        dynamic=dynamic,
-        dynamic_shapes=dynamic_shapes,
-    )
-    explainer = Explainer(model, traced, composite, backend=backend, dynamic=dynamic, params=params, capture=capture,
-                          mode=mode, promise_policy=promise_policy)
-    static = frozenset(traced.specialised)  # a variant skips the dynamic dimensions this model is known to specialise
-    explainer._retrace = lambda args, kwargs: trace(model, args, kwargs, output=output, dynamic=dynamic,
-                                                    static_dims=static)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    options = _Options(composite, output, backend, dynamic, dynamic_shapes, params, capture, mode, promise_policy,
+                       cache)
+    with compile_progress(progress, type(model).__name__):
+        return _build(model, args, dict(example_kwargs or {}), options, frozenset())
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options of one :func:`compile` call, shared by the explainers it builds for other input shapes."""
+
+    composite: Composite
+    output: Any
+    backend: Any
+    dynamic: bool
+    dynamic_shapes: Any
+    params: Any
+    capture: Any
+    mode: str | None
+    promise_policy: str
+    cache: bool | None
+
+    def key_data(self, backend: Any, policy: str, static: frozenset[str]) -> dict[str, Any]:
+        """What of these options determines a program (the compile cache key's options part); the backend counts
+        only as eager (the stored program reuses buffers) or compiled (the functional program)."""
+        return {"rules": self.composite, "output": self.output, "dynamic": self.dynamic, "params": self.params,
+                "capture": self.capture, "promise_policy": policy, "static": sorted(static),
+                "backend": "eager" if backend == "eager" else "compiled"}
+
+
+def _build(model: nn.Module, args: tuple, kwargs: dict, o: _Options, static: frozenset[str]) -> Explainer:
+    """An explainer for these example inputs: its target program from the compile cache when there is one that
+    takes them, else traced and compiled (and stored); ``static`` names dimensions the model is known to
+    specialise (a variant for another input shape)."""
+    device = next((t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
+                  next((p.device for p in model.parameters()), None))
+    backend = resolve_backend(o.backend, device, o.mode)
+
+    def trace_now() -> TracedProgram:
+        return trace(model, args, kwargs, output=o.output, dynamic=o.dynamic, dynamic_shapes=o.dynamic_shapes,
+                     static_dims=static)
+
+    progress_stage("compile cache")
+    link = _CacheLink.open(model, args, kwargs, o, backend, static, trace_now, device)
+    common = dict(backend=o.backend, dynamic=o.dynamic, params=o.params, capture=o.capture, mode=o.mode,
+                  promise_policy=o.promise_policy, cached=link)
+    if link is not None and link.entry is not None:
+        explainer = Explainer(model, None, o.composite, **common)
+    else:
+        progress_stage("trace (torch.export)")
+        explainer = Explainer(model, trace_now(), o.composite, **common)
+    explainer._rebuild = lambda a, k, st: _build(model, a, k, o, st)
     return explainer
 
 
+#: the fields of ProgramOutputs a cache entry stores
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(ProgramOutputs))
+
+
+class _CacheLink:
+    """An explainer's place in the compile cache: the key of its compile and how to trace the model when the
+    cache does not have what is asked (see :mod:`dynlrp_fx.cache`).
+
+    Two keys are tried: one that leaves out the sizes of the dimensions traced dynamic (so any batch size or
+    text length finds a program that takes it) and one with every size (for a model that specialised one). An
+    entry counts only if the example inputs pass its call spec's checks."""
+
+    def __init__(self, keys: dict[str, str], key_of: Callable[[Any, str], dict[str, str]], trace: Callable[[], Any],
+                 device: Any):
+        self.keys, self._key_of, self.trace, self.device = keys, key_of, trace, device
+        self.key: str | None = None  #: the key in use (set by a hit, or when the first program is stored)
+        self.entry: cache.Entry | None = None  #: the target program's entry, on a hit
+
+    @classmethod
+    def open(cls, model: nn.Module, args: tuple, kwargs: dict, o: _Options, backend: Any, static: frozenset[str],
+             trace: Callable[[], Any], device: Any, lookup: bool = True) -> _CacheLink | None:
+        """The link of one compile (``None`` when the cache is off, or the compile cannot be keyed)."""
+        if not cache.enabled(o.cache) or o.dynamic_shapes is not None:
+            return None
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        dims = _dynamic_dims(flat, o.dynamic, static)
+
+        def key_of(backend: Any, policy: str) -> dict[str, str]:
+            opts = o.key_data(backend, policy, static)
+            return {"dynamic": cache.fingerprint(model, cache.input_spec(args, kwargs, dims), opts),
+                    "exact": cache.fingerprint(model, cache.input_spec(args, kwargs, {}), opts)}
+
+        try:
+            link = cls(key_of(backend, o.promise_policy), key_of, trace, device)
+        except cache.Unkeyable as e:
+            warnings.warn(f"dynlrp: this compile is not cached: {e}", stacklevel=4)
+            return None
+        if lookup:
+            for key in link.keys.values():
+                entry = cache.load(key, "target")
+                if entry is not None and _takes(entry, args, kwargs):
+                    link.key, link.entry = key, entry
+                    break
+        return link
+
+    def load(self, mode: str) -> cache.Entry | None:
+        return cache.load(self.key, mode) if self.key is not None else None
+
+    def save(self, mode: str, explainer: Explainer, prog: Program) -> None:
+        """Store a program made by the pipeline (once the key is known: the exact one if the model specialised
+        a dynamic dimension)."""
+        if self.key is None:
+            self.key = self.keys["exact" if explainer._specialised else "dynamic"]
+        try:
+            entry = _entry_of(explainer, prog)
+        except cache.Unkeyable as e:
+            warnings.warn(f"dynlrp: this program is not cached: {e}", stacklevel=4)
+            return
+        cache.store(self.key, mode, entry)
+
+    def drop(self) -> None:
+        """Remove this key's entries (they did not match the model's trace)."""
+        if self.key is not None:
+            cache.remove(self.key)
+
+    def with_options(self, backend: Any, policy: str) -> _CacheLink:
+        """The link of a recompiled explainer (other backend or memory policy): same model and inputs."""
+        return _CacheLink(self._key_of(resolve_backend(backend, self.device), policy), self._key_of, self.trace,
+                          self.device)
+
+
+def _dynamic_dims(flat: list, dynamic: bool, static: frozenset[str]) -> dict[int, dict[int, str]]:
+    """{leaf index: {dim: role}} of the dimensions the default dynamic plan traces dynamic (see
+    ``trace._DynamicPlan``): dimension 0 of every tensor (batch; a batch of 1 is traced as 2), dimension 1 of an
+    integer tensor of rank >= 2 of length >= 2 (a sequence)."""
+    out: dict[int, dict[int, str]] = {}
+    if not dynamic:
+        return out
+    for i, x in enumerate(flat):
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            continue
+        dims = {}
+        if "batch" not in static and x.shape[0] >= 1:
+            dims[0] = "batch"
+        if x.ndim >= 2 and not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool) and (
+                x.shape[1] >= 2 and not any(s.startswith("seq") for s in static)):
+            dims[1] = "seq"
+        if dims:
+            out[i] = dims
+    return out
+
+
+def _takes(entry: cache.Entry, args: tuple, kwargs: dict) -> bool:
+    """Whether the program of a cache entry takes these example inputs (their sizes pass its call spec)."""
+    try:
+        spec = cache.call_spec_from_data(entry.call_spec)
+        CallPath(spec, None).bind(args, kwargs)
+    except (DynlrpShapeError, DynlrpInputError, cache.CorruptEntry):
+        return False
+    return True
+
+
+def _entry_of(explainer: Explainer, prog: Program) -> cache.Entry:
+    """The cache entry of a program the pipeline made."""
+    graph = prog.fn if explainer.backend == "eager" else prog.graph
+    state = [[kind, target, str(spec[0]).removeprefix("torch.") if spec else None, list(spec[1]) if spec else None]
+             for kind, target, spec in explainer._state_plan]
+    constants = {t: cache.tensor_to_data(explainer._constants[t]) for k, t, _ in explainer._state_plan
+                 if k not in ("PARAMETER", "BUFFER")}
+    return cache.Entry(call_spec=cache.call_spec_to_data(explainer.call_spec), state=state,
+                       graph=cache.graph_to_data(graph),
+                       outputs={f: list(getattr(prog.outputs, f)) for f in _OUTPUT_FIELDS}, constants=constants,
+                       prefix="model." if isinstance(explainer._root, _OutputWrapper) else "",
+                       specialised=dict(explainer._specialised))
+
+
+def _tensor_at(root: nn.Module, target: str) -> torch.Tensor | None:
+    """The tensor the model holds at a dotted attribute path (a buffer or plain tensor attribute), or ``None``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None

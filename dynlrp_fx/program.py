@@ -16,13 +16,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import cache
 from .errors import DynlrpInputError
 from .passes import PIPELINE, CompileContext, PipelineReport
 from .passes.nodes import FLOAT
 from .passes.pair import ProgramOutputs
+from .progress import stage as progress_stage
 from .trace import TracedProgram, _OutputWrapper
 
-__all__ = ["Analysis", "Program", "build_program", "copy_graph_module", "module_output_node"]
+__all__ = ["Analysis", "Program", "build_program", "compiled", "copy_graph_module", "module_output_node"]
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -55,6 +57,7 @@ class Program:
     outputs: ProgramOutputs
     compile_seconds: float = 0.0
     calls: int = 0
+    from_cache: bool = False  #: read from the persistent compile cache (:mod:`dynlrp_fx.cache`)
 
     @property
     def input_names(self) -> list[str]:
@@ -75,6 +78,7 @@ class Analysis:
         self.composite = composite
         self.report = PipelineReport()
         ctx = CompileContext(traced=traced, composite=composite, strict=strict)
+        progress_stage("analysis passes")
         self.graph = PIPELINE.run(copy_graph_module(traced.graph_module), ctx, stage="analysis", report=self.report,
                                   label="analysis")
         self.uncovered = ctx.uncovered
@@ -110,15 +114,23 @@ def build_program(analysis: Analysis, seed_mode: str, *, promise_policy: str, ba
     """Lower (or reuse) the program of ``seed_mode`` and compile it for ``backend``; the passes that ran are
     appended to ``report``."""
     t0 = time.perf_counter()
+    progress_stage(f"synthesis passes [{seed_mode}]")
     graph, outputs, synth = analysis.lowered(seed_mode, promise_policy)
     report.records.extend(synth.records)
     ctx = analysis.context(seed_mode, promise_policy, backend)
+    progress_stage(f"backend [{backend}]")
     runnable = PIPELINE.run(graph, ctx, stage="backend", report=report, label=f"backend[{seed_mode}, {backend}]")
-    if backend == "eager":  # Inductor reuses buffers itself (and would functionalise in-place ops)
-        fn = runnable
-    else:
-        fn = torch.compile(runnable, backend=backend, dynamic=None if dynamic else False, mode=mode)
+    # Inductor reuses buffers itself (and would functionalise in-place ops), so only eager runs the rewritten copy
+    fn = runnable if backend == "eager" else compiled(runnable, backend, dynamic, mode)
     return Program(seed_mode, graph, fn, outputs, time.perf_counter() - t0)
+
+
+def compiled(graph: fx.GraphModule, backend: Any, dynamic: bool, mode: str | None) -> Any:
+    """``torch.compile`` of a program for a compiled backend (Inductor's own cache beside dynlrp-fx's, when the
+    compile cache is on; see :mod:`dynlrp_fx.cache`)."""
+    if backend == "inductor" and cache.enabled():
+        cache.use_inductor_cache()
+    return torch.compile(graph, backend=backend, dynamic=None if dynamic else False, mode=mode)
 
 
 # -- params= and capture= ------------------------------------------------------------------------------------------
