@@ -180,11 +180,13 @@ _SKIP_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training"})
 class _Encoder:
     """Turns the objects that determine a program into plain JSON data (deterministic: no ids, no addresses)."""
 
-    MAX_DEPTH = 6
+    MAX_DEPTH = 16  #: deeper object graphs are not described (the compile is then not cached)
+    MAX_ITEMS = 200_000  #: nor are larger ones (a module holding a dataset, say)
     SMALL_TENSOR = 4096  #: tensor attributes (not parameters/buffers) up to this many elements are keyed by value
 
     def __init__(self) -> None:
         self._active: set[int] = set()
+        self._items = 0
 
     def __call__(self, obj: Any, depth: int = 0) -> Any:
         if obj is None or isinstance(obj, (bool, int, str)):
@@ -206,8 +208,9 @@ class _Encoder:
                                                                            getattr(obj, "max", None)]
         if isinstance(obj, nn.Module):  # modules are walked by the tree; a reference elsewhere is its class
             return ["module", _class_digest(type(obj))]
-        if depth > self.MAX_DEPTH:
-            return ["deep", _class_digest(type(obj))]
+        self._items += 1
+        if depth > self.MAX_DEPTH or self._items > self.MAX_ITEMS:
+            raise Unkeyable(f"a {type(obj).__qualname__} is nested too deep in the model or options to be described")
         if id(obj) in self._active:
             return ["cycle", type(obj).__qualname__]
         self._active.add(id(obj))
@@ -597,6 +600,37 @@ class Entry:
     constants: dict = field(default_factory=dict)
     prefix: str = ""
     specialised: dict = field(default_factory=dict)
+    #: set by :func:`load`, which checks every part before an entry is used: the rebuilt program, call spec and
+    #: constant tensors
+    program: Any = field(default=None, repr=False, compare=False)
+    spec: Any = field(default=None, repr=False, compare=False)
+    tensors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def data(self) -> dict:
+        """The stored fields (what :func:`store` writes)."""
+        return {k: getattr(self, k) for k in _DATA_FIELDS}
+
+
+_DATA_FIELDS = ("call_spec", "state", "graph", "outputs", "constants", "prefix", "specialised")
+
+
+def _decode(entry: Entry) -> None:
+    """Check and rebuild every part of an entry (raises :class:`CorruptEntry`, ``ValueError``...)."""
+    entry.program = graph_from_data(entry.graph)
+    entry.spec = call_spec_from_data(entry.call_spec)
+    if not isinstance(entry.constants, dict) or not isinstance(entry.state, list):
+        raise CorruptEntry("bad state")
+    entry.tensors = {_str(k): tensor_from_data(v) for k, v in entry.constants.items()}
+    for item in entry.state:
+        kind, target, dtype, shape = item
+        if kind not in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") or not isinstance(target, str):
+            raise CorruptEntry("bad state input")
+        if kind == "CONSTANT_TENSOR" and target not in entry.tensors:
+            raise CorruptEntry(f"constant {target!r} missing")
+        if dtype is not None and (dtype not in _DTYPES or not all(isinstance(d, int) for d in shape)):
+            raise CorruptEntry("bad state spec")
+    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in entry.outputs.values()):
+        raise CorruptEntry("bad output names")
 
 
 def _path(key: str, mode: str) -> Path:
@@ -620,9 +654,9 @@ def load(key: str, mode: str) -> Entry | None:
         if hashlib.sha256(body).hexdigest() != header.get("sha256"):
             raise CorruptEntry("checksum mismatch")
         data = json.loads(body)
-        entry = Entry(**{k: data[k] for k in ("call_spec", "state", "graph", "outputs", "constants", "prefix",
-                                              "specialised")})
-    except (CorruptEntry, ValueError, KeyError, TypeError) as e:
+        entry = Entry(**{k: data[k] for k in _DATA_FIELDS})
+        _decode(entry)
+    except (CorruptEntry, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         warnings.warn(f"dynlrp: compile cache entry {path} is corrupted ({e}); it is removed and the program "
                       "compiled again", stacklevel=4)
         with contextlib.suppress(OSError):
@@ -636,7 +670,7 @@ def load(key: str, mode: str) -> Entry | None:
 def store(key: str, mode: str, entry: Entry) -> Path | None:
     """Write an entry atomically (temporary file + rename), then keep the cache within its size bound. A cache
     that cannot be written (read-only disk, no space) only warns: the compile itself succeeded."""
-    body = json.dumps(vars(entry), separators=(",", ":"), allow_nan=False).encode()
+    body = json.dumps(entry.data(), separators=(",", ":"), allow_nan=False).encode()
     header = {"magic": _MAGIC, "format": FORMAT_VERSION, "key": key, "mode": mode,
               "sha256": hashlib.sha256(body).hexdigest()}
     path = _path(key, mode)

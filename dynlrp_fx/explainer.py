@@ -117,7 +117,7 @@ class Explainer(nn.Module):
             v = vals.get(ph)
             spec = (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None
             self._state_plan.append((kind, target, spec))
-        self._root = traced.module_root
+        self._root_ref = [traced.module_root]  # a list: a module attribute would register the model as a submodule
         self._constants = traced.exported.constants
         self._specialised = dict(traced.specialised)
         self._call = CallPath(self.call_spec, self._run)
@@ -125,14 +125,14 @@ class Explainer(nn.Module):
     def _from_entry(self, entry: cache.Entry) -> None:
         """Call spec and state inputs from a compile cache entry (constants are read from the model when it holds
         a tensor of the same name, else from the entry)."""
-        self.call_spec = cache.call_spec_from_data(entry.call_spec)
+        self.call_spec = entry.spec
         self._state_plan = [(kind, target, (cache._DTYPES[dtype], tuple(shape)) if dtype is not None else None)
                             for kind, target, dtype, shape in entry.state]
-        self._root = _OutputWrapper(self.model, None) if entry.prefix else self.model
+        self._root_ref = [_OutputWrapper(self.model, None) if entry.prefix else self.model]
         self._constants = {}
-        for target, data in entry.constants.items():
-            live = _tensor_at(self._root, target)
-            self._constants[target] = live if live is not None else cache.tensor_from_data(data)
+        for target, stored in entry.tensors.items():
+            live = _tensor_at(self._root_ref[0], target)
+            self._constants[target] = live if live is not None else stored
         self._specialised = dict(entry.specialised)
         self._call = CallPath(self.call_spec, self._run)
 
@@ -200,7 +200,7 @@ class Explainer(nn.Module):
     def _load_program(self, mode: str, entry: cache.Entry) -> Program:
         """A program rebuilt from a compile cache entry, compiled for this explainer's backend."""
         t0 = time.perf_counter()
-        graph = cache.graph_from_data(entry.graph)
+        graph = entry.program
         outputs = ProgramOutputs(**{k: list(v) for k, v in entry.outputs.items()})
         fn = graph if self.backend == "eager" else compiled(graph, self.backend, self.dynamic, self.mode)
         seconds = time.perf_counter() - t0
@@ -278,9 +278,9 @@ class Explainer(nn.Module):
         out = []
         for kind, target, _spec in self._state_plan:
             if kind == "PARAMETER":
-                t = _state(self._root.get_parameter, target, kind)
+                t = _state(self._root_ref[0].get_parameter, target, kind)
             elif kind == "BUFFER":
-                t = _state(self._root.get_buffer, target, kind)
+                t = _state(self._root_ref[0].get_buffer, target, kind)
             else:
                 t = self._constants[target]
                 if device is not None and t.device != device:
@@ -651,9 +651,8 @@ def _dynamic_dims(flat: list, dynamic: bool, static: frozenset[str]) -> dict[int
 def _takes(entry: cache.Entry, args: tuple, kwargs: dict) -> bool:
     """Whether the program of a cache entry takes these example inputs (their sizes pass its call spec)."""
     try:
-        spec = cache.call_spec_from_data(entry.call_spec)
-        CallPath(spec, None).bind(args, kwargs)
-    except (DynlrpShapeError, DynlrpInputError, cache.CorruptEntry):
+        CallPath(entry.spec, None).bind(args, kwargs)
+    except (DynlrpShapeError, DynlrpInputError):
         return False
     return True
 
@@ -668,7 +667,7 @@ def _entry_of(explainer: Explainer, prog: Program) -> cache.Entry:
     return cache.Entry(call_spec=cache.call_spec_to_data(explainer.call_spec), state=state,
                        graph=cache.graph_to_data(graph),
                        outputs={f: list(getattr(prog.outputs, f)) for f in _OUTPUT_FIELDS}, constants=constants,
-                       prefix="model." if isinstance(explainer._root, _OutputWrapper) else "",
+                       prefix="model." if isinstance(explainer._root_ref[0], _OutputWrapper) else "",
                        specialised=dict(explainer._specialised))
 
 
