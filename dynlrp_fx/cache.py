@@ -58,7 +58,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["cache_dir", "enabled", "clear", "info", "Entry", "fingerprint", "load", "store", "remove", "FORMAT_VERSION"]
+__all__ = ["cache_dir", "enabled", "clear", "info", "Entry", "fingerprint", "model_data", "load", "store", "remove", "FORMAT_VERSION"]
 
 #: bumped whenever the entry layout changes (old entries then simply miss)
 FORMAT_VERSION = 1
@@ -325,10 +325,15 @@ def _op_table_digest() -> str:
     return h.hexdigest()[:24]
 
 
-def fingerprint(model: nn.Module, inputs: list, options: dict[str, Any]) -> str:
-    """The cache key of a compile: a hex digest of the model tree, input spec (see :func:`input_spec`), options
-    and environment (see the module doc). Raises :class:`Unkeyable` when something cannot be described."""
-    enc = _Encoder()
+def model_data(model: nn.Module) -> str:
+    """The model part of a cache key (module tree, attributes, parameter and buffer specs) as JSON text."""
+    return json.dumps(_module_tree(model, _Encoder()), sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(model: str, inputs: list, options: dict[str, Any]) -> str:
+    """The cache key of a compile: a hex digest of the model (:func:`model_data`), the input spec (see
+    :func:`input_spec`), options and environment (see the module doc). Raises :class:`Unkeyable` when something
+    cannot be described."""
     data = {
         "format": FORMAT_VERSION,
         "package": _package_digest(),
@@ -336,9 +341,9 @@ def fingerprint(model: nn.Module, inputs: list, options: dict[str, Any]) -> str:
         "python": list(sys.version_info[:2]),
         "default_dtype": str(torch.get_default_dtype()),
         "op_table": _op_table_digest(),
-        "model": _module_tree(model, enc),
+        "model": hashlib.sha256(model.encode()).hexdigest(),
         "inputs": inputs,
-        "options": enc(options),
+        "options": _Encoder()(options),
     }
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -258,8 +258,11 @@ class Explainer(nn.Module):
         return rows
 
     def graph(self, mode: str = "target") -> torch.fx.GraphModule:
-        """The lowered forward+relevance graph (pure ATen) for a seed mode (``"target"`` or ``"seed"``)."""
-        return self.program(mode).graph
+        """The lowered forward+relevance graph (pure ATen, functional, with fake values on its nodes) for a seed
+        mode (``"target"`` or ``"seed"``); for a program read from the compile cache it is made by tracing and
+        lowering the model now."""
+        prog = self.program(mode)
+        return self.analysis.lowered(mode, self.promise_policy)[0] if prog.from_cache else prog.graph
 
     @property
     def analysed_graph(self) -> torch.fx.GraphModule:
@@ -585,10 +588,11 @@ class _CacheLink:
 
         def key_of(backend: Any, policy: str) -> dict[str, str]:
             opts = o.key_data(backend, policy, static)
-            return {"dynamic": cache.fingerprint(model, cache.input_spec(args, kwargs, dims), opts),
-                    "exact": cache.fingerprint(model, cache.input_spec(args, kwargs, {}), opts)}
+            return {"dynamic": cache.fingerprint(tree, cache.input_spec(args, kwargs, dims), opts),
+                    "exact": cache.fingerprint(tree, cache.input_spec(args, kwargs, {}), opts)}
 
         try:
+            tree = cache.model_data(model)
             link = cls(key_of(backend, o.promise_policy), key_of, trace, device)
         except cache.Unkeyable as e:
             warnings.warn(f"dynlrp: this compile is not cached: {e}", stacklevel=4)

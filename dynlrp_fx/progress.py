@@ -3,7 +3,7 @@
 :func:`compile_progress` opens one bar for a compile; the code of each stage (tracing, the analysis and synthesis
 passes, the backend, reading the compile cache) calls :func:`stage` when it starts. The bar appears only after
 :data:`DELAY` seconds, so quick compiles (a cache hit, a small model) print nothing; it is shown when ``progress=True``
-is passed, or by default when standard error is a terminal, or when ``DYNLRP_PROGRESS=1``; ``progress=False`` or
+is passed, or by default when standard error is a terminal or the code runs in a notebook, or when ``DYNLRP_PROGRESS=1``; ``progress=False`` or
 ``DYNLRP_PROGRESS=0`` silences it. Without tqdm installed there is no bar.
 """
 
@@ -30,6 +30,8 @@ def _wanted(progress: bool | None) -> bool:
     env = os.environ.get("DYNLRP_PROGRESS")
     if env is not None:
         return env.strip().lower() not in ("0", "false", "no", "off", "")
+    if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget
+        return True
     return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 

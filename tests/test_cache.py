@@ -289,3 +289,26 @@ def test_progress_bar_shows_stages(cache_dir, capsys, monkeypatch):
         assert stage in err, stage
     dynlrp.compile(small_cnn(), x, progress=False, cache=False)
     assert capsys.readouterr().err == ""
+
+
+def test_cli_info_and_clear(cache_dir, capsys):
+    from dynlrp_fx.cli import main
+
+    dynlrp.compile(Gated(), torch.randn(2, 4))
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(cache_dir) in out and "1 entries" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 compile cache entry" in capsys.readouterr().out and _entries(cache_dir) == []
+
+
+def test_export_from_a_cached_explainer(cache_dir, tmp_path):
+    """Exporting needs the functional graph: a cached explainer traces for it, and the file equals the live one."""
+    x = torch.randn(2, 3, 8, 8)
+    model = small_cnn()
+    dynlrp.compile(model, x)
+    warm = dynlrp.compile(model, x)
+    assert _hit(warm)
+    path = dynlrp.export(warm, tmp_path / "cnn.pt2", modes=("target",))
+    loaded = dynlrp.load(path)
+    assert torch.equal(loaded(x, target=3).relevance, warm(x, target=3).relevance)

@@ -210,7 +210,7 @@ def test_python_m_info_op():
 # -- layout ---------------------------------------------------------------------------------------------------------
 def test_subcommands_and_argparse_only_in_the_cli_package():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert list(sub.choices) == ["info", "coverage", "export", "demo", "explain", "evaluate"]
+    assert list(sub.choices) == ["info", "coverage", "export", "demo", "explain", "evaluate", "cache"]
     pkg = ROOT / "dynlrp_fx"
     offenders = [
         str(p.relative_to(ROOT))

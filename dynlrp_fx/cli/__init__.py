@@ -1,7 +1,7 @@
 """Command line: ``dynlrp <command>`` or ``python -m dynlrp_fx <command>``.
 
 One module per subcommand (:data:`COMMANDS`: ``info``, ``coverage``, ``export``, ``demo``, ``explain``,
-``evaluate``), each with ``register_cli(subparsers)``, which adds its parser and sets ``func`` (``args -> exit
+``evaluate``, ``cache``), each with ``register_cli(subparsers)``, which adds its parser and sets ``func`` (``args -> exit
 code``), and ``run(args)``. :mod:`._models` loads models and inputs from ``--model MODULE:CALLABLE`` /
 ``--input-shape`` / ``--input``. All argparse code of the package lives here; the library modules have none.
 
@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import coverage, demo, evaluate, explain, export, info
+from . import cache, coverage, demo, evaluate, explain, export, info
 from ._errors import EXPECTED, fail, internal_error
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: subcommand modules, in the order ``dynlrp --help`` lists them
-COMMANDS = (info, coverage, export, demo, explain, evaluate)
+COMMANDS = (info, coverage, export, demo, explain, evaluate, cache)
 
 
 class _Parser(argparse.ArgumentParser):
