@@ -526,6 +526,8 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
 
 
 def tensor_to_data(t: torch.Tensor) -> dict:
+    if type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer if hasattr(nn, "Buffer") else torch.Tensor):
+        raise Unkeyable(f"a {type(t).__name__} cannot be stored")
     t = t.detach().cpu().contiguous()
     name = str(t.dtype).removeprefix("torch.")
     if name not in _DTYPES:

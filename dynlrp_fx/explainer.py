@@ -200,13 +200,14 @@ class Explainer(nn.Module):
     def _load_program(self, mode: str, entry: cache.Entry) -> Program:
         """A program rebuilt from a compile cache entry, compiled for this explainer's backend."""
         t0 = time.perf_counter()
-        graph = entry.program
+        runnable = entry.program
         outputs = ProgramOutputs(**{k: list(v) for k, v in entry.outputs.items()})
-        fn = graph if self.backend == "eager" else compiled(graph, self.backend, self.dynamic, self.mode)
+        fn = runnable if self.backend == "eager" else compiled(runnable, self.backend, self.dynamic, self.mode)
         seconds = time.perf_counter() - t0
         self._report.records.append(PassRecord("cache", f"cache[{mode}]", "load", True, seconds, 0,
-                                               len(graph.graph.nodes)))
-        return Program(mode, graph, fn, outputs, seconds, from_cache=True)
+                                               len(runnable.graph.nodes)))
+        return Program(mode, None, fn, outputs, seconds, from_cache=True,
+                       make_graph=lambda: self.analysis.lowered(mode, self.promise_policy)[0])
 
     def recompile(
         self, *, backend: Any = None, mode: Any = "unchanged", promise_policy: str | None = None
@@ -261,8 +262,7 @@ class Explainer(nn.Module):
         """The lowered forward+relevance graph (pure ATen, functional, with fake values on its nodes) for a seed
         mode (``"target"`` or ``"seed"``); for a program read from the compile cache it is made by tracing and
         lowering the model now."""
-        prog = self.program(mode)
-        return self.analysis.lowered(mode, self.promise_policy)[0] if prog.from_cache else prog.graph
+        return self.program(mode).graph
 
     @property
     def analysed_graph(self) -> torch.fx.GraphModule:

@@ -10,7 +10,7 @@ by ``recompile`` from one explainer share its analysis and its lowered graphs). 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,20 +49,28 @@ class Program:
 
     ``graph`` is the lowered, functional ATen graph (what exports and ``torch.compile`` consume); ``fn`` is what
     runs (the compiled graph, or for the eager backend its buffer-reusing copy); ``outputs`` names its outputs.
+    A program read from the compile cache (``from_cache``) has only its runnable form; its functional graph is
+    lowered by ``make_graph`` (which traces the model) the first time ``graph`` is read.
     """
 
     mode: str
-    graph: fx.GraphModule
+    _graph: fx.GraphModule | None
     fn: Any
     outputs: ProgramOutputs
     compile_seconds: float = 0.0
     calls: int = 0
     from_cache: bool = False  #: read from the persistent compile cache (:mod:`dynlrp_fx.cache`)
+    make_graph: Any = field(default=None, repr=False)
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        if self._graph is None:
+            self._graph = self.make_graph()
+        return self._graph
 
     @property
     def input_names(self) -> list[str]:
         return self.outputs.input_names
-
 
 
 class Analysis:
