@@ -400,14 +400,19 @@ def _cnn_inputs():
 
 
 @pytest.mark.parametrize("policy", ["recompute", "keep"])
-@pytest.mark.parametrize("rules", ["epsilon", "attnlrp"])
+@pytest.mark.parametrize("rules", ["epsilon", "attnlrp", "by_path"])
 @pytest.mark.parametrize("build", [_tiny_bert_inputs, _cnn_inputs], ids=["bert", "cnn"])
 def test_lower_traces_only_rule_code_and_equals_a_whole_graph_retrace(build, rules, policy):
     """``lower`` copies ATen nodes and stamps one trace per (callable, operand metadata) for the layers that repeat
-    it; its program computes bit-identical values to a ``make_fx`` retrace of the whole paired graph."""
+    it; its program computes bit-identical values to a ``make_fx`` retrace of the whole paired graph. ``by_path``
+    gives one layer its own epsilon: its ops have the same operand metadata as the other layers' but must not share
+    their traces."""
+    from dynlrp_fx.rules import Composite, Epsilon
     from tests.helpers import call_args
 
     model, args, kwargs = build()
+    if rules == "by_path":
+        rules = Composite(by_path={"bert.encoder.layer.1.*" if build is _tiny_bert_inputs else "4": Epsilon(0.25)})
     explainer = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules, promise_policy=policy)
     ctx = explainer.analysis.context("target", policy)
     paired = PIPELINE.run(explainer.analysis.graph, ctx, only=["pair", "resolve_promises"])
