@@ -400,11 +400,12 @@ def _cnn_inputs():
 
 
 @pytest.mark.parametrize("policy", ["recompute", "keep"])
-@pytest.mark.parametrize("rules", ["epsilon", "attnlrp", "by_path"])
+@pytest.mark.parametrize("rules", ["epsilon", "attnlrp", "epsilon_gamma_box", "by_path"])
 @pytest.mark.parametrize("build", [_tiny_bert_inputs, _cnn_inputs], ids=["bert", "cnn"])
 def test_lower_traces_only_rule_code_and_equals_a_whole_graph_retrace(build, rules, policy):
     """``lower`` copies ATen nodes and stamps one trace per (callable, operand metadata) for the layers that repeat
-    it; its program computes bit-identical values to a ``make_fx`` retrace of the whole paired graph. ``by_path``
+    it; its program computes bit-identical values to a ``make_fx`` retrace of the whole paired graph (with the
+    constants rule code makes: ``epsilon_gamma_box``'s z^B bounds on the CNN). ``by_path``
     gives one layer its own epsilon: its ops have the same operand metadata as the other layers' but must not share
     their traces."""
     from dynlrp_fx.rules import Composite, Epsilon

@@ -152,7 +152,7 @@ def _trace_inputs(n: fx.Node) -> tuple[list[tuple[fx.Node, int | None]], dict[fx
             inputs.append((o, None))
         elif isinstance(v, (tuple, list)) and any(_traced_value(x) for x in v):
             if not all(x is None or _traced_value(x) for x in v):
-                raise ValueError(f"lower: operand {o.name} of {n.name} mixes tensors and constants")
+                raise NotImplementedError(f"lower: operand {o.name} of {n.name} mixes tensors and constants")
             inputs.extend((o, i) for i, x in enumerate(v) if x is not None)
         else:
             consts[o] = v
@@ -229,7 +229,7 @@ def traced_value(traced: fx.GraphModule, vals: list) -> Any:
 class _Lowering:
     """One :func:`lower` run: the new graph, the map from old nodes to new ones (``env``; a traced node maps to the
     structure of its outputs), the traces by key, the node of each size expression and of each output of a
-    multi-output op."""
+    multi-output op, and the constants the traces made."""
 
     def __init__(self, gm: fx.GraphModule, traces: dict):
         self.gm = gm
@@ -239,6 +239,7 @@ class _Lowering:
         self.traces = traces
         self.sizes: dict[Any, fx.Node] = {}  # size expression -> the first node computing it
         self.items: dict[tuple[fx.Node, int], fx.Node] = {}  # (multi-output node, index) -> its getitem node
+        self.constants: dict[tuple[int, str], str] = {}  # (trace, its constant's attribute) -> attribute here
 
     def run(self) -> fx.GraphModule:
         i = 0
@@ -256,8 +257,8 @@ class _Lowering:
                 self.env[n] = self.copy(n)
             elif n.op == "call_function":
                 self.env[n] = self.inline(n)
-            else:
-                raise ValueError(f"lower: unexpected {n.op} node {n.name}")
+            else:  # a get_attr (an exported graph's submodule): not supported, a compiler bug rather than a user error
+                raise NotImplementedError(f"lower: unexpected {n.op} node {n.name}")
         return lazy_graph_module(self.root, self.g)  # the passes after lower rewrite it before it first runs
 
     def copy(self, n: fx.Node) -> fx.Node:
@@ -304,10 +305,11 @@ class _Lowering:
                 out = fx.node.map_arg(t.args[0], env.__getitem__)
                 return tuple(out) if isinstance(out, list) else out
             elif t.op == "get_attr":  # a constant the rule made (shared by every stamp: nothing writes to it)
-                name = f"_lowered_{id(traced)}_{t.target}"
-                if not hasattr(self.root, name):
-                    setattr(self.root, name, getattr(traced, t.target))
-                env[t] = self.g.get_attr(name)
+                key = (id(traced), t.target)
+                if key not in self.constants:  # named in order of first use, as a whole-graph trace names them
+                    self.constants[key] = f"_tensor_constant{len(self.constants)}"
+                    setattr(self.root, self.constants[key], getattr(traced, t.target))
+                env[t] = self.g.get_attr(self.constants[key])
                 env[t].meta = dict(t.meta)
             else:
                 val = t.meta.get("val")
