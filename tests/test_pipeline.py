@@ -366,3 +366,68 @@ def test_a_raw_error_inside_a_pass_is_named_as_an_internal_error():
     assert isinstance(info.value.__cause__, IndexError) and isinstance(info.value, RuntimeError)
     with pytest.raises(ValueError, match="promise_policy"):
         Pipeline([Pass("refuses", refuses, "analysis")]).run(gm, CompileContext())
+
+
+def _lowered_by_retrace(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The lowering as it was before ``lower`` traced only what is not ATen: one ``make_fx`` of the whole paired
+    graph (forward half included), views rewritten to reshapes. The reference the stamped lowering must equal."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dynlrp_fx.passes.canonicalize import views_to_reshape
+
+    fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        ref = make_fx(gm, tracing_mode="symbolic", _allow_non_fake_inputs=False)(*fake_args)
+    views_to_reshape(ref)
+    ref.recompile()
+    return ref
+
+
+def _tiny_bert_inputs():
+    from tests.helpers import tiny_bert
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    return tiny_bert(num_hidden_layers=3), (), {"input_ids": ids, "attention_mask": mask}
+
+
+def _cnn_inputs():
+    from tests.helpers import pooled_cnn
+
+    return pooled_cnn(), (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)),), {}
+
+
+@pytest.mark.parametrize("policy", ["recompute", "keep"])
+@pytest.mark.parametrize("rules", ["epsilon", "attnlrp", "epsilon_gamma_box", "by_path"])
+@pytest.mark.parametrize("build", [_tiny_bert_inputs, _cnn_inputs], ids=["bert", "cnn"])
+def test_lower_traces_only_rule_code_and_equals_a_whole_graph_retrace(build, rules, policy):
+    """``lower`` copies ATen nodes and stamps one trace per (callable, operand metadata) for the layers that repeat
+    it; its program computes bit-identical values to a ``make_fx`` retrace of the whole paired graph (with the
+    constants rule code makes: ``epsilon_gamma_box``'s z^B bounds on the CNN). ``by_path``
+    gives one layer its own epsilon: its ops have the same operand metadata as the other layers' but must not share
+    their traces."""
+    from dynlrp_fx.rules import Composite, Epsilon
+    from tests.helpers import call_args
+
+    model, args, kwargs = build()
+    if rules == "by_path":
+        rules = Composite(by_path={"bert.encoder.layer.1.*" if build is _tiny_bert_inputs else "4": Epsilon(0.25)})
+    explainer = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules, promise_policy=policy)
+    ctx = explainer.analysis.context("target", policy)
+    paired = PIPELINE.run(explainer.analysis.graph, ctx, only=["pair", "resolve_promises"])
+    ours = PIPELINE.run(paired, ctx, only=["lower"])
+    ref = _lowered_by_retrace(paired)
+    assert not any(n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload)
+                   and n.target not in (operator.getitem, operator.mul, operator.floordiv)
+                   for n in ours.graph.nodes), "rule code left in the lowered graph"
+    if build is _tiny_bert_inputs:  # its 3 layers share their traces
+        relevance_ops = sum(1 for n in paired.graph.nodes if n.op == "call_function" and "dynlrp_rule" in n.meta)
+        assert len(ctx.traces) < relevance_ops / 2
+    with torch.no_grad():
+        inputs = call_args(explainer, args, kwargs)
+        got, want = ours(*inputs), ref(*inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -24,7 +24,7 @@ from ..rules import table
 from ..rules.base import Rule
 
 __all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap",
-           "tensor_inputs"]
+           "tensor_inputs", "size_key", "lazy_graph_module"]
 
 FLOAT, INDEX, OTHER = "float", "index", "other"
 
@@ -100,3 +100,20 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     if node.target is operator.getitem:
         return list(node.all_input_nodes)
     return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def size_key(s: Any) -> Any:
+    """A size or stride for comparing and hashing: a plain int, or a sym-int's expression. Equal exactly when the
+    printed forms are, but cheap: sympy hashes an expression once, while printing it costs each time."""
+    return s.node.expr if isinstance(s, torch.SymInt) else s
+
+
+def lazy_graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """A ``GraphModule`` that generates its Python code only when it is first called or its code is read.
+
+    The synthesis passes each rewrite the graph and ``recompile()``; generating the code of a graph of thousands of
+    nodes takes a large part of a second, and only the final program's code is ever run (``torch.fx``'s own lazy
+    module, which Inductor's passes use for the same reason)."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    return _LazyGraphModule(root, graph)

@@ -53,7 +53,8 @@ import torch.fx as fx
 from ..rules.base import RuleContext
 from ..rules.core import Epsilon, Route
 from ..rules.table import lookup
-from .nodes import FLOAT, INDEX, tensor_slots
+from .lower import trace_node, traced_value
+from .nodes import FLOAT, INDEX, lazy_graph_module, tensor_slots
 
 __all__ = [
     "pair", "RelevanceOp", "LedgerOp", "promise", "ProgramOutputs", "seed_from_target", "seed_given",
@@ -357,7 +358,7 @@ def pair(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for n in reversed(builder.nodes):
         builder.visit(n)
     ctx.outputs = builder.finish()
-    return fx.GraphModule(gm, builder.g)
+    return lazy_graph_module(gm, builder.g)  # rewritten by resolve_promises and traced by lower before any call
 
 
 class _Pairing:
@@ -396,14 +397,22 @@ class _Pairing:
         for pub, node_name in self.capture.items():
             self.cap_of.setdefault(self.by_name[node_name], []).append(pub)
         self.captured: dict[str, fx.Node] = {}
+        self.traces = ctx.traces
 
     # -- graph building -------------------------------------------------------------------------------------------
     def emit(self, fn, *args) -> fx.Node:
-        """A ``call_function`` node with its fake value."""
+        """A ``call_function`` node with its fake value. An ATen op or a ``getitem`` runs on the fake values;
+        anything else (rule code, ledger and seed helpers) is traced to ATen and gets the fake values of the trace's
+        outputs: ``lower`` inlines that trace, and nodes whose trace key matches share it
+        (:func:`~.lower.trace_node`)."""
         node = self.g.call_function(fn, tuple(args))
-        fargs = [tuple(_val(x) for x in a) if isinstance(a, (list, tuple)) else _val(a) for a in args]
-        with self.fake_mode:
-            node.meta["val"] = fn(*fargs)
+        if isinstance(fn, torch._ops.OpOverload) or fn is operator.getitem:
+            fargs = [tuple(_val(x) for x in a) if isinstance(a, (list, tuple)) else _val(a) for a in args]
+            with self.fake_mode:
+                node.meta["val"] = fn(*fargs)
+        else:
+            traced, inputs = trace_node(node, self.traces)
+            node.meta["val"] = traced_value(traced, [_val(o) if i is None else _val(o)[i] for o, i in inputs])
         return node
 
     def accumulate(self, store: dict, key: Any, rnode: fx.Node) -> None:

@@ -64,7 +64,9 @@ class CompileContext:
 
     Results: ``uncovered`` (op -> module paths of relevant nodes without a rule), ``outputs`` (the
     :class:`~dynlrp_fx.passes.pair.ProgramOutputs` of the paired graph: which relevance each output is),
-    ``buffer_rewrites`` (ops the eager backend made in-place).
+    ``buffer_rewrites`` (ops the eager backend made in-place), ``traces`` (the ATen subgraphs of rule code and
+    other Python calls by trace key: ``pair`` traces them to get their fake values, ``lower`` inlines them; see
+    :func:`~dynlrp_fx.passes.lower.trace_node`).
     """
 
     traced: Any = None
@@ -78,6 +80,7 @@ class CompileContext:
     uncovered: dict[str, list[str]] = field(default_factory=dict)
     outputs: Any = None
     buffer_rewrites: int = 0
+    traces: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.table import returns_alias
+from .nodes import size_key
 
 __all__ = ["reuse_buffers", "inplace_variant", "out_variant"]
 
@@ -90,8 +91,8 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
         a.dtype == b.dtype
         and a.device == b.device
-        and [str(s) for s in a.shape] == [str(s) for s in b.shape]
-        and [str(s) for s in a.stride()] == [str(s) for s in b.stride()]
+        and list(map(size_key, a.shape)) == list(map(size_key, b.shape))
+        and list(map(size_key, a.stride())) == list(map(size_key, b.stride()))
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..rules.table import facts
+from .nodes import size_key
 
 __all__ = ["cse_key", "value_numbers"]
 
@@ -49,7 +50,7 @@ def _reshape_key(node: torch.fx.Node, canon: dict) -> Any:
         base = base.args[0]
     if not isinstance(base, torch.fx.Node):
         return None
-    return ("reshape", canon.get(base, base), tuple(str(s) for s in val.shape), str(val.dtype))
+    return ("reshape", canon.get(base, base), tuple(map(size_key, val.shape)), val.dtype)
 
 
 def cse_key(node: torch.fx.Node, canon: dict) -> Any:
