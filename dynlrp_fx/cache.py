@@ -131,7 +131,7 @@ class Unkeyable(Exception):
     """A compile whose program the key cannot describe (it is then compiled without the cache)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     del mtime_ns, size  # part of the memo key only: an edited file is read again
     with open(path, "rb") as f:

@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
