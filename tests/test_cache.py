@@ -312,3 +312,20 @@ def test_export_from_a_cached_explainer(cache_dir, tmp_path):
     path = dynlrp.export(warm, tmp_path / "cnn.pt2", modes=("target",))
     loaded = dynlrp.load(path)
     assert torch.equal(loaded(x, target=3).relevance, warm(x, target=3).relevance)
+
+
+def test_generative_hf_model_key_is_the_same_in_every_process():
+    """transformers' GenerationConfig stores a per-process hash of itself: the key must not see it."""
+    script = textwrap.dedent("""
+        import hashlib, torch, transformers as tf
+        from dynlrp_fx import cache
+        torch.manual_seed(int(__import__("sys").argv[1]))
+        cfg = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+        print(hashlib.sha256(cache.model_data(tf.GPT2LMHeadModel(cfg).eval()).encode()).hexdigest())
+    """)
+    keys = {
+        subprocess.run([sys.executable, "-c", script, str(seed)], cwd=ROOT, capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert len(keys) == 1
