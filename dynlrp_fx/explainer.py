@@ -224,7 +224,9 @@ class Explainer(nn.Module):
         policy = self.promise_policy if promise_policy is None else promise_policy  # checked by resolve_promises
         new = Explainer(self.model, self.traced, self.composite, backend=request, dynamic=self.dynamic,
                         params=self._params_arg, capture=self._capture_arg, mode=new_mode, promise_policy=policy,
-                        analysis=self.analysis, cached=self._cache.with_options(request, policy) if self._cache else None)
+                        analysis=self.analysis,
+                        cached=self._cache.with_options(resolve_backend(request, self._device(), new_mode), policy)
+                        if self._cache else None)
         new._rebuild = self._rebuild
         return new
 
@@ -626,9 +628,9 @@ class _CacheLink:
             cache.remove(self.key)
 
     def with_options(self, backend: Any, policy: str) -> _CacheLink:
-        """The link of a recompiled explainer (other backend or memory policy): same model and inputs."""
-        return _CacheLink(self._key_of(resolve_backend(backend, self.device), policy), self._key_of, self.trace,
-                          self.device)
+        """The link of a recompiled explainer (``backend``: its resolved backend; memory policy): same model and
+        inputs."""
+        return _CacheLink(self._key_of(backend, policy), self._key_of, self.trace, self.device)
 
 
 def _dynamic_dims(flat: list, dynamic: bool, static: frozenset[str]) -> dict[int, dict[int, str]]:

@@ -329,3 +329,20 @@ def test_generative_hf_model_key_is_the_same_in_every_process():
         for seed in (1, 2)
     }
     assert len(keys) == 1
+
+
+def test_recompile_stores_under_its_own_backend(cache_dir):
+    """An eager explainer recompiled for Inductor (a torch.compile mode) stores the functional program under the
+    compiled backend's key; the eager entry keeps the buffer-reusing program."""
+    x = torch.randn(2, 3, 8, 8)
+    model = small_cnn()
+    eager = dynlrp.compile(model, x)
+    assert eager.recompile(mode="max-autotune").backend == "inductor"
+    assert len(_entries(cache_dir)) == 2
+    warm = dynlrp.compile(model, x)
+    assert _hit(warm)
+
+    def targets(gm):
+        return [str(n.target) for n in gm.graph.nodes]
+
+    assert targets(warm.program("target").fn) == targets(eager.program("target").fn)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .canonicalize import views_to_reshape
@@ -43,11 +44,26 @@ if TYPE_CHECKING:
 def lower(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Lower ``gm`` (on the fake values of its nodes: the exported program's fake mode, with a symbolic batch) to a
     pure ATen graph whose reshapes hold for inputs of any strides (see module doc). Reuses the traces ``pair``
-    made (``ctx.traces``)."""
-    lowered = _Lowering(gm, ctx.traces).run()
+    made (``ctx.traces``). A graph with data-dependent sizes (unbacked symbols, as SigLIP2's patch masks make) is
+    traced whole instead: a node traced alone cannot see where such a symbol was defined."""
+    if _has_unbacked_sizes(gm):
+        fake_args = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+        with torch.no_grad():
+            lowered = make_fx(gm, tracing_mode="symbolic", _allow_non_fake_inputs=False)(*fake_args)
+    else:
+        lowered = _Lowering(gm, ctx.traces).run()
     views_to_reshape(lowered)
     lowered.recompile()  # lazy: the code is generated when the final program first runs
     return lowered
+
+
+def _has_unbacked_sizes(gm: fx.GraphModule) -> bool:
+    """Whether any value of ``gm`` has a size that depends on data (an unbacked symbol such as ``u4``)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, (torch.Tensor, torch.SymInt, tuple, list)) and free_unbacked_symbols(v):
+            return True
+    return False
 
 
 _COMPOSITE: dict[Any, bool] = {}  # OpOverload -> make_fx decomposes it (a CompositeImplicitAutograd kernel)
