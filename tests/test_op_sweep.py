@@ -308,11 +308,7 @@ NON_CORE: dict[str, str | None] = {
 }
 
 #: cases with a known defect outside the op table (strict xfail: they fail the run once fixed, so the entry goes)
-KNOWN_GAPS: dict[str, str] = {
-    "Upsample_bilinear": "the per-sample ledger mixes samples: absorbed is +-0.12 per sample on a bias-free model "
-    "while the inputs equal gradient x input exactly and the batch total closes (upsample_bilinear2d.vec with "
-    "scale factors under a dynamic batch; the ledger's batch attribution, passes/pair.py)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 #: the default run: every case with a non-core op or a rule added for the sweep (about 2 s each)
 DEFAULT = {
