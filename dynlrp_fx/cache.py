@@ -611,11 +611,12 @@ class Entry:
     constants: dict = field(default_factory=dict)
     prefix: str = ""
     specialised: dict = field(default_factory=dict)
-    #: set by :func:`load`, which checks every part before an entry is used: the rebuilt program, call spec and
-    #: constant tensors
+    #: set by :func:`load`, which checks every part before an entry is used: the rebuilt program, call spec,
+    #: constant tensors and state plan (``(kind, target, (dtype, shape) or None)`` per state input)
     program: Any = field(default=None, repr=False, compare=False)
     spec: Any = field(default=None, repr=False, compare=False)
     tensors: dict = field(default_factory=dict, repr=False, compare=False)
+    state_plan: list = field(default_factory=list, repr=False, compare=False)
 
     def data(self) -> dict:
         """The stored fields (what :func:`store` writes)."""
@@ -632,6 +633,7 @@ def _decode(entry: Entry) -> None:
     if not isinstance(entry.constants, dict) or not isinstance(entry.state, list):
         raise CorruptEntry("bad state")
     entry.tensors = {_str(k): tensor_from_data(v) for k, v in entry.constants.items()}
+    entry.state_plan = []
     for item in entry.state:
         kind, target, dtype, shape = item
         if kind not in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") or not isinstance(target, str):
@@ -640,6 +642,7 @@ def _decode(entry: Entry) -> None:
             raise CorruptEntry(f"constant {target!r} missing")
         if dtype is not None and (dtype not in _DTYPES or not all(isinstance(d, int) for d in shape)):
             raise CorruptEntry("bad state spec")
+        entry.state_plan.append((kind, target, (_DTYPES[dtype], tuple(shape)) if dtype is not None else None))
     if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in entry.outputs.values()):
         raise CorruptEntry("bad output names")
 

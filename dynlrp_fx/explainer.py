@@ -97,18 +97,19 @@ class Explainer(nn.Module):
             self._from_entry(cached.entry)
             self._programs["target"] = self._load_program("target", cached.entry)
             return
-        self._device_hint = None
-        self.backend = resolve_backend(backend, self._device(), mode)
+        self._device_hint = _device_of(traced.example_flat, model)
+        self.backend = resolve_backend(backend, self._device_hint, mode)
         if analysis is not None and (analysis.traced is not traced or analysis.composite is not composite):
             raise ValueError("Explainer(analysis=...) must come from the same trace and composite")
+        self._report = PipelineReport()
         self._from_trace()
         self.program("target")
 
     def _from_trace(self) -> None:
         """Call spec and state inputs from the trace and this explainer's analysis of it."""
         traced = self._traced
-        self._report = PipelineReport([*self.analysis.report.records, *self._report.records]
-                                      if hasattr(self, "_report") else self.analysis.report.records)
+        # the analysis passes first, then what this explainer already did (cache loads, when it materialises late)
+        self._report = PipelineReport([*self.analysis.report.records, *self._report.records])
         self.call_spec = CallSpec.from_traced(traced, self.analysis.graph, self.analysis.output_node)
         vals = {n.name: n.meta.get("val") for n in self.analysis.graph.graph.nodes if n.op == "placeholder"}
         #: (kind, target, dtype, shape) of each state input as traced: a model changed after compile is refused
@@ -126,8 +127,7 @@ class Explainer(nn.Module):
         """Call spec and state inputs from a compile cache entry (constants are read from the model when it holds
         a tensor of the same name, else from the entry)."""
         self.call_spec = entry.spec
-        self._state_plan = [(kind, target, (cache._DTYPES[dtype], tuple(shape)) if dtype is not None else None)
-                            for kind, target, dtype, shape in entry.state]
+        self._state_plan = list(entry.state_plan)
         self._root_ref = [_OutputWrapper(self.model, None) if entry.prefix else self.model]
         self._constants = {}
         for target, stored in entry.tensors.items():
@@ -232,12 +232,7 @@ class Explainer(nn.Module):
 
     def _device(self) -> torch.device | None:
         """Where the model runs: the device of the first example input tensor, else of the first parameter."""
-        if self._traced is None:
-            return self._device_hint
-        return next(
-            (t.device for t in self.traced.example_flat if isinstance(t, torch.Tensor)),
-            next((p.device for p in self.model.parameters()), None),
-        )
+        return self._device_hint
 
     # -- inspection ---------------------------------------------------------------------------------------------
     def rule_table(self) -> list[dict[str, Any]]:
@@ -540,8 +535,7 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, o: _Options, static: fro
     """An explainer for these example inputs: its target program from the compile cache when there is one that
     takes them, else traced and compiled (and stored); ``static`` names dimensions the model is known to
     specialise (a variant for another input shape)."""
-    device = next((t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
-                  next((p.device for p in model.parameters()), None))
+    device = _device_of(torch.utils._pytree.tree_leaves((args, kwargs)), model)
     backend = resolve_backend(o.backend, device, o.mode)
 
     def trace_now() -> TracedProgram:
@@ -675,6 +669,12 @@ def _entry_of(explainer: Explainer, prog: Program) -> cache.Entry:
                        outputs={f: list(getattr(prog.outputs, f)) for f in _OUTPUT_FIELDS}, constants=constants,
                        prefix="model." if isinstance(explainer._root_ref[0], _OutputWrapper) else "",
                        specialised=dict(explainer._specialised))
+
+
+def _device_of(leaves: list, model: nn.Module) -> torch.device | None:
+    """The device of the first tensor among example input leaves, else of the model's first parameter."""
+    return next((t.device for t in leaves if isinstance(t, torch.Tensor)),
+                next((p.device for p in model.parameters()), None))
 
 
 def _tensor_at(root: nn.Module, target: str) -> torch.Tensor | None:
