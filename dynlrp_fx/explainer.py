@@ -21,10 +21,12 @@ from torch import nn
 
 from . import cache
 from .errors import DynlrpInputError, DynlrpShapeError, DynlrpTraceError
-from .passes import PipelineReport
+from .multi import SplitProgram, split_program, sweep_size
+from .passes import CompileContext, PipelineReport
 from .passes.pair import ProgramOutputs
 from .passes.pipeline import PassRecord
 from .passes.resolve_promises import DEFAULT_POLICY
+from .passes.reuse_buffers import reuse_buffers
 from .presets import resolve
 from .program import Analysis, Program, build_program, compiled
 from .progress import compile_progress
@@ -82,6 +84,7 @@ class Explainer(nn.Module):
         #: the compile cache entry this explainer reads and writes its programs through (``None``: no cache)
         self._cache = cached
         self._programs: dict[str, Program] = {}
+        self._splits: dict[str, SplitProgram] = {}  # programs cut for several targets per sample (see split())
         self._const_cache: dict[Any, torch.Tensor] = {}
         #: how to build an explainer for another input shape (set by :func:`compile`; ``None``: no variants)
         self._rebuild: Callable[[tuple, dict, frozenset], Explainer] | None = None
@@ -121,7 +124,7 @@ class Explainer(nn.Module):
         self._root_ref = [traced.module_root]  # a list: a module attribute would register the model as a submodule
         self._constants = traced.exported.constants
         self._specialised = dict(traced.specialised)
-        self._call = CallPath(self.call_spec, self._run)
+        self._call = CallPath(self.call_spec, self._run, self._run_targets)
 
     def _from_entry(self, entry: cache.Entry) -> None:
         """Call spec and state inputs from a compile cache entry (constants are read from the model when it holds
@@ -134,7 +137,7 @@ class Explainer(nn.Module):
             live = _tensor_at(self._root_ref[0], target)
             self._constants[target] = live if live is not None else stored
         self._specialised = dict(entry.specialised)
-        self._call = CallPath(self.call_spec, self._run)
+        self._call = CallPath(self.call_spec, self._run, self._run_targets)
 
     @property
     def traced(self) -> TracedProgram:
@@ -330,7 +333,67 @@ class Explainer(nn.Module):
         prog.calls += 1
         return outs, prog.outputs
 
-    def forward(self, *args, target: Any = None, seed: torch.Tensor | None = None, **kwargs) -> Explanation:
+    def split(self, mode: str = "target") -> SplitProgram:
+        """The program of a seed mode cut into a forward and a relevance graph, compiled for this explainer's
+        backend (made on first use; see :mod:`dynlrp_fx.multi`). This is what several targets per sample run."""
+        sp = self._splits.get(mode)
+        if sp is None:
+            prog = self.program(mode)
+            inputs = [n for n in prog.graph.graph.nodes if n.op == "placeholder"]
+            n_state = len(self._state_plan)
+            bsym = None
+            for s, ph in zip(self.call_spec.inputs, inputs[n_state:]):
+                v = ph.meta.get("val")
+                if s.batched and isinstance(v, torch.Tensor) and v.ndim and isinstance(v.shape[0], torch.SymInt):
+                    bsym = v.shape[0].node.expr
+                    break
+            sp = split_program(prog.graph, prog.outputs, len(inputs) - 1, bsym)
+            if self.backend == "eager":
+                ctx = CompileContext(traced=None, composite=None)
+                sp.forward = reuse_buffers(sp.forward_graph, ctx)
+                sp.relevance = reuse_buffers(sp.relevance_graph, ctx)
+            else:  # CUDA-graph modes would replay over the forward values between sweeps: plain compiles
+                mode_ = None if self.mode in ("reduce-overhead", "max-autotune") else self.mode
+                sp.forward = compiled(sp.forward_graph, self.backend, self.dynamic, mode_)
+                sp.relevance = compiled(sp.relevance_graph, self.backend, self.dynamic, mode_)
+            self._splits[mode] = sp
+        return sp
+
+    def _run_targets(self, mode: str, tensors: list[torch.Tensor], extra: torch.Tensor, batch: int, k: int,
+                     sweep_batch: int | None):
+        """The call path's multi-target runner: the forward graph once, then the relevance graph over the targets
+        in sweeps of as many as fit (one at a time where the program cannot widen its batch)."""
+        sp = self.split(mode)
+        state = self.state_tensors(tensors[0].device if tensors else None)
+        self._check_state(state)
+        program_inputs = [*state, *tensors]
+        with torch.no_grad(), _oblivious():
+            fwd = list(sp.forward(*program_inputs))
+            cut = sp.cut_inputs(program_inputs, fwd[sp.n_outputs:])
+            per = sweep_size(sp, cut, batch, k, sweep_batch)
+            rows = extra.reshape(batch, k, *extra.shape[1:])
+            parts = []
+            for j in range(0, k, per):
+                kc = min(per, k - j)
+                chunk = rows[:, j : j + kc].reshape(batch * kc, *extra.shape[1:])
+                parts.append((kc, list(sp.relevance(kc, batch, *cut, chunk))))
+        names = sp.outputs
+        batched = {s.name: s.batched for s in self.call_spec.inputs}
+        # which outputs have a row per (sample, target): the ledger, batched inputs' and captured relevance;
+        # params= and inputs without a batch are one value per call, stacked over the targets in front
+        rowwise = [True, True, *(batched.get(n, True) for n in names.input_names),
+                   *(False for _ in names.param_names), *(True for _ in names.capture_names)]
+        out = []
+        for i, per_sample in enumerate(rowwise):
+            if per_sample:
+                out.append(torch.cat([res[i].reshape(batch, kc, *res[i].shape[1:]) for kc, res in parts], 1))
+            else:
+                out.append(torch.stack([res[i] for _, res in parts], 0))
+        self.program(mode).calls += 1
+        return [*fwd[: sp.n_outputs], *out], sp.outputs
+
+    def forward(self, *args, target: Any = None, seed: torch.Tensor | None = None, sweep_batch: int | None = None,
+                **kwargs) -> Explanation:
         """Explain the model on these inputs.
 
         Parameters
@@ -345,14 +408,22 @@ class Explainer(nn.Module):
             a tuple with one target per output; all are seeded together in one relevance sweep.
         seed: an explicit output-shaped relevance seed, used as is (one-hot reproduces Zennit's default); with
             several explained outputs a dict output name -> seed (or a tuple), one for every output.
+
+        **Several targets per sample.** ``target=`` of shape ``(B, K)`` (or a seed with a target axis after the
+        batch, ``(B, K, *output.shape[1:])``) explains ``K`` targets of every sample with one forward pass and one
+        relevance sweep over ``B * K`` rows: the relevance gets a target axis, ``(B, K, *x.shape[1:])``, and the
+        ledger is per (sample, target); the result equals ``K`` separate calls. ``sweep_batch`` bounds the rows of
+        one sweep (the targets are then swept in chunks; default: as many as keep the widened forward values under
+        ``DYNLRP_SWEEP_BYTES``, 2 GiB). With several explained outputs, a ``(B, K)`` target for one output and one
+        index per sample for another seeds both at each of the K targets. See :mod:`dynlrp_fx.multi`.
         """
         paths = [self._call, *(v._call for v in reversed(self._variants))]  # most recently used variants first
         try:
-            explanation, hit = explain_first_that_fits(paths, args, kwargs, target, seed)
+            explanation, hit = explain_first_that_fits(paths, args, kwargs, target, seed, sweep_batch)
         except DynlrpShapeError as e:
             if self._rebuild is None:
                 raise
-            return self._variant(args, kwargs, e)._call.explain(args, kwargs, target, seed)
+            return self._variant(args, kwargs, e)._call.explain(args, kwargs, target, seed, sweep_batch)
         if hit:
             self._variants.append(self._variants.pop(-hit))
         return explanation

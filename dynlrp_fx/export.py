@@ -834,12 +834,17 @@ class LoadedExplainer:
             f"output={self.output_name!r}, modes={self.modes})"
         )
 
-    def __call__(self, *args, target: Any = None, seed: torch.Tensor | None = None, **kwargs) -> Explanation:
+    def __call__(self, *args, target: Any = None, seed: torch.Tensor | None = None, sweep_batch: int | None = None,
+                 **kwargs) -> Explanation:
         """Explain on these inputs; see :meth:`Explainer.forward`. Raises :class:`DynlrpLoadError` (also a
-        :class:`DynlrpInputError`) when the inputs do not match the file's input specification."""
+        :class:`DynlrpInputError`) when the inputs do not match the file's input specification.
+
+        Several targets per sample (``target=`` of shape ``(B, K)``) give the live explainer's results; a loaded
+        program has no separate forward graph, so it runs on the inputs repeated ``K`` times (``sweep_batch`` is
+        accepted for the same signature and not used)."""
         try:  # this program, else one stored for other input shapes
             return explain_first_that_fits([self._call, *(v._call for v in self.variants)], args, kwargs, target,
-                                           seed)[0]
+                                           seed, sweep_batch)[0]
         except DynlrpLoadError:
             raise
         except DynlrpInputError as e:

@@ -65,6 +65,11 @@ class Explanation:
         with ``compile(..., params=...)``. See :func:`dynlrp_fx.compile` for the rule.
     captured: module path -> relevance of that module's output (shape of the output, per sample); only with
         ``compile(..., capture=...)``.
+
+    With ``K`` targets per sample (``target=`` of shape ``(B, K)``, or ``seed=`` with a target axis after the
+    batch) every relevance has a target axis after the batch (``relevance`` ``(B, K, *x.shape[1:])``), the ledger's
+    tensors and ``absorbed`` are ``(B, K)``, ``params`` gain a leading ``K`` axis, and ``output`` is the model
+    output once (batch ``B``). ``targets`` is then the ``(B, K)`` target tensor (``None`` for seeds).
     """
 
     output: torch.Tensor | dict[str, torch.Tensor]
@@ -74,6 +79,7 @@ class Explanation:
     conservation: Conservation
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: torch.Tensor | None = None
 
 
 def dim_spec(size: Any) -> int | str:
@@ -222,14 +228,14 @@ class CallSpec:
 
 
 def explain_first_that_fits(paths: list[CallPath], args: tuple, kwargs: dict, target: Any,
-                            seed: Any) -> tuple[Explanation, int]:
+                            seed: Any, sweep_batch: int | None = None) -> tuple[Explanation, int]:
     """Explain with the first of ``paths`` whose program takes these input shapes (a live explainer and those it
     built for other shapes, or a loaded file's programs): ``(explanation, index of that path)``. Raises the first
     path's :class:`~dynlrp_fx.DynlrpShapeError` when none takes them; any other error at once."""
     first = None
     for i, path in enumerate(paths):
         try:
-            return path.explain(args, kwargs, target, seed), i
+            return path.explain(args, kwargs, target, seed, sweep_batch), i
         except DynlrpShapeError as e:
             first = first or e
     raise first
@@ -237,15 +243,21 @@ def explain_first_that_fits(paths: list[CallPath], args: tuple, kwargs: dict, ta
 
 #: ``runner(mode, tensors, extra, batch) -> (outputs, ProgramOutputs)``: runs the program of a seed mode
 Runner = Callable[[str, list, torch.Tensor, int], tuple]
+#: ``multi_runner(mode, tensors, extra, batch, k, sweep_batch) -> (outputs, ProgramOutputs)``: ``extra`` holds
+#: ``batch * k`` rows (sample ``b``'s target ``j`` at row ``b * k + j``); the outputs are the explained outputs at
+#: batch ``batch``, then ``seed_total``/``absorbed`` ``(batch, k)`` and every relevance ``(batch, k, ...)``
+MultiRunner = Callable[[str, list, torch.Tensor, int, int, Any], tuple]
 
 
 class CallPath:
     """Binds ``(*args, target=, seed=, **kwargs)`` to a program's arguments, runs it through ``runner`` and
     unpacks the outputs into an :class:`Explanation` (see the module doc)."""
 
-    def __init__(self, spec: CallSpec, runner: Runner):
+    def __init__(self, spec: CallSpec, runner: Runner, multi_runner: MultiRunner | None = None):
         self.spec = spec
         self.runner = runner
+        #: runs K targets with one forward pass (live explainers); without it the inputs are repeated K times
+        self.multi_runner = multi_runner
 
     # -- inputs ---------------------------------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -402,21 +414,36 @@ class CallPath:
                  if is_symbol(w)}
         return [d if isinstance(d, int) else sizes.get(d) for d in shape]
 
-    def seed_tensor(self, seed: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def seed_tensor(self, seed: Any, tensors: list[torch.Tensor], k: int | None = None) -> torch.Tensor:
         """``seed=`` checked: a floating tensor of the explained output's shape (static sizes as traced, sizes the
         output shares with a dynamic input dimension, such as the batch, as in this call's inputs). With ``K``
         explained outputs one seed per output (see :meth:`per_output`), packed into one ``(B, n_1 + ... + n_K)``
-        tensor (each output's per-sample seed flattened; ``B`` is 1 for outputs without a batch dimension)."""
+        tensor (each output's per-sample seed flattened; ``B`` is 1 for outputs without a batch dimension).
+
+        With ``k`` targets per sample each seed has a target axis after the batch, ``(B, k, *out.shape[1:])``; the
+        result then has ``B * k`` rows (sample ``b``'s target ``j`` at row ``b * k + j``)."""
         outs = self.spec.explained
+
+        def one(p: Any, name: str, shape: Any) -> torch.Tensor:
+            if k is None:
+                return self._one_seed(p, tensors, name, shape)
+            if not isinstance(p, torch.Tensor) or p.ndim < 2 or int(p.shape[1]) != k:
+                got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise DynlrpInputError(
+                    f"seed= for {name!r} is {got}; with {k} targets per sample give (batch, {k}, *output shape[1:])"
+                )
+            self._one_seed(p[:, 0], tensors, name, shape)  # dtype and the per-target shape
+            return p.detach().reshape(int(p.shape[0]) * k, *p.shape[2:])
+
         if len(outs) == 1:
-            return self._one_seed(seed, tensors, *outs[0])
+            return one(seed, *outs[0])
         per = self.per_output(seed, "seed")
         missing = [n for (n, _), p in zip(outs, per) if p is None]
         if missing:
             raise DynlrpInputError(
                 f"seed= gives no seed for {missing}; give one for every explained output (zeros leave one out)"
             )
-        checked = [self._one_seed(p, tensors, n, sh) for p, (n, sh) in zip(per, outs)]
+        checked = [one(p, n, sh) for p, (n, sh) in zip(per, outs)]
         b = checked[0].shape[0] if self.spec.output_batched and checked[0].ndim else 1
         stored = (self.spec.extra_specs or {}).get("seed", {}).get("dtype")
         dtype = getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else None
@@ -464,11 +491,15 @@ class CallPath:
             )
 
     # -- a call ---------------------------------------------------------------------------------------------------
-    def explain(self, args: tuple, kwargs: dict, target: Any = None, seed: torch.Tensor | None = None) -> Explanation:
+    def explain(self, args: tuple, kwargs: dict, target: Any = None, seed: torch.Tensor | None = None,
+                sweep_batch: int | None = None) -> Explanation:
         """Explain one call: see :meth:`dynlrp_fx.Explainer.forward`."""
         if target is not None and seed is not None:
             raise DynlrpInputError("give either target= or seed=, not both")
         tensors = self.bind(args, kwargs)
+        k = self.targets_per_sample(target, seed)
+        if k is not None:
+            return self.explain_targets(tensors, target, seed, k, sweep_batch)
         batch = self.batch_size(tensors)
         device = tensors[0].device if tensors else None
         if seed is None:
@@ -479,9 +510,105 @@ class CallPath:
         outs, names = self.runner(mode, tensors, extra, batch)
         return self.unpack(outs, names)
 
-    def unpack(self, outs: Any, names: Any) -> Explanation:
+    # -- several targets per sample -------------------------------------------------------------------------------
+    def targets_per_sample(self, target: Any, seed: Any) -> int | None:
+        """``K`` when ``target=`` (shape ``(B, K)``) or ``seed=`` (a target axis after the batch) asks for several
+        targets per sample, else ``None``."""
+        outs = self.spec.explained
+        ks: set[int] = set()
+        if seed is not None:
+            per = [seed] if len(outs) == 1 else self.per_output(seed, "seed")
+            for p, (_, sh) in zip(per, outs):
+                if isinstance(p, torch.Tensor) and sh is not None and p.ndim == len(sh) + 1 and p.ndim >= 2:
+                    ks.add(int(p.shape[1]))
+        else:
+            per = [target] if len(outs) == 1 else self.per_output(target, "target")
+            for p in per:
+                if p is None or isinstance(p, (int, bool)):
+                    continue
+                try:
+                    t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p)
+                except (TypeError, ValueError, RuntimeError):
+                    continue  # _one_target says what is wrong
+                if t.ndim == 2:
+                    ks.add(int(t.shape[1]))
+        if not ks:
+            return None
+        if len(ks) > 1:
+            raise DynlrpInputError(f"the explained outputs are given different numbers of targets per sample "
+                                   f"{sorted(ks)}; give every output the same K (or one target per sample)")
+        if not self.spec.output_batched:
+            raise DynlrpInputError(
+                f"several targets per sample need an explained output with a batch dimension; "
+                f"{self.spec.output_name!r} has none: explain one target per call"
+            )
+        return ks.pop()
+
+    def multi_target_tensor(self, target: Any, batch: int, k: int, device: Any) -> torch.Tensor:
+        """``target=`` with ``k`` targets per sample as ``(batch * k,)`` int64 (``(batch * k, n)`` for ``n``
+        explained outputs): a ``(batch, k)`` index tensor as is, one index per sample (or an int, or ``None``) the
+        same for every target."""
+        outs = self.spec.explained
+
+        def one(t: Any, name: str, shape: Any) -> torch.Tensor:
+            if t is None or (isinstance(t, int) and not isinstance(t, bool)):
+                return self._one_target(t, batch * k, device, name, shape)
+            raw = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+            if raw.ndim == 2:
+                if tuple(raw.shape) != (batch, k):
+                    raise DynlrpInputError(
+                        f"target for {name!r} has shape {tuple(raw.shape)}; expected (batch, targets) = ({batch}, {k})"
+                    )
+                return self._one_target(raw.reshape(-1), batch * k, device, name, shape)
+            return self._one_target(raw, batch, device, name, shape).repeat_interleave(k)
+
+        if len(outs) == 1:
+            return one(target, *outs[0])
+        per = self.per_output(target, "target")
+        return torch.stack([one(t, n, sh) for t, (n, sh) in zip(per, outs)], 1)
+
+    def explain_targets(self, tensors: list[torch.Tensor], target: Any, seed: Any, k: int,
+                        sweep_batch: int | None = None) -> Explanation:
+        """Explain ``k`` targets per sample of bound inputs (see :meth:`dynlrp_fx.Explainer.forward`)."""
+        if sweep_batch is not None and (isinstance(sweep_batch, bool) or not isinstance(sweep_batch, int)
+                                        or sweep_batch < 1):
+            raise DynlrpInputError(f"sweep_batch= must be a positive int (relevance rows per sweep), got {sweep_batch!r}")
+        batch = self.batch_size(tensors)
+        device = tensors[0].device if tensors else None
+        if seed is None:
+            mode, extra = "target", self.multi_target_tensor(target, batch, k, device)
+        else:
+            mode, extra = "seed", self.seed_tensor(seed, tensors, k)
+        if self.multi_runner is not None:
+            outs, names = self.multi_runner(mode, tensors, extra, batch, k, sweep_batch)
+        else:
+            outs, names = self._repeated(mode, tensors, extra, batch, k)
+        expl = self.unpack(outs, names, k=k)
+        expl.targets = extra.reshape(batch, k, *extra.shape[1:]) if mode == "target" else None
+        return expl
+
+    def _repeated(self, mode: str, tensors: list[torch.Tensor], extra: torch.Tensor, batch: int, k: int) -> tuple:
+        """``k`` targets by running the program once on every sample repeated ``k`` times (a runner without a
+        one-forward form, e.g. a loaded file): the outputs in the multi-runner layout."""
+        rep = [x.repeat_interleave(k, 0) if s.batched and x.ndim else x for x, s in zip(tensors, self.spec.inputs)]
+        self._check_extra(mode, extra, rep)
+        outs, names = self.runner(mode, rep, extra, batch * k)
+        if names.param_names:
+            raise DynlrpInputError("params= relevance with several targets per sample needs a live explainer "
+                                   "(dynlrp.compile); explain one target per call")
+        n_y = max(1, len(names.output_names))
+        rest = []
+        for r in outs[n_y:]:
+            if r.ndim == 0 or int(r.shape[0]) != batch * k:
+                raise DynlrpInputError("an input without a batch dimension cannot be explained for several targets "
+                                       "per sample by this explainer; explain one target per call")
+            rest.append(r.reshape(batch, k, *r.shape[1:]))
+        return [y[::k] for y in outs[:n_y]] + rest, names
+
+    def unpack(self, outs: Any, names: Any, k: int | None = None) -> Explanation:
         """``(*outputs, seed_total, absorbed, *inputs, *params, *captured)`` -> :class:`Explanation`; ``names`` is
-        the program's :class:`~dynlrp_fx.passes.pair.ProgramOutputs` (several outputs when it names several)."""
+        the program's :class:`~dynlrp_fx.passes.pair.ProgramOutputs` (several outputs when it names several).
+        With ``k`` targets per sample the ledger and relevance have a target axis after the batch."""
         out_names = list(getattr(names, "output_names", None) or [])
         k = max(1, len(out_names))
         n_in, n_par = len(names.input_names), len(names.param_names)
@@ -495,7 +622,12 @@ class CallPath:
         total = torch.zeros_like(seed_total)
         for name, r in zip(names.input_names, rels):
             r = r.to(seed_total.dtype)
-            if self.spec.output_batched and batched.get(name, True) and r.ndim >= 1:
+            if k is not None:  # (B, K, ...) relevance; an input without a batch: (K, ...), spread over the batch
+                if batched.get(name, True):
+                    total = total + r.reshape(*total.shape, -1).sum(-1)
+                else:
+                    total = total + r.reshape(k, -1).sum(1) / total.shape[0]
+            elif self.spec.output_batched and batched.get(name, True) and r.ndim >= 1:
                 total = total + r.reshape(r.shape[0], -1).sum(1)
             else:  # a whole-call total (one sample), or an input without a batch dimension: spread evenly
                 total = total + r.sum() / total.shape[0]

@@ -287,6 +287,8 @@ class _Lowering:
             return self.items[(args[0], args[1])]
         new = self.g.call_function(n.target, args, kwargs)
         new.meta = _meta(val, n.meta)
+        if "dynlrp_recomputed_from" in n.meta:  # the multi-target split keeps rematerialised values with relevance
+            new.meta["dynlrp_recomputed_from"] = n.meta["dynlrp_recomputed_from"]
         if isinstance(val, torch.SymInt):
             self.sizes[val.node.expr] = new
         if n.target is operator.getitem and isinstance(args[0], fx.Node) and isinstance(args[1], int):
