@@ -497,6 +497,8 @@ class CallPath:
         if target is not None and seed is not None:
             raise DynlrpInputError("give either target= or seed=, not both")
         tensors = self.bind(args, kwargs)
+        if hasattr(target, "resolve") and callable(target.resolve):  # a targets.TargetRule, e.g. each_token()
+            target = self.resolve_target(target, tensors)
         k = self.targets_per_sample(target, seed)
         if k is not None:
             return self.explain_targets(tensors, target, seed, k, sweep_batch)
@@ -511,6 +513,17 @@ class CallPath:
         return self.unpack(outs, names)
 
     # -- several targets per sample -------------------------------------------------------------------------------
+    def resolve_target(self, rule: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A :class:`~dynlrp_fx.targets.TargetRule` worked out for this call's inputs: ``(B, K)`` indices."""
+        if len(self.spec.explained) > 1:
+            raise DynlrpInputError(f"target={rule!r} needs a single explained output; this explainer explains "
+                                   f"{[n for n, _ in self.spec.explained]}")
+        shape = self._expected_shape(self.spec.output_shape, tensors) if self.spec.output_shape is not None else []
+        try:
+            return rule.resolve({s.name: x for s, x in zip(self.spec.inputs, tensors)}, shape)
+        except ValueError as e:
+            raise DynlrpInputError(str(e)) from None
+
     def targets_per_sample(self, target: Any, seed: Any) -> int | None:
         """``K`` when ``target=`` (shape ``(B, K)``) or ``seed=`` (a target axis after the batch) asks for several
         targets per sample, else ``None``."""

@@ -13,11 +13,17 @@ helper                             explained tensor           ``target=``
 ``qa_start()`` / ``qa_end()``      ``start/end_logits``       the token position (``None``: predicted span)
 ``contrastive(a, b)``              ``logit a - logit b``      -- (``(B, 1)``; "why a rather than b")
 ``field(name)``                    any named output           as the output's shape
+(default: ``logits`` (B, L, V))    causal-LM logits           ``each_token()``: every next token at once
 =================================  =========================  ===============================================
 
 >>> explainer = dynlrp.compile(gpt2, example_kwargs=..., output=dynlrp.targets.next_token())  # doctest: +SKIP
 >>> expl = explainer(input_ids=ids, attention_mask=mask)                                      # doctest: +SKIP
 >>> dynlrp.targets.token_relevance(expl, ids, tokenizer)[0]  # [(token, relevance), ...]     # doctest: +SKIP
+
+``target=`` may also be a :class:`TargetRule`, resolved at call time from the inputs: ``each_token()`` explains,
+at every position ``t`` of a causal LM's input, the logit of the token at ``t + 1`` (teacher forcing), as ``K``
+targets per sample in one forward pass and one batched sweep: ``inputs["input_ids"]`` is then the source x target
+matrix ``(B, K, L)`` (row ``j``: the relevance of every input token for predicting token ``positions[j] + 1``).
 
 LRP rules are linear in the seed relevance, so ``contrastive(a, b)`` gives exactly the relevance for ``a`` minus
 the relevance for ``b`` under LRP-0 (with epsilon > 0 up to the stabiliser of the subtraction).
@@ -45,6 +51,8 @@ __all__ = [
     "qa_end",
     "contrastive",
     "token_relevance",
+    "TargetRule",
+    "each_token",
 ]
 
 
@@ -178,3 +186,65 @@ def token_relevance(
         toks = tokenizer.convert_ids_to_tokens(ids[i].tolist())
         rows.append([(t, float(r)) for t, r, k in zip(toks, rel[i].tolist(), keep[i].tolist()) if k])
     return rows
+
+
+class TargetRule:
+    """A ``target=`` worked out at call time from the call's inputs and the explained output's sizes (subclasses
+    implement :meth:`resolve`)."""
+
+    def resolve(self, inputs: Mapping[str, torch.Tensor], output_shape: list[int | None]) -> torch.Tensor:
+        """The ``(B, K)`` int64 targets (indices into each sample's flattened output) for these named inputs;
+        ``output_shape`` is the explained output's size in this call (``None`` where unknown)."""
+        raise NotImplementedError
+
+
+class _EachToken(TargetRule):
+    def __init__(self, positions: Any, input: str):
+        self.positions = positions
+        self.input = input
+
+    def __repr__(self) -> str:
+        return f"dynlrp.targets.each_token(positions={self.positions!r}, input={self.input!r})"
+
+    def resolve(self, inputs: Mapping[str, torch.Tensor], output_shape: list[int | None]) -> torch.Tensor:
+        if self.input not in inputs:
+            raise ValueError(f"each_token: the call has no input {self.input!r} (it has {list(inputs)}); pass input=")
+        ids = inputs[self.input]
+        if ids.ndim != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"each_token: {self.input!r} must be (batch, length) token ids, got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        length = int(ids.shape[1])
+        if len(output_shape) != 3 or output_shape[1] not in (None, length) or output_shape[2] is None:
+            raise ValueError(
+                f"each_token explains (batch, length, vocab) next-token logits; the explained output has shape "
+                f"{tuple(output_shape)} (compile the causal LM with its default output, or output='logits')"
+            )
+        vocab = int(output_shape[2])
+        if self.positions is None:
+            pos = list(range(length - 1))
+        else:
+            pos = [int(p) + length if int(p) < 0 else int(p) for p in self.positions]
+        bad = [p for p in pos if not 0 <= p < length - 1]
+        if bad or not pos:
+            raise ValueError(
+                f"each_token: positions {bad or '(none)'} have no next token in a sequence of {length}: give "
+                f"positions in [0, {length - 2}] (position t explains the logit of the token at t + 1)"
+            )
+        t = torch.tensor(pos, dtype=torch.long, device=ids.device)
+        return t * vocab + ids[:, t + 1].long()
+
+
+def each_token(positions: Any = None, *, input: str = "input_ids") -> TargetRule:
+    """``target=`` for a causal LM: at each position ``t`` (default: every position but the last), the logit of the
+    token the input holds at ``t + 1`` (teacher forcing: pass the prompt and the generated ids). One forward pass and
+    one batched relevance sweep explain them all; ``inputs[input]`` of the explanation is the ``(B, K, L)`` matrix
+    (``K = len(positions)``, or ``L - 1``), ``explanation.targets`` the flat logit indices.
+
+    >>> expl = explainer(input_ids=ids, target=dynlrp.targets.each_token())   # doctest: +SKIP
+    >>> expl.inputs["input_ids"].shape                                         # doctest: +SKIP
+    torch.Size([1, 11, 12])
+
+    Row ``j`` equals a single explanation of ``logits[:, positions[j]]`` at target ``ids[:, positions[j] + 1]``;
+    by causality the relevance of tokens after ``positions[j]`` is zero. Negative positions count from the end.
+    """
+    return _EachToken(None if positions is None else list(positions), input)

@@ -1,0 +1,231 @@
+"""Several targets per sample in one forward pass and one batched sweep (``target=`` of shape ``(B, K)``).
+
+The oracle: every rule is linear in the relevance it receives once the forward values are fixed, so one call with
+``K`` targets must equal ``K`` separate calls, relevance, ledger and all (float64, to rounding of a bigger batch).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dynlrp_fx as dynlrp
+from dynlrp_fx import targets
+from dynlrp_fx.errors import DynlrpInputError
+from tests.helpers import small_cnn, tiny_bert
+
+transformers = pytest.importorskip("transformers")
+
+
+def _same(multi, singles, j, *, exact=False):
+    """Target ``j`` of a K-target explanation equals the single explanation of that target."""
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-10, atol=1e-12)
+    one = singles[j]
+    torch.testing.assert_close(multi.relevance[:, j], one.relevance, **tol)
+    for name, r in one.inputs.items():
+        torch.testing.assert_close(multi.inputs[name][:, j], r, **tol)
+    torch.testing.assert_close(multi.conservation.seed[:, j], one.conservation.seed, **tol)
+    torch.testing.assert_close(multi.conservation.inputs[:, j], one.conservation.inputs, **tol)
+    torch.testing.assert_close(multi.absorbed[:, j], one.absorbed, **tol)
+    for name, r in one.params.items():
+        torch.testing.assert_close(multi.params[name][j], r, **tol)
+    for name, r in one.captured.items():
+        torch.testing.assert_close(multi.captured[name][:, j], r, **tol)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return small_cnn().double(), torch.randn(3, 3, 8, 8, dtype=torch.float64)
+
+
+def _bert(model_cls="BertForSequenceClassification"):
+    torch.manual_seed(0)
+    labels = 2 if model_cls == "BertForQuestionAnswering" else 3
+    return tiny_bert(model_cls, num_labels=labels).double(), torch.randint(0, 100, (2, 9))
+
+
+@pytest.mark.parametrize("policy", ["recompute", "keep"])
+@pytest.mark.parametrize("rules", ["epsilon", "lrp0", "epsilon_gamma_box"])
+def test_cnn_k_targets_equal_k_calls(rules, policy):
+    model, x = _cnn()
+    ex = dynlrp.compile(model, x, rules=rules, backend="eager", promise_policy=policy)
+    t = torch.tensor([[0, 4, 2, 2], [1, 1, 3, 0], [4, 3, 2, 1]])
+    multi = ex(x, target=t)
+    assert multi.relevance.shape == (3, 4, 3, 8, 8) and multi.conservation.seed.shape == (3, 4)
+    assert multi.output.shape == (3, 5) and torch.equal(multi.targets, t)
+    assert ex.split().batched, ex.split().why
+    singles = [ex(x, target=t[:, j]) for j in range(4)]
+    for j in range(4):
+        _same(multi, singles, j)
+    # the seed of each target is that logit
+    torch.testing.assert_close(multi.conservation.seed, model(x).gather(1, t))
+
+
+@pytest.mark.parametrize("rules", ["epsilon", "attnlrp"])
+def test_bert_k_targets_and_any_batch(rules):
+    model, ids = _bert()
+    ex = dynlrp.compile(model, (ids,), rules=rules, backend="eager")
+    for b in (2, 3):  # the batch stays dynamic
+        x = torch.randint(0, 100, (b, 9))
+        t = torch.randint(0, 3, (b, 3))
+        multi = ex(x, target=t)
+        assert multi.relevance.shape == (b, 3, 9)
+        singles = [ex(x, target=t[:, j]) for j in range(3)]
+        for j in range(3):
+            _same(multi, singles, j)
+
+
+def test_seeds_with_a_target_axis_equal_k_seed_calls():
+    model, x = _cnn()
+    ex = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    seeds = torch.randn(3, 2, 5, dtype=torch.float64)
+    multi = ex(x, seed=seeds)
+    assert multi.relevance.shape == (3, 2, 3, 8, 8) and multi.targets is None
+    singles = [ex(x, seed=seeds[:, j]) for j in range(2)]
+    for j in range(2):
+        _same(multi, singles, j)
+
+
+def test_sweep_batch_chunks_the_targets_without_changing_them():
+    model, ids = _bert()
+    ex = dynlrp.compile(model, (ids,), backend="eager")
+    t = torch.randint(0, 3, (2, 5))
+    whole = ex(ids, target=t)
+    for rows in (2, 4, 7, 100):  # one target per sweep, 2, 3 (the last sweep shorter), all
+        part = ex(ids, target=t, sweep_batch=rows)
+        torch.testing.assert_close(part.relevance, whole.relevance, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(part.absorbed, whole.absorbed, rtol=1e-12, atol=1e-14)
+    with pytest.raises(DynlrpInputError, match="sweep_batch"):
+        ex(ids, target=t, sweep_batch=0)
+
+
+def test_params_and_capture_per_target():
+    """params= sums over the batch, so the relevance graph cannot widen: it sweeps one target at a time (still one
+    forward pass) and params get a leading target axis; capture= stays per (sample, target)."""
+    model, x = _cnn()
+    ex = dynlrp.compile(model, x, rules="epsilon", backend="eager", params=["5.weight"], capture=["2"])
+    t = torch.tensor([[0, 3], [1, 4], [2, 2]])
+    multi = ex(x, target=t)
+    assert not ex.split().batched and "batch" in ex.split().why
+    assert multi.params["5.weight"].shape == (2, 5, 36) and multi.captured["2"].shape == (3, 2, 4, 6, 6)
+    singles = [ex(x, target=t[:, j]) for j in range(2)]
+    for j in range(2):
+        _same(multi, singles, j, exact=True)
+
+
+def test_model_with_a_fixed_batch_sweeps_one_target_at_a_time():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.lin(x.reshape(2, 6))  # the batch size is a Python int in the model's code
+
+    torch.manual_seed(1)
+    model, x = Fixed().double().eval(), torch.randn(2, 6, dtype=torch.float64)
+    ex = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    t = torch.tensor([[0, 1, 3], [2, 2, 0]])
+    multi = ex(x, target=t)
+    assert not ex.split().batched
+    singles = [ex(x, target=t[:, j]) for j in range(3)]
+    for j in range(3):
+        _same(multi, singles, j, exact=True)
+
+
+def test_question_answering_k_spans_over_two_outputs():
+    """DynamicLRP's SQuAD setting: start and end logits seeded together, K spans per sample in one call."""
+    model, ids = _bert("BertForQuestionAnswering")
+    ex = dynlrp.compile(model, (ids,), backend="eager", output=["start_logits", "end_logits"])
+    starts, ends = torch.randint(0, 9, (2, 3)), torch.randint(0, 9, (2, 3))
+    multi = ex(ids, target={"start_logits": starts, "end_logits": ends})
+    assert set(multi.output) == {"start_logits", "end_logits"} and multi.relevance.shape == (2, 3, 9)
+    singles = [ex(ids, target={"start_logits": starts[:, j], "end_logits": ends[:, j]}) for j in range(3)]
+    for j in range(3):
+        _same(multi, singles, j)
+    # one index per sample for one output: the same end at every start
+    mixed = ex(ids, target={"start_logits": starts, "end_logits": ends[:, 0]})
+    _same(mixed, [ex(ids, target={"start_logits": starts[:, j], "end_logits": ends[:, 0]}) for j in range(3)], 2)
+
+
+def test_each_token_row_equals_the_explanation_at_that_position():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval().double()  # the library's defaults (use_cache and all)
+    ids = torch.randint(0, 64, (2, 10))
+    ex = dynlrp.compile(model, example_kwargs={"input_ids": ids}, backend="eager")
+    expl = ex(input_ids=ids, target=targets.each_token())
+    matrix = expl.inputs["input_ids"]
+    assert matrix.shape == (2, 9, 10)
+    logits = model(ids).logits.detach()
+    for t in (0, 4, 8):
+        one = dynlrp.compile(model, example_kwargs={"input_ids": ids}, backend="eager",
+                             output=targets.next_token(position=t))(input_ids=ids, target=ids[:, t + 1])
+        torch.testing.assert_close(matrix[:, t], one.inputs["input_ids"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(expl.conservation.seed[:, t], logits[torch.arange(2), t, ids[:, t + 1]])
+        assert not matrix[:, t, t + 1 :].any()  # causal: later tokens cannot matter
+    # positions= restricts the rows (negative positions count from the end)
+    some = ex(input_ids=ids, target=targets.each_token(positions=[2, -2]))
+    torch.testing.assert_close(some.inputs["input_ids"], matrix[:, [2, 8]], rtol=1e-10, atol=1e-12)
+    with pytest.raises(DynlrpInputError, match="no next token"):
+        ex(input_ids=ids, target=targets.each_token(positions=[9]))
+
+
+def test_each_token_needs_next_token_logits():
+    model, ids = _bert()
+    ex = dynlrp.compile(model, (ids,), backend="eager")
+    with pytest.raises(DynlrpInputError, match="each_token explains"):
+        ex(ids, target=targets.each_token())
+
+
+def test_bad_multi_target_calls_say_what_to_do():
+    model, x = _cnn()
+    ex = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    with pytest.raises(DynlrpInputError, match=r"expected \(batch, targets\) = \(3, 2\)"):
+        ex(x, target=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(DynlrpInputError, match="out of range"):
+        ex(x, target=torch.full((3, 2), 7))
+    with pytest.raises(DynlrpInputError, match="integer indices"):
+        ex(x, target=torch.zeros(3, 2))
+    with pytest.raises(DynlrpInputError, match="seed="):
+        ex(x, seed=torch.randn(3, 2, 4, dtype=torch.float64))
+    qa, ids = _bert("BertForQuestionAnswering")
+    two = dynlrp.compile(qa, (ids,), backend="eager", output=["start_logits", "end_logits"])
+    with pytest.raises(DynlrpInputError, match="different numbers of targets"):
+        two(ids, target={"start_logits": torch.zeros(2, 2, dtype=torch.long),
+                         "end_logits": torch.zeros(2, 3, dtype=torch.long)})
+
+
+def test_cached_explainer_and_loaded_file_give_the_same_k_targets(tmp_path):
+    """A compile-cache hit (no trace until the split needs the functional graph) and an exported file (which runs
+    the inputs repeated K times) both equal the live explainer."""
+    model, x = _cnn()
+    live = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    hit = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    assert hit.program("target").from_cache
+    t = torch.tensor([[0, 4], [1, 1], [3, 2]])
+    ref = live(x, target=t)
+    torch.testing.assert_close(hit(x, target=t).relevance, ref.relevance, rtol=0, atol=0)
+    loaded = dynlrp.load(dynlrp.export(live, tmp_path / "cnn.pt2", modes=("target", "seed")))
+    got = loaded(x, target=t)
+    assert got.relevance.shape == (3, 2, 3, 8, 8) and got.output.shape == (3, 5)
+    torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.conservation.seed, ref.conservation.seed, rtol=1e-10, atol=1e-12)
+    seeds = torch.randn(3, 2, 5, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x, seed=seeds).relevance, live(x, seed=seeds).relevance, rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_k_targets_equal_eager():
+    """Inductor compiles the forward and relevance graphs separately; K targets equal the eager explainer's."""
+    model, x = _cnn()
+    model = model.float()
+    x = x.float()
+    eager = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    ind = dynlrp.compile(model, x, rules="epsilon", backend="inductor")
+    t = torch.tensor([[0, 4, 1], [1, 1, 2], [3, 2, 0]])
+    got, ref = ind(x, target=t), eager(x, target=t)
+    torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.conservation.inputs, ref.conservation.inputs, rtol=1e-4, atol=1e-6)
