@@ -22,6 +22,7 @@ from .errors import (
 from .evaluate import select_rules
 from .explainer import Conservation, Explainer, Explanation, compile
 from .export import export, load
+from .generation import GenerationExplanation, explain_generation
 from .rules import Composite, Rule, register_op
 
 __version__ = "0.1.0"
@@ -39,6 +40,8 @@ __all__ = [
     "register_op",
     "presets",
     "targets",
+    "explain_generation",
+    "GenerationExplanation",
     "evaluate",
     "select_rules",
     "attribute_dataset",

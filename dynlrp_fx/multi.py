@@ -101,6 +101,8 @@ class SplitProgram:
         total = 0
         for c, v in zip(self.cuts, cut_values):
             if c.how == "batch" and isinstance(v, torch.Tensor):
+                # a widened copy lives from its first to its last use, so at any time only part of the cut is
+                # widened; this sums them all (an upper bound)
                 total += v.numel() * v.element_size() // max(batch, 1)
         return total
 

@@ -52,6 +52,7 @@ __all__ = [
     "save_image",
     "strip_ansi",
     "token_html",
+    "matrix_html",
     "token_terminal",
 ]
 
@@ -1014,3 +1015,98 @@ def strip_ansi(s: str) -> str:
     'hot'
     """
     return _ANSI_RE.sub("", s)
+
+
+_MATRIX_CSS = """\
+table.matrix { border-collapse: collapse; font-size: 0.8em; }
+table.matrix th { font-weight: normal; padding: 0.1em 0.3em; white-space: nowrap; }
+table.matrix th.src { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; }
+table.matrix td { width: 1.2em; height: 1.2em; padding: 0; }
+table.matrix tr.sel th.tgt { font-weight: bold; outline: 2px solid #333; }
+table.matrix tr:hover td { outline: 1px solid #888; }
+#detail { margin: 1em 0; line-height: 1.9; white-space: pre-wrap; min-height: 2em; }"""
+
+_MATRIX_JS = """\
+function pick(row) {
+  document.querySelectorAll('table.matrix tr.sel').forEach(function (r) { r.classList.remove('sel'); });
+  row.classList.add('sel');
+  var cells = row.querySelectorAll('td');
+  var out = [];
+  for (var i = 0; i < cells.length; i++) {
+    out.push('<span class="tok" style="' + cells[i].getAttribute('style') + '" title="' +
+             cells[i].getAttribute('title') + '">' + cells[i].getAttribute('data-tok') + '</span>');
+  }
+  document.getElementById('detail').innerHTML = '<strong>' + row.querySelector('th').innerHTML + '</strong>: ' + out.join(' ');
+}
+document.querySelectorAll('table.matrix tr.row').forEach(function (r) {
+  r.addEventListener('click', function () { pick(r); });
+});
+var first = document.querySelector('table.matrix tr.row'); if (first) { pick(first); }"""
+
+
+def matrix_html(
+    sources: Sequence[str],
+    targets: Sequence[str],
+    relevance: ArrayLike,
+    *,
+    title: str | None = None,
+    path: str | os.PathLike[str] | None = None,
+    normalize: str | float = "symmetric",
+) -> str:
+    """Render a source x target relevance matrix (e.g. ``targets.each_token()``'s) as an interactive HTML page.
+
+    One table row per target (its label in a ``<th class="tgt">``), one ``<td>`` per source token coloured like
+    :func:`token_html` (red positive, blue negative; the value in the ``title=`` tooltip). Clicking a row shows it
+    as a token heatmap above the table (the first row is shown on load). Text is HTML-escaped; the page is
+    self-contained (inline CSS and script, UTF-8).
+
+    Parameters
+    ----------
+    sources : list of str
+        The tokens relevance is assigned to (the columns).
+    targets : list of str
+        One label per explained target (the rows), e.g. the generated tokens.
+    relevance : array-like or torch.Tensor
+        ``(len(targets), len(sources))``.
+    normalize : as for :func:`token_html`, per row (``"symmetric"``) or over the whole matrix (``"global"``).
+
+    Returns
+    -------
+    str
+        The HTML document.
+
+    >>> doc = matrix_html(["a", "<b>"], ["x", "y"], [[1.0, -1.0], [0.5, 0.0]])
+    >>> doc.count('<td '), doc.count('<tr class="row"'), "&lt;b&gt;" in doc and "<b>" not in doc
+    (4, 2, True)
+    """
+    values = _as_float(relevance)
+    if values.ndim != 2 or values.shape != (len(targets), len(sources)):
+        raise ValueError(
+            f"matrix_html: relevance has shape {values.shape}, expected (targets, sources) = "
+            f"({len(targets)}, {len(sources)})"
+        )
+    signed = _token_signed(list(values), normalize)
+    heading = "Relevance per target" if title is None else str(title)
+    head = "".join(f'<th class="src">{html.escape(s)}</th>' for s in sources)
+    rows = []
+    for label, raw, sig in zip(targets, values, signed):
+        bg, fg = _token_colours(sig)
+        cells = "".join(
+            f'<td style="background-color:rgb({bg[i, 0]},{bg[i, 1]},{bg[i, 2]});color:rgb({fg[i, 0]},{fg[i, 1]},'
+            f'{fg[i, 2]})" title="{html.escape(f"{sources[i]}: {raw[i]:+.4g}", quote=True)}" '
+            f'data-tok="{html.escape(sources[i], quote=True)}"></td>'
+            for i in range(len(sources))
+        )
+        rows.append(f'<tr class="row"><th class="tgt">{html.escape(label)}</th>{cells}</tr>')
+    doc = "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{html.escape(heading)}</title>", f"<style>\n{_HTML_CSS}\n{_MATRIX_CSS}\n</style>", "</head>",
+        "<body>", f"<h1>{html.escape(heading)}</h1>",
+        '<div class="legend"><div>negative</div><div class="bar"></div><div>positive</div></div>',
+        '<div id="detail"></div>',
+        f'<table class="matrix"><tr><th></th>{head}</tr>', *rows, "</table>",
+        f"<script>\n{_MATRIX_JS}\n</script>", "</body>", "</html>", "",
+    ])
+    if path is not None:
+        Path(path).write_text(doc, encoding="utf-8")
+    return doc

@@ -229,3 +229,34 @@ def test_compiled_k_targets_equal_eager():
     got, ref = ind(x, target=t), eager(x, target=t)
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.conservation.inputs, ref.conservation.inputs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_explain_generation_matrix_rows_equal_single_explanations(tmp_path):
+    """Generate with the model's own generate(), explain every generated token in one call: row g equals the
+    explanation of that token's logit alone; the HTML matrix has one row per generated token, one cell per token."""
+    from dynlrp_fx.demo import minilm_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = dynlrp.explain_generation(model, tok, "the cat sat on the", max_new_tokens=4)
+    length = g.ids.shape[0]
+    assert len(g.generated) == 4 and g.matrix.shape == (4, length) and len(g.tokens) == length
+    ref = model.generate(**tok("the cat sat on the", return_tensors="pt"), max_new_tokens=4, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    assert torch.equal(g.ids, ref[0])  # the model's own greedy generation
+    ids = g.ids.unsqueeze(0)
+    for r in range(4):
+        pos = g.prompt_length - 1 + r
+        one = dynlrp.compile(model, example_kwargs={"input_ids": ids}, backend="eager",
+                             output=targets.next_token(position=pos))(input_ids=ids, target=ids[:, pos + 1])
+        torch.testing.assert_close(g.matrix[r], one.inputs["input_ids"][0], rtol=1e-4, atol=1e-6)
+        assert not g.matrix[r, pos + 1 :].any()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    doc = g.html(tmp_path / "m.html")
+    assert doc.count('<tr class="row"') == 4 and doc.count("<td ") == 4 * length
+    assert (tmp_path / "m.html").read_text(encoding="utf-8") == doc
+    assert g.token_html().count('<span class="tok"') == 4 * length

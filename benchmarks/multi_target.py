@@ -1,0 +1,193 @@
+"""K targets per sample: ``python -m benchmarks.multi_target [--models resnet50,gpt2_small] [--ks 8,32] [--md F]``.
+
+For each model and K, a fresh worker process (so its peak memory is its own) builds the model as its library
+builds it by default (random weights, eager backend, the default ``epsilon`` rules, batch 2) and times
+
+* **ours, one call**: ``explainer(x, target=T)`` with ``T`` of shape ``(2, K)``: one forward pass, one batched
+  relevance sweep (chunked by the default memory bound; the chunk is reported);
+* **ours, K calls**: ``K x`` the median time of one single-target call (the same program);
+* **autograd, K backward passes**: gradient x input with one forward pass and ``K`` ``torch.autograd.grad`` calls
+  (``retain_graph``), the loop a Captum-style attribution of K targets runs, and ``K x`` one forward+backward.
+
+ResNet-50 at 224x224 explains K classes per image; GPT-2 small at 128 tokens explains the last K positions'
+next tokens with ``dynlrp.targets.each_token(positions=...)``. The compile cache is on (a private folder), so
+workers after the first compile in about a second. Peak memory is the worker's peak RSS (``ru_maxrss``), which
+includes the model and the framework. Times are medians over ``--reps`` calls after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def worker(name: str, k: int, reps: int, what: str) -> dict[str, Any]:
+    """One measurement in this process: ``what`` is ``"one"`` (K targets in one call), ``"single"`` (one target
+    per call, ours and autograd)."""
+    import torch
+
+    import dynlrp_fx as dynlrp
+    from benchmarks.models import build
+
+    device = torch.device("cpu")
+    bm = build(name, device, {"res": 224, "vit_res": 224, "seq": 128})
+    for p in bm.model.parameters():
+        p.requires_grad_(False)
+    args, kwargs = bm.make_inputs(2)
+    t0 = time.perf_counter()
+    ex = dynlrp.compile(bm.model, args, example_kwargs=kwargs)
+    compile_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(k)
+    with torch.no_grad():
+        y = bm.model(*args, **kwargs)
+    if bm.kind == "transformer":
+        ids = kwargs["input_ids"]
+        seq, vocab = ids.shape[1], y.logits.shape[-1]
+        positions = list(range(seq - 1 - k, seq - 1))
+        target: Any = dynlrp.targets.each_token(positions=positions)
+        pos = torch.tensor(positions)
+        flat = pos * vocab + ids[:, pos + 1]  # (2, K) flat logit indices, what each_token resolves to
+    else:
+        classes = y.shape[1]
+        flat = torch.stack([torch.randperm(classes, generator=gen)[:k] for _ in range(2)])
+        target = flat
+    out: dict[str, Any] = {"model": name, "k": k, "what": what, "compile_s": compile_s}
+    if what == "one":
+        box = {}
+
+        def one():
+            box["e"] = ex(*args, target=target, **kwargs)
+
+        out["seconds"] = _median_time(one, reps)
+        e = box["e"]
+        sp = ex.split()
+        from dynlrp_fx.multi import sweep_size
+
+        state = ex.state_tensors()
+        tensors = ex.bind(*args, **kwargs)
+        fwd = list(sp.forward(*state, *tensors))
+        out["targets_per_sweep"] = sweep_size(sp, sp.cut_inputs([*state, *tensors], fwd[sp.n_outputs:]), 2, k, None)
+        out["batched"] = sp.batched
+        out["relevance_shape"] = list(e.relevance.shape if e.relevance is not None else [])
+        out["max_ledger_error"] = float(e.conservation.error.max())
+    else:
+        out["ours_single_s"] = _median_time(lambda: ex(*args, target=flat[:, 0], **kwargs), reps)
+        out["autograd_single_s"] = _median_time(lambda: _autograd(bm, args, kwargs, flat[:, :1]), reps)
+        out["autograd_retain_s"] = _median_time(lambda: _autograd(bm, args, kwargs, flat), max(1, reps - 1))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _autograd(bm, args: tuple, kwargs: dict, flat):
+    """Gradient x input for each column of ``flat`` (flat indices into each sample's output): one forward pass,
+    one ``autograd.grad`` per target."""
+    import torch
+
+    if bm.kind == "transformer":
+        emb, fwd = bm.embed(args, kwargs)
+        x = emb.detach().requires_grad_(True)
+        y = fwd(x)
+    else:
+        x = args[0].detach().requires_grad_(True)
+        y = bm.model(x)
+    y = y.reshape(y.shape[0], -1)
+    rel = []
+    for j in range(flat.shape[1]):
+        (g,) = torch.autograd.grad(y.gather(1, flat[:, j : j + 1]).sum(), x, retain_graph=j + 1 < flat.shape[1])
+        r = g * x
+        rel.append(r.sum(-1) if bm.kind == "transformer" else r)
+    return rel
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet50,gpt2_small")
+    ap.add_argument("--ks", default="8,32")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--md", default=str(RESULTS / "multi_target.md"))
+    ap.add_argument("--json", default=str(RESULTS / "multi_target.json"))
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "WHAT"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a.worker[0], int(a.worker[1]), a.reps, a.worker[2])), flush=True)
+        return
+    import torch
+
+    env = dict(os.environ)
+    env.setdefault("DYNLRP_CACHE_DIR", tempfile.mkdtemp(prefix="dynlrp-bench-cache-"))
+    ks = [int(k) for k in a.ks.split(",")]
+    rows = []
+    for name in a.models.split(","):
+        res = {}
+        for k, what in [(ks[0], "single"), *((k, "one") for k in ks)]:
+            cmd = [sys.executable, "-m", "benchmarks.multi_target", "--reps", str(a.reps), "--worker", name, str(k), what]
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"worker {cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            res[(k, what)] = json.loads(line[7:])
+            print(res[(k, what)], flush=True)
+        single = res[(ks[0], "single")]
+        for k in ks:
+            one = res[(k, "one")]
+            rows.append({
+                "model": name, "k": k, "one_call_s": one["seconds"], "k_calls_s": k * single["ours_single_s"],
+                "ratio": one["seconds"] / (k * single["ours_single_s"]),
+                "autograd_k_backward_s": single["autograd_retain_s"] * k / ks[0],
+                "autograd_k_calls_s": k * single["autograd_single_s"],
+                "targets_per_sweep": one["targets_per_sweep"], "batched": one["batched"],
+                "peak_rss_one_mb": one["peak_rss_mb"], "peak_rss_single_mb": single["peak_rss_mb"],
+                "max_ledger_error": one["max_ledger_error"],
+            })
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "batch": 2}
+    Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        "# K targets per sample in one call (CPU)",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, {meta['threads']} threads, batch 2, eager backend, default epsilon "
+        "rules, models as their libraries build them (random weights). `python -m benchmarks.multi_target`.",
+        "ResNet-50 224x224: K classes per image; GPT-2 small, 128 tokens: `each_token` over the last K positions.",
+        "",
+        "| model | K | ours, one call (s) | ours, K calls (s) | one / K calls | autograd gxi, 1 fwd + K bwd (s) | "
+        "autograd gxi, K calls (s) | targets per sweep | peak RSS one call / single (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['k']} | {r['one_call_s']:.2f} | {r['k_calls_s']:.2f} | **{r['ratio']:.2f}** | "
+            f"{r['autograd_k_backward_s']:.2f} | {r['autograd_k_calls_s']:.2f} | {r['targets_per_sweep']}"
+            f"{'' if r['batched'] else ' (one at a time)'} | {r['peak_rss_one_mb']:.0f} / {r['peak_rss_single_mb']:.0f} |"
+        )
+    lines += ["", "Target: one / K calls <= 0.5 on CPU. "
+              + ", ".join(f"{r['model']} K={r['k']}: {'met' if r['ratio'] <= 0.5 else 'NOT met'} ({r['ratio']:.2f})"
+                          for r in rows) + "."]
+    Path(a.md).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
