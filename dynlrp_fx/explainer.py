@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +28,12 @@ from .passes.pipeline import PassRecord
 from .passes.resolve_promises import DEFAULT_POLICY
 from .passes.reuse_buffers import reuse_buffers
 from .presets import resolve
-from .program import Analysis, Program, build_program, compiled
+from .program import Analysis, Program, _resolve_capture, build_program, compiled
 from .progress import compile_progress
 from .progress import stage as progress_stage
 from .rules.composite import Composite
 from .runtime import CallPath, CallSpec, Conservation, Explanation, explain_first_that_fits
+from .targets import Features
 from .trace import TracedProgram, _OutputWrapper, trace
 
 __all__ = ["compile", "Explainer", "Explanation", "Conservation", "resolve_backend", "BACKENDS"]
@@ -333,12 +334,17 @@ class Explainer(nn.Module):
         prog.calls += 1
         return outs, prog.outputs
 
-    def split(self, mode: str = "target") -> SplitProgram:
+    def split(self, mode: str = "target", conditions: tuple = ()) -> SplitProgram:
         """The program of a seed mode cut into a forward and a relevance graph, compiled for this explainer's
-        backend (made on first use; see :mod:`dynlrp_fx.multi`). This is what several targets per sample run."""
-        sp = self._splits.get(mode)
+        backend (made on first use; see :mod:`dynlrp_fx.multi`). This is what several targets per sample and
+        ``condition=`` run; ``conditions`` (``((path, node name, dim), ...)``) selects a conditioned program."""
+        sp = self._splits.get((mode, conditions))
         if sp is None:
-            prog = self.program(mode)
+            if conditions:  # a program with condition masks: lowered from the analysis, not cached on disk
+                prog = build_program(self.analysis, mode, promise_policy=self.promise_policy, backend="eager",
+                                     dynamic=self.dynamic, mode=None, report=self._report, conditions=conditions)
+            else:
+                prog = self.program(mode)
             inputs = [n for n in prog.graph.graph.nodes if n.op == "placeholder"]
             n_state = len(self._state_plan)
             bsym = None
@@ -347,7 +353,7 @@ class Explainer(nn.Module):
                 if s.batched and isinstance(v, torch.Tensor) and v.ndim and isinstance(v.shape[0], torch.SymInt):
                     bsym = v.shape[0].node.expr
                     break
-            sp = split_program(prog.graph, prog.outputs, len(inputs) - 1, bsym)
+            sp = split_program(prog.graph, prog.outputs, n_state + len(self.call_spec.inputs), bsym)
             if self.backend == "eager":
                 ctx = CompileContext(traced=None, composite=None)
                 sp.forward = reuse_buffers(sp.forward_graph, ctx)
@@ -356,44 +362,118 @@ class Explainer(nn.Module):
                 mode_ = None if self.mode in ("reduce-overhead", "max-autotune") else self.mode
                 sp.forward = compiled(sp.forward_graph, self.backend, self.dynamic, mode_)
                 sp.relevance = compiled(sp.relevance_graph, self.backend, self.dynamic, mode_)
-            self._splits[mode] = sp
+            self._splits[(mode, conditions)] = sp
         return sp
 
     def _run_targets(self, mode: str, tensors: list[torch.Tensor], extra: torch.Tensor, batch: int, k: int,
-                     sweep_batch: int | None):
+                     sweep_batch: int | None, condition: Any = None, masks: tuple | None = None):
         """The call path's multi-target runner: the forward graph once, then the relevance graph over the targets
-        in sweeps of as many as fit (one at a time where the program cannot widen its batch)."""
-        sp = self.split(mode)
+        in sweeps of as many as fit (one at a time where the program cannot widen its batch). ``condition`` is
+        the call's ``condition=``; ``masks`` (``(conditions key, [(batch * k, C) masks])``) gives rows directly."""
+        if condition is not None:
+            key, per_sample = self._condition_masks(condition, batch, tensors[0].device if tensors else None)
+            masks = (key, [m.repeat_interleave(k, 0) for m in per_sample])
+        key, mask_rows = masks if masks is not None else ((), [])
+        sp = self.split(mode, key)
         state = self.state_tensors(tensors[0].device if tensors else None)
         self._check_state(state)
         program_inputs = [*state, *tensors]
+        row_inputs = [extra, *mask_rows]
         with torch.no_grad(), _oblivious():
             fwd = list(sp.forward(*program_inputs))
             cut = sp.cut_inputs(program_inputs, fwd[sp.n_outputs:])
             per = sweep_size(sp, cut, batch, k, sweep_batch)
-            rows = extra.reshape(batch, k, *extra.shape[1:])
+            rows = [r.reshape(batch, k, *r.shape[1:]) for r in row_inputs]
             parts = []
             for j in range(0, k, per):
                 kc = min(per, k - j)
-                chunk = rows[:, j : j + kc].reshape(batch * kc, *extra.shape[1:])
-                parts.append((kc, list(sp.relevance(kc, batch, *cut, chunk))))
+                chunk = [r[:, j : j + kc].reshape(batch * kc, *r.shape[2:]) for r in rows]
+                parts.append((kc, list(sp.relevance(kc, batch, *cut, *chunk))))
         names = sp.outputs
         batched = {s.name: s.batched for s in self.call_spec.inputs}
         # which outputs have a row per (sample, target): the ledger, batched inputs' and captured relevance;
         # params= and inputs without a batch are one value per call, stacked over the targets in front
         rowwise = [True, True, *(batched.get(n, True) for n in names.input_names),
-                   *(False for _ in names.param_names), *(True for _ in names.capture_names)]
+                   *(False for _ in names.param_names), *(True for _ in names.capture_names),
+                   *(True for _ in names.condition_names)]
         out = []
         for i, per_sample in enumerate(rowwise):
             if per_sample:
                 out.append(torch.cat([res[i].reshape(batch, kc, *res[i].shape[1:]) for kc, res in parts], 1))
             else:
                 out.append(torch.stack([res[i] for _, res in parts], 0))
-        self.program(mode).calls += 1
+        if not key:
+            self.program(mode).calls += 1
         return [*fwd[: sp.n_outputs], *out], sp.outputs
 
+    def _condition_masks(self, condition: Any, batch: int, device: Any) -> tuple[tuple, list[torch.Tensor]]:
+        """``condition=`` -> the conditions key ``((path, node name, dim), ...)`` and one ``(batch, C)`` mask per
+        conditioned module (see :meth:`forward`)."""
+        if not isinstance(condition, Mapping) or not condition:
+            raise DynlrpInputError(
+                f"condition= must be a dict module path -> features (e.g. {{'layer3': [0, 5]}}), got {condition!r}"
+            )
+        key, masks = [], []
+        for path, spec in condition.items():
+            node_name, dim, size, dtype = self._feature_axis(path, spec.dim if isinstance(spec, Features) else None)
+            index = spec.index if isinstance(spec, Features) else spec
+            key.append((path, node_name, dim))
+            masks.append(_feature_mask(index, batch, size, dtype, device, path))
+        return tuple(key), masks
+
+    def _feature_axis(self, path: str, dim: int | None) -> tuple[str, int, int, torch.dtype]:
+        """``(node name, feature dim, its size, mask dtype)`` of module ``path``'s output; ``dim`` ``None``: the
+        channels of a 4-D/5-D output (dim 1), else the last dim (hidden units, or per-head features)."""
+        node_name = _resolve_capture(self.traced, self.analysis.graph, [path])[path]
+        node = next(n for n in self.analysis.graph.graph.nodes if n.name == node_name)
+        v = node.meta.get("val")
+        if not isinstance(v, torch.Tensor) or v.ndim < 2:
+            raise DynlrpInputError(f"condition: the output of {path!r} is not a batched tensor with features")
+        d = (1 if v.ndim >= 4 else v.ndim - 1) if dim is None else int(dim) % v.ndim
+        if d == 0:
+            raise DynlrpInputError(f"condition: dim 0 of {path!r} is the batch; choose a feature dim")
+        size = v.shape[d]
+        if not isinstance(size, int):
+            raise DynlrpInputError(f"condition: dim {d} of {path!r}'s output has a dynamic size ({size}); choose "
+                                   "a feature dim of fixed size")
+        return node_name, d, size, torch.promote_types(v.dtype, torch.float32)
+
+    def concepts(self, *args, target: Any = None, layer: str, channels: Any = None, dim: int | None = None,
+                 sweep_batch: int | None = None, **kwargs) -> ConceptExplanation:
+        """Concept relevance (CRP, Achtibat et al. 2023): one input heatmap per feature of ``layer``'s output, in
+        one forward pass and one batched sweep.
+
+        Each heatmap is the relevance of the explained target that flows through one channel (``dim`` as in
+        ``condition=``: channels of a conv output, hidden units or per-head features of a transformer's); where
+        ``layer`` is a cut of the graph (every path from the input to the output passes through it) the heatmaps
+        sum to the unconditional relevance. Where it is not (a residual block's branch), relevance that bypasses
+        the layer is in every heatmap: ``explainer(x, target=t, condition={layer: torch.zeros(C)})`` is that share. ``channels`` (default: all) picks the features; ``target`` is one
+        target per sample (as in :meth:`forward`).
+        Returns a :class:`ConceptExplanation`: ``heatmaps`` ``(B, C, *x.shape[1:])``, ``relevance`` ``(B, C)`` (the
+        relevance reaching each channel: a channel's share of the target), ``channels``.
+        """
+        tensors = self._call.bind(args, kwargs)
+        batch = self._call.batch_size(tensors)
+        device = tensors[0].device if tensors else None
+        node_name, d, size, dtype = self._feature_axis(layer, dim)
+        chans = list(range(size)) if channels is None else [int(c) for c in torch.as_tensor(channels).reshape(-1)]
+        if not chans or any(not 0 <= c < size for c in chans):
+            raise DynlrpInputError(f"concepts: channels {chans[:8]} out of range for {layer!r} ({size} features)")
+        k = len(chans)
+        if isinstance(target, torch.Tensor) and target.ndim == 2 or self._call.targets_per_sample(target, None):
+            raise DynlrpInputError("concepts() takes one target per sample (the channels are the second axis)")
+        extra = self._call.multi_target_tensor(target, batch, k, device)
+        onehot = torch.zeros(k, size, dtype=dtype, device=device)
+        onehot[torch.arange(k), torch.tensor(chans)] = 1
+        masks = (((layer, node_name, d),), [onehot.repeat(batch, 1)])
+        outs, names = self._run_targets("target", tensors, extra, batch, k, sweep_batch, masks=masks)
+        expl = self._call.unpack(outs, names, k=k)
+        per_channel = expl.conditioned[layer]  # (B, K, C): relevance at the layer per feature, before each mask
+        rel = per_channel[:, torch.arange(k), torch.tensor(chans)]
+        return ConceptExplanation(chans, expl.relevance, rel, expl)
+
     def forward(self, *args, target: Any = None, seed: torch.Tensor | None = None, sweep_batch: int | None = None,
-                **kwargs) -> Explanation:
+                condition: Any = None, **kwargs) -> Explanation:
         """Explain the model on these inputs.
 
         Parameters
@@ -416,14 +496,21 @@ class Explainer(nn.Module):
         one sweep (the targets are then swept in chunks; default: as many as keep the widened forward values under
         ``DYNLRP_SWEEP_BYTES``, 2 GiB). With several explained outputs, a ``(B, K)`` target for one output and one
         index per sample for another seeds both at each of the K targets. See :mod:`dynlrp_fx.multi`.
+
+        **Conditions (CRP).** ``condition={"layer3": [0, 5]}`` keeps only the relevance that flows through features
+        0 and 5 of module ``layer3``'s output (channels of a conv output: dim 1; else the last dim; use
+        ``dynlrp.targets.Features(index, dim=)`` for another dim; a float/bool mask ``(C,)`` or ``(B, C)`` weights
+        the features per sample). What the mask removes is absorbed in the ledger; ``Explanation.conditioned[path]``
+        is the relevance that reached each feature. The first call with a new set of conditioned modules builds a
+        program for it (the trace is reused). See :meth:`concepts` for one heatmap per channel.
         """
         paths = [self._call, *(v._call for v in reversed(self._variants))]  # most recently used variants first
         try:
-            explanation, hit = explain_first_that_fits(paths, args, kwargs, target, seed, sweep_batch)
+            explanation, hit = explain_first_that_fits(paths, args, kwargs, target, seed, sweep_batch, condition)
         except DynlrpShapeError as e:
             if self._rebuild is None:
                 raise
-            return self._variant(args, kwargs, e)._call.explain(args, kwargs, target, seed, sweep_batch)
+            return self._variant(args, kwargs, e)._call.explain(args, kwargs, target, seed, sweep_batch, condition)
         if hit:
             self._variants.append(self._variants.pop(-hit))
         return explanation
@@ -756,3 +843,33 @@ def _tensor_at(root: nn.Module, target: str) -> torch.Tensor | None:
         if obj is None:
             return None
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+@dataclass
+class ConceptExplanation:
+    """What :meth:`Explainer.concepts` returns: ``heatmaps`` (``(B, C, *x.shape[1:])``, one input relevance map per
+    channel), ``relevance`` (``(B, C)``, the relevance reaching each channel) for ``channels`` (the feature indices,
+    in order), and the full :class:`Explanation` (ledger per (sample, channel))."""
+
+    channels: list[int]
+    heatmaps: torch.Tensor
+    relevance: torch.Tensor
+    explanation: Explanation
+
+
+def _feature_mask(index: Any, batch: int, size: int, dtype: torch.dtype, device: Any, path: str) -> torch.Tensor:
+    """A ``condition=`` value as a ``(batch, size)`` mask: feature indices (int, list, integer tensor) select, a
+    float/bool tensor ``(size,)`` or ``(batch, size)`` weights."""
+    t = torch.as_tensor(index, device=device) if not isinstance(index, torch.Tensor) else index.to(device)
+    if t.dtype == torch.bool or t.dtype.is_floating_point:
+        if tuple(t.shape) not in ((size,), (batch, size)):
+            raise DynlrpInputError(f"condition mask for {path!r} has shape {tuple(t.shape)}; expected ({size},) or "
+                                   f"({batch}, {size})")
+        return t.to(dtype).expand(batch, size).contiguous()
+    idx = t.reshape(-1).long()
+    if idx.numel() == 0 or bool(((idx < 0) | (idx >= size)).any()):
+        raise DynlrpInputError(f"condition for {path!r}: feature indices {idx.tolist()[:8]} out of range "
+                               f"[0, {size})")
+    mask = torch.zeros(size, dtype=dtype, device=device)
+    mask[idx] = 1
+    return mask.expand(batch, size).contiguous()

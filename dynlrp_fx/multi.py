@@ -78,7 +78,8 @@ class SplitProgram:
     """A program cut into a forward graph and a relevance graph (see the module doc).
 
     ``forward(*state, *inputs)`` returns ``(*explained outputs, *cut values)``; ``relevance(k, batch, *cut inputs,
-    extra)`` returns ``(seed_total, absorbed, *input/param/captured relevance)`` for ``batch * k`` rows.
+    extra, *condition masks)`` returns ``(seed_total, absorbed, *input/param/captured/conditioned relevance)`` for
+    ``batch * k`` rows (the extra and the masks have ``batch * k`` rows).
     ``batched`` is false when the relevance graph only runs at ``k == 1`` (``why`` says why)."""
 
     forward_graph: fx.GraphModule
@@ -169,16 +170,17 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
     g = gm.graph
     nodes = list(g.nodes)
     phs = [n for n in nodes if n.op == "placeholder"]
-    if len(phs) != n_inputs_before_extra + 1:
-        raise ValueError(f"program has {len(phs)} placeholders, expected {n_inputs_before_extra} inputs + 1")
-    extra = phs[-1]
+    if len(phs) <= n_inputs_before_extra:
+        raise ValueError(f"program has {len(phs)} placeholders, expected {n_inputs_before_extra} inputs + the extra")
+    # the target/seed and any condition= masks: per relevance row, inputs of the relevance half
+    row_inputs = phs[n_inputs_before_extra:]
     out_node = nodes[-1]
     results = list(out_node.args[0])
     n_out = max(1, len(outputs.output_names))
     model_outs, rel_outs = results[:n_out], results[n_out:]
 
     # the relevance half: what depends on the target/seed, plus rematerialised forward values
-    dep: set[fx.Node] = {extra}
+    dep: set[fx.Node] = set(row_inputs)
     for n in nodes:
         if n.op == "call_function" and any(a in dep for a in n.all_input_nodes):
             dep.add(n)
@@ -202,7 +204,7 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
     for n in [*rel, out_node]:
         args = n.all_input_nodes if n is not out_node else [r for r in rel_outs if isinstance(r, fx.Node)]
         for a in args:
-            if a in fwd and a not in seen and a is not extra and a.op != "get_attr":
+            if a in fwd and a not in seen and a not in dep and a.op != "get_attr":
                 seen.add(a)
                 cut_nodes.append(a)
 
@@ -231,7 +233,7 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
     fg = fx.Graph()
     fenv: dict[fx.Node, fx.Node] = {}
     for n in nodes:
-        if n in fwd or (n.op == "placeholder" and n is not extra):
+        if n in fwd or (n.op == "placeholder" and n not in dep):
             fenv[n] = fg.node_copy(n, fenv.__getitem__)
     forward_cuts = [c for c in cut_nodes if c.op != "placeholder"]
     fg.output(tuple([fenv[r] if isinstance(r, fx.Node) else r for r in model_outs] + [fenv[c] for c in forward_cuts]))
@@ -243,8 +245,10 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
     cut_ph = {c: rg.placeholder(f"cut_{c.name}") for c in cut_nodes}
     for c in cut_nodes:
         cut_ph[c].meta = dict(c.meta)
-    renv: dict[fx.Node, fx.Node] = {extra: rg.placeholder(extra.name)}
-    renv[extra].meta = dict(extra.meta)
+    renv: dict[fx.Node, fx.Node] = {}
+    for p in row_inputs:
+        renv[p] = rg.placeholder(p.name)
+        renv[p].meta = dict(p.meta)
 
     def use(a: fx.Node) -> fx.Node:
         if a in renv:
@@ -270,7 +274,7 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
         renv[n] = rg.node_copy(n, use)
     rg.output(tuple(use(r) if isinstance(r, fx.Node) else r for r in rel_outs))
 
-    index = {p: i for i, p in enumerate(phs[:-1])}
+    index = {p: i for i, p in enumerate(phs[:n_inputs_before_extra])}
     fidx = {c: i for i, c in enumerate(forward_cuts)}
     cuts = [_Cut(c.name, c.op == "placeholder", index[c] if c.op == "placeholder" else fidx[c], *plans.get(c, ("same", 0, 1)))
             for c in cut_nodes]

@@ -92,7 +92,7 @@ class Analysis:
         self.uncovered = ctx.uncovered
         self.params = _resolve_params(traced, params)
         self.capture = _resolve_capture(traced, self.graph, capture)
-        self._lowered: dict[tuple[str, str], tuple[fx.GraphModule, ProgramOutputs, PipelineReport]] = {}
+        self._lowered: dict[tuple, tuple[fx.GraphModule, ProgramOutputs, PipelineReport]] = {}
 
     @property
     def output_node(self) -> fx.Node:
@@ -100,17 +100,20 @@ class Analysis:
         out = next(n for n in self.graph.graph.nodes if n.op == "output")
         return out.args[0][self.traced.output_index]
 
-    def context(self, seed_mode: str, promise_policy: str, backend: Any = "eager") -> CompileContext:
-        """The compile context of one program of this analysis."""
+    def context(self, seed_mode: str, promise_policy: str, backend: Any = "eager",
+                conditions: tuple = ()) -> CompileContext:
+        """The compile context of one program of this analysis (``conditions``: ``((path, node name, dim), ...)``
+        for a program that takes ``condition=`` masks)."""
         return CompileContext(traced=self.traced, composite=self.composite, seed_mode=seed_mode,
                               promise_policy=promise_policy, backend=backend, params=dict(self.params),
-                              capture=dict(self.capture))
+                              capture=dict(self.capture), conditions={p: (n, d) for p, n, d in conditions})
 
-    def lowered(self, seed_mode: str, promise_policy: str) -> tuple[fx.GraphModule, ProgramOutputs, PipelineReport]:
+    def lowered(self, seed_mode: str, promise_policy: str,
+                conditions: tuple = ()) -> tuple[fx.GraphModule, ProgramOutputs, PipelineReport]:
         """The lowered program of a seed mode under a memory policy: ``(graph, outputs, report of its passes)``."""
-        key = (seed_mode, promise_policy)
+        key = (seed_mode, promise_policy, *conditions)
         if key not in self._lowered:
-            ctx = self.context(seed_mode, promise_policy)
+            ctx = self.context(seed_mode, promise_policy, conditions=conditions)
             report = PipelineReport()
             graph = PIPELINE.run(self.graph, ctx, stage="synthesis", report=report, label=f"synthesis[{seed_mode}]")
             self._lowered[key] = (graph, ctx.outputs, report)
@@ -118,14 +121,14 @@ class Analysis:
 
 
 def build_program(analysis: Analysis, seed_mode: str, *, promise_policy: str, backend: Any, dynamic: bool,
-                  mode: str | None, report: PipelineReport) -> Program:
+                  mode: str | None, report: PipelineReport, conditions: tuple = ()) -> Program:
     """Lower (or reuse) the program of ``seed_mode`` and compile it for ``backend``; the passes that ran are
     appended to ``report``."""
     t0 = time.perf_counter()
     progress_stage(f"synthesis passes [{seed_mode}]")
-    graph, outputs, synth = analysis.lowered(seed_mode, promise_policy)
+    graph, outputs, synth = analysis.lowered(seed_mode, promise_policy, conditions)
     report.records.extend(synth.records)
-    ctx = analysis.context(seed_mode, promise_policy, backend)
+    ctx = analysis.context(seed_mode, promise_policy, backend, conditions)
     progress_stage(f"backend [{backend}]")
     runnable = PIPELINE.run(graph, ctx, stage="backend", report=report, label=f"backend[{seed_mode}, {backend}]")
     # Inductor reuses buffers itself (and would functionalise in-place ops), so only eager runs the rewritten copy

@@ -70,6 +70,9 @@ class Explanation:
     batch) every relevance has a target axis after the batch (``relevance`` ``(B, K, *x.shape[1:])``), the ledger's
     tensors and ``absorbed`` are ``(B, K)``, ``params`` gain a leading ``K`` axis, and ``output`` is the model
     output once (batch ``B``). ``targets`` is then the ``(B, K)`` target tensor (``None`` for seeds).
+
+    conditioned: with ``condition={path: features}``, module path -> the relevance that reached that module's
+        output per feature, before the condition's mask (``(B, C)``, or ``(B, K, C)``).
     """
 
     output: torch.Tensor | dict[str, torch.Tensor]
@@ -80,6 +83,7 @@ class Explanation:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
     targets: torch.Tensor | None = None
+    conditioned: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def dim_spec(size: Any) -> int | str:
@@ -228,14 +232,14 @@ class CallSpec:
 
 
 def explain_first_that_fits(paths: list[CallPath], args: tuple, kwargs: dict, target: Any,
-                            seed: Any, sweep_batch: int | None = None) -> tuple[Explanation, int]:
+                            seed: Any, sweep_batch: int | None = None, condition: Any = None) -> tuple[Explanation, int]:
     """Explain with the first of ``paths`` whose program takes these input shapes (a live explainer and those it
     built for other shapes, or a loaded file's programs): ``(explanation, index of that path)``. Raises the first
     path's :class:`~dynlrp_fx.DynlrpShapeError` when none takes them; any other error at once."""
     first = None
     for i, path in enumerate(paths):
         try:
-            return path.explain(args, kwargs, target, seed, sweep_batch), i
+            return path.explain(args, kwargs, target, seed, sweep_batch, condition), i
         except DynlrpShapeError as e:
             first = first or e
     raise first
@@ -243,10 +247,10 @@ def explain_first_that_fits(paths: list[CallPath], args: tuple, kwargs: dict, ta
 
 #: ``runner(mode, tensors, extra, batch) -> (outputs, ProgramOutputs)``: runs the program of a seed mode
 Runner = Callable[[str, list, torch.Tensor, int], tuple]
-#: ``multi_runner(mode, tensors, extra, batch, k, sweep_batch) -> (outputs, ProgramOutputs)``: ``extra`` holds
+#: ``multi_runner(mode, tensors, extra, batch, k, sweep_batch, condition) -> (outputs, ProgramOutputs)``: ``extra`` holds
 #: ``batch * k`` rows (sample ``b``'s target ``j`` at row ``b * k + j``); the outputs are the explained outputs at
 #: batch ``batch``, then ``seed_total``/``absorbed`` ``(batch, k)`` and every relevance ``(batch, k, ...)``
-MultiRunner = Callable[[str, list, torch.Tensor, int, int, Any], tuple]
+MultiRunner = Callable[..., tuple]
 
 
 class CallPath:
@@ -492,7 +496,7 @@ class CallPath:
 
     # -- a call ---------------------------------------------------------------------------------------------------
     def explain(self, args: tuple, kwargs: dict, target: Any = None, seed: torch.Tensor | None = None,
-                sweep_batch: int | None = None) -> Explanation:
+                sweep_batch: int | None = None, condition: Any = None) -> Explanation:
         """Explain one call: see :meth:`dynlrp_fx.Explainer.forward`."""
         if target is not None and seed is not None:
             raise DynlrpInputError("give either target= or seed=, not both")
@@ -500,8 +504,11 @@ class CallPath:
         if hasattr(target, "resolve") and callable(target.resolve):  # a targets.TargetRule, e.g. each_token()
             target = self.resolve_target(target, tensors)
         k = self.targets_per_sample(target, seed)
+        if condition is not None and k is None:  # one target per sample: the K = 1 path, without the target axis
+            return _drop_target_axis(self.explain_targets(tensors, _with_axis(target), _with_axis(seed), 1,
+                                                          sweep_batch, condition))
         if k is not None:
-            return self.explain_targets(tensors, target, seed, k, sweep_batch)
+            return self.explain_targets(tensors, target, seed, k, sweep_batch, condition)
         batch = self.batch_size(tensors)
         device = tensors[0].device if tensors else None
         if seed is None:
@@ -581,7 +588,7 @@ class CallPath:
         return torch.stack([one(t, n, sh) for t, (n, sh) in zip(per, outs)], 1)
 
     def explain_targets(self, tensors: list[torch.Tensor], target: Any, seed: Any, k: int,
-                        sweep_batch: int | None = None) -> Explanation:
+                        sweep_batch: int | None = None, condition: Any = None) -> Explanation:
         """Explain ``k`` targets per sample of bound inputs (see :meth:`dynlrp_fx.Explainer.forward`)."""
         if sweep_batch is not None and (isinstance(sweep_batch, bool) or not isinstance(sweep_batch, int)
                                         or sweep_batch < 1):
@@ -593,7 +600,10 @@ class CallPath:
         else:
             mode, extra = "seed", self.seed_tensor(seed, tensors, k)
         if self.multi_runner is not None:
-            outs, names = self.multi_runner(mode, tensors, extra, batch, k, sweep_batch)
+            outs, names = self.multi_runner(mode, tensors, extra, batch, k, sweep_batch, condition)
+        elif condition is not None:
+            raise DynlrpInputError("condition= needs a live explainer (dynlrp.compile): a loaded file's program "
+                                   "has no conditioned form")
         else:
             outs, names = self._repeated(mode, tensors, extra, batch, k)
         expl = self.unpack(outs, names, k=k)
@@ -624,7 +634,8 @@ class CallPath:
         With ``k`` targets per sample the ledger and relevance have a target axis after the batch."""
         out_names = list(getattr(names, "output_names", None) or [])
         k = max(1, len(out_names))
-        n_in, n_par = len(names.input_names), len(names.param_names)
+        n_in, n_par, n_cap = len(names.input_names), len(names.param_names), len(names.capture_names)
+        cond_names = list(getattr(names, "condition_names", None) or [])
         ys = list(outs[:k])
         seed_total, absorbed, *rest = outs[k:]
         rels = rest[:n_in]
@@ -651,5 +662,35 @@ class CallPath:
             absorbed=absorbed,
             conservation=Conservation(seed_total, total, absorbed),
             params=dict(zip(names.param_names, rest[n_in : n_in + n_par])),
-            captured=dict(zip(names.capture_names, rest[n_in + n_par :])),
+            captured=dict(zip(names.capture_names, rest[n_in + n_par : n_in + n_par + n_cap])),
+            conditioned=dict(zip(cond_names, rest[n_in + n_par + n_cap :])),
         )
+
+
+def _with_axis(value: Any) -> Any:
+    """A one-target-per-sample ``target=``/``seed=`` with a target axis of size 1 (dicts and tuples per output)."""
+    if value is None or isinstance(value, (int, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _with_axis(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_with_axis(v) for v in value)
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return t.unsqueeze(1) if t.ndim >= 1 else t
+
+
+def _drop_target_axis(expl: Explanation) -> Explanation:
+    """An explanation of one target per sample from the ``K = 1`` path: the target axis removed."""
+    def sq(t: Any) -> Any:
+        return t.squeeze(1) if isinstance(t, torch.Tensor) and t.ndim >= 2 else t
+
+    expl.relevance = sq(expl.relevance)
+    expl.inputs = {k: sq(v) for k, v in expl.inputs.items()}
+    expl.absorbed = expl.absorbed.squeeze(1)
+    c = expl.conservation
+    expl.conservation = Conservation(c.seed.squeeze(1), c.inputs.squeeze(1), c.absorbed.squeeze(1))
+    expl.params = {k: v.squeeze(0) for k, v in expl.params.items()}
+    expl.captured = {k: sq(v) for k, v in expl.captured.items()}
+    expl.conditioned = {k: sq(v) for k, v in expl.conditioned.items()}
+    expl.targets = None if expl.targets is None else expl.targets.squeeze(1)
+    return expl

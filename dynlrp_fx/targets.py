@@ -53,6 +53,7 @@ __all__ = [
     "token_relevance",
     "TargetRule",
     "each_token",
+    "Features",
 ]
 
 
@@ -248,3 +249,15 @@ def each_token(positions: Any = None, *, input: str = "input_ids") -> TargetRule
     by causality the relevance of tokens after ``positions[j]`` is zero. Negative positions count from the end.
     """
     return _EachToken(None if positions is None else list(positions), input)
+
+
+class Features:
+    """A ``condition=`` value with an explicit feature dim: ``Features([0, 3], dim=-1)`` selects features 0 and 3
+    of the last dim of a module's output (``index`` as in ``condition=``: indices, or a float/bool mask)."""
+
+    def __init__(self, index: Any, dim: int | None = None):
+        self.index = index
+        self.dim = dim
+
+    def __repr__(self) -> str:
+        return f"dynlrp.targets.Features({self.index!r}, dim={self.dim!r})"

@@ -310,6 +310,8 @@ class ProgramOutputs:
     #: names of the explained outputs the graph returns in front of ``seed_total`` (one entry, or none in files
     #: written before several outputs existed: a single output)
     output_names: list[str] = field(default_factory=list)
+    #: conditioned module paths (``condition=``): their per-feature relevance before the mask follows the captures
+    condition_names: list[str] = field(default_factory=list)
 
 
 #: rule classes whose parameter operands get the route rule ``R_W = J_W^T R``
@@ -398,6 +400,10 @@ class _Pairing:
             self.cap_of.setdefault(self.by_name[node_name], []).append(pub)
         self.captured: dict[str, fx.Node] = {}
         self.traces = ctx.traces
+        #: condition=: public path -> (node name, feature dim); node -> [(path, mask placeholder, dim)]
+        self.conditions = dict(getattr(ctx, "conditions", {}) or {})
+        self.cond_of: dict[fx.Node, list] = {}
+        self.conditioned: dict[str, fx.Node] = {}
 
     # -- graph building -------------------------------------------------------------------------------------------
     def emit(self, fn, *args) -> fx.Node:
@@ -448,6 +454,16 @@ class _Pairing:
                 seed_fake = torch.cat([torch.empty_like(y, dtype=dtype).reshape(b, -1) for y in ys], 1)
         self.seed_ph = g.placeholder("dynlrp_target" if self.mode == "target" else "dynlrp_seed")
         self.seed_ph.meta["val"] = seed_fake
+        for i, (pub, (node_name, dim)) in enumerate(self.conditions.items()):
+            # condition=: a (B, C) mask over the feature dim of a node, multiplied into the relevance reaching it
+            n = self.by_name[node_name]
+            v = _val(n)
+            with self.fake_mode:
+                mask_fake = torch.empty((v.shape[0], v.shape[dim]), dtype=torch.promote_types(v.dtype, torch.float32),
+                                        device=v.device)
+            ph = g.placeholder(f"dynlrp_condition_{i}")
+            ph.meta["val"] = mask_fake
+            self.cond_of.setdefault(n, []).append((pub, ph, dim))
         for n in self.nodes:
             if n.op in ("call_function", "get_attr", "call_method", "call_module"):
                 env[n] = g.node_copy(n, lambda a: env[a])
@@ -515,6 +531,8 @@ class _Pairing:
     def visit(self, n: fx.Node) -> None:
         """Emit the relevance op of forward node ``n`` if relevance reached it (after all its users)."""
         R = self.R
+        if n in self.cond_of and n in R:
+            self.condition(n)
         if n in self.cap_of and n in R:
             r_cap = R[n]
             if isinstance(r_cap, dict):
@@ -565,6 +583,26 @@ class _Pairing:
             if prule is not None:
                 self.param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
 
+    def condition(self, n: fx.Node) -> None:
+        """``condition=`` at ``n``: record the relevance reaching it per feature, then keep only the masked share
+        (what the mask removes goes to the ledger)."""
+        r = self.R[n]
+        if isinstance(r, dict):
+            raise ValueError(f"condition: node {n.name} has several outputs; condition a module with one output")
+        emit = self.emit
+        for pub, ph, dim in self.cond_of[n]:
+            ndim = _val(r).ndim
+            self.conditioned[pub] = emit(torch.ops.aten.sum.dim_IntList, r, [d for d in range(1, ndim) if d != dim])
+            mask = ph
+            for _ in range(dim - 1):
+                mask = emit(torch.ops.aten.unsqueeze.default, mask, 1)
+            for _ in range(ndim - 1 - dim):
+                mask = emit(torch.ops.aten.unsqueeze.default, mask, -1)
+            masked = emit(torch.ops.aten.mul.Tensor, r, mask)
+            self.ledger(n, r, [(masked, n)])
+            r = masked
+        self.R[n] = r
+
     def ledger(self, n: fx.Node, r_arg: Any, r_ins: list) -> None:
         """A ledger entry: what ``n``'s relevance op absorbed, per sample."""
         routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
@@ -606,6 +644,12 @@ class _Pairing:
         for pub, node_name in self.capture.items():
             r = self.captured.get(pub)
             outs.append(r if r is not None else emit(torch.ops.aten.zeros_like.default, env[self.by_name[node_name]]))
+        for pub, (node_name, _dim) in self.conditions.items():
+            r = self.conditioned.get(pub)
+            if r is None:  # no relevance reached the node: zeros per feature
+                ph = next(p for p_, p, _ in self.cond_of[self.by_name[node_name]] if p_ == pub)
+                r = emit(torch.ops.aten.mul.Tensor, ph, 0.0)
+            outs.append(r)
         self.g.output(tuple(outs))
         return ProgramOutputs(names, self.unattributed, [pub for _, pub in self.param_order], list(self.capture),
-                              list(self.y_names))
+                              list(self.y_names), list(self.conditions))

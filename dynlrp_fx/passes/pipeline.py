@@ -76,6 +76,8 @@ class CompileContext:
     backend: Any = "eager"
     params: dict[str, str] = field(default_factory=dict)
     capture: dict[str, str] = field(default_factory=dict)
+    #: ``condition=``: public module path -> (node name, feature dim) whose relevance is masked (see pair)
+    conditions: dict[str, tuple[str, int]] = field(default_factory=dict)
     strict: bool = True
     uncovered: dict[str, list[str]] = field(default_factory=dict)
     outputs: Any = None
