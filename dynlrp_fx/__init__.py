@@ -8,7 +8,7 @@
 
 from . import evaluate, presets, targets
 from .coverage import coverage
-from .dataset import attribute_dataset, load_shards, merge_shards
+from .dataset import attribute_dataset, load_shards, merge_shards, top_samples
 from .errors import (
     DynlrpDatasetError,
     DynlrpError,
@@ -47,6 +47,7 @@ __all__ = [
     "attribute_dataset",
     "merge_shards",
     "load_shards",
+    "top_samples",
     "DynlrpError",
     "DynlrpDatasetError",
     "DynlrpInputError",

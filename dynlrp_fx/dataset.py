@@ -41,7 +41,9 @@ Each shard holds, for its samples in loader order:
 * ``output``, ``target`` (the explained index, argmax resolved), ``seed``, ``absorbed``;
 * ``captured.<module path>`` with ``compile(..., capture=...)``; ``params.<name>`` with ``compile(..., params=...)``
   (summed over the shard's samples; :func:`merge_shards` sums them over shards);
-* ``input.<name>`` with ``save_inputs=True``.
+* ``input.<name>`` with ``save_inputs=True``;
+* ``concept.<module path>`` with ``concepts=``: the relevance that reached each feature of the module's output
+  ``(N, C)`` (see :func:`top_samples`).
 
 Beyond one machine: run the same script under ``torchrun``. When ``torch.distributed`` is initialised (or the
 ``RANK``/``WORLD_SIZE`` environment of ``torchrun`` is set, in which case a process group is created here: gloo on
@@ -70,7 +72,7 @@ import torch
 
 from .errors import DynlrpDatasetError
 
-__all__ = ["attribute_dataset", "merge_shards", "load_shards", "DatasetRun", "shard_name"]
+__all__ = ["attribute_dataset", "merge_shards", "load_shards", "DatasetRun", "shard_name", "top_samples"]
 
 FORMAT = "dynlrp-shards-1"
 MANIFEST_VERSION = 2  # 1 (no "version" key): entries without sha256 / fingerprint
@@ -422,6 +424,7 @@ class _ShardWriter:
         unpack: Callable[[Any], tuple[tuple, dict, Any]] | None,
         device: Any,
         save_inputs: bool,
+        concepts: dict | None = None,
     ) -> None:
         self.explainer = explainer
         self.out = out
@@ -436,6 +439,7 @@ class _ShardWriter:
         self.unpack = unpack
         self.device = device
         self.save_inputs = save_inputs
+        self.concepts = concepts
         self.run = DatasetRun(out, rank, world)
         self.manifest_path = out / f"manifest-{rank:03d}.json"
         self.manifest = {
@@ -536,7 +540,10 @@ class _ShardWriter:
         if isinstance(tgt, torch.Tensor) and device is not None:
             tgt = tgt.to(device)
         with torch.no_grad():
-            expl = self.explainer(*args, target=tgt, **kwargs)
+            if self.concepts:  # an all-ones condition: the same explanation, plus each feature's relevance
+                expl = self.explainer(*args, target=tgt, condition=self.concepts, **kwargs)
+            else:
+                expl = self.explainer(*args, target=tgt, **kwargs)
         self.run.explainer_calls += 1
         self.records.append(_record(expl, tgt, self.offset, n, args, kwargs, self.save_inputs))
 
@@ -662,6 +669,7 @@ def attribute_dataset(
     unpack: Callable[[Any], tuple[tuple, dict, Any]] | None = None,
     device: Any = None,
     save_inputs: bool = False,
+    concepts: Any = None,
 ) -> DatasetRun:
     """Explain every batch of ``dataloader`` and write the results in shards under ``out_dir`` (see module doc).
 
@@ -679,6 +687,10 @@ def attribute_dataset(
     unpack: ``batch -> (args, kwargs, labels)`` overriding the default unpacking.
     device: move the batch's tensors there before explaining (results are stored on the CPU).
     save_inputs: also store the inputs (``input.<name>``).
+    concepts: a module path or a list of them (or a dict path -> ``dynlrp.targets.Features(None, dim=)``): also
+        store, per sample, the relevance that reached each feature of those modules' outputs
+        (``concept.<path>``, ``(N, C)``), for ranking the most relevant samples per concept with
+        :func:`top_samples` ("relevance maximisation", CRP). Needs a live explainer.
 
     Returns
     -------
@@ -723,6 +735,7 @@ def attribute_dataset(
         unpack=unpack,
         device=device,
         save_inputs=save_inputs,
+        concepts=_concept_conditions(concepts),
     )
     writer.check_existing()
     writer.start(progress)
@@ -762,6 +775,8 @@ def _record(expl: Any, tgt: Any, offset: int, n: int, args: tuple, kwargs: dict,
         rec[f"captured.{name}"] = r
     for name, r in getattr(expl, "params", {}).items():
         rec[f"params.{name}"] = r
+    for name, r in getattr(expl, "conditioned", {}).items():
+        rec[f"concept.{name}"] = r
     if save_inputs:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
@@ -875,3 +890,36 @@ def merge_shards(out_dir: str | os.PathLike[str], *, strict: bool = True) -> dic
             "samples: were the shards written by runs over different loaders?)"
         )
     return merged
+
+
+def _concept_conditions(concepts: Any) -> dict | None:
+    """``attribute_dataset(concepts=)`` as a ``condition=`` that keeps every feature (``None``: all of them)."""
+    if concepts is None:
+        return None
+    from .targets import Features
+
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if isinstance(concepts, Mapping):
+        return {p: v if isinstance(v, Features) else Features(None, dim=v) for p, v in concepts.items()}
+    return {p: Features(None) for p in concepts}
+
+
+def top_samples(merged: Mapping[str, torch.Tensor] | str | os.PathLike[str], layer: str, n: int = 10,
+                channels: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` samples whose explanations put the most relevance on each feature of ``layer`` (relevance
+    maximisation, CRP): ``(indices, relevance)``, both ``(n, C)`` (column ``c``: feature ``channels[c]``, most
+    relevant first; indices are dataset positions). ``merged`` is :func:`merge_shards`'s result or the run's
+    directory; the run must have stored ``concepts=[layer]``."""
+    data = merge_shards(merged) if not isinstance(merged, Mapping) else merged
+    key = f"concept.{layer}"
+    if key not in data:
+        have = sorted(k[len("concept.") :] for k in data if k.startswith("concept."))
+        raise KeyError(f"top_samples: the run stored no concept relevance for {layer!r} (it has {have}); run "
+                       f"attribute_dataset(..., concepts=[{layer!r}])")
+    rel = data[key]
+    if channels is not None:
+        rel = rel[:, torch.as_tensor(channels).reshape(-1).long()]
+    k = min(int(n), rel.shape[0])
+    values, order = rel.topk(k, dim=0)
+    return data["index"][order], values

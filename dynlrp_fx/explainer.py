@@ -860,6 +860,8 @@ class ConceptExplanation:
 def _feature_mask(index: Any, batch: int, size: int, dtype: torch.dtype, device: Any, path: str) -> torch.Tensor:
     """A ``condition=`` value as a ``(batch, size)`` mask: feature indices (int, list, integer tensor) select, a
     float/bool tensor ``(size,)`` or ``(batch, size)`` weights."""
+    if index is None:  # every feature: the explanation is unchanged, Explanation.conditioned reports the features
+        return torch.ones(batch, size, dtype=dtype, device=device)
     t = torch.as_tensor(index, device=device) if not isinstance(index, torch.Tensor) else index.to(device)
     if t.dtype == torch.bool or t.dtype.is_floating_point:
         if tuple(t.shape) not in ((size,), (batch, size)):

@@ -253,7 +253,8 @@ def each_token(positions: Any = None, *, input: str = "input_ids") -> TargetRule
 
 class Features:
     """A ``condition=`` value with an explicit feature dim: ``Features([0, 3], dim=-1)`` selects features 0 and 3
-    of the last dim of a module's output (``index`` as in ``condition=``: indices, or a float/bool mask)."""
+    of the last dim of a module's output (``index`` as in ``condition=``: indices, or a float/bool mask; ``None``
+    keeps every feature, which leaves the explanation as it is and reports each feature's relevance)."""
 
     def __init__(self, index: Any, dim: int | None = None):
         self.index = index

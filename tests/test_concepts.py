@@ -110,3 +110,29 @@ def test_bad_conditions_say_what_to_do():
         ex(x, condition=[0])
     with pytest.raises(DynlrpInputError, match="channels"):
         ex.concepts(x, layer="0", channels=[9])
+
+
+def test_dataset_concepts_rank_the_most_relevant_samples(tmp_path):
+    """attribute_dataset(concepts=[layer]) stores each sample's relevance per channel of the layer (equal to
+    concepts()'s channel relevance) without changing the explanation; top_samples ranks samples per channel."""
+    _, _, model, _ = _halves()
+    torch.manual_seed(3)
+    data = torch.randn(10, 3, 8, 8, dtype=torch.float64)
+    loader = [data[i : i + 4] for i in range(0, 10, 4)]
+    ex = dynlrp.compile(model, data[:2], rules="epsilon", backend="eager")
+    dynlrp.attribute_dataset(ex, loader, tmp_path / "run", concepts="0", progress=False, shard_size=2)
+    merged = dynlrp.merge_shards(tmp_path / "run")
+    assert merged["concept.0"].shape == (10, 6)
+    plain = ex(data)
+    name = next(iter(plain.inputs))
+    torch.testing.assert_close(merged[f"relevance.{name}"], plain.relevance, rtol=1e-12, atol=1e-15)
+    want = ex.concepts(data, layer="0").relevance
+    torch.testing.assert_close(merged["concept.0"], want, rtol=1e-12, atol=1e-15)
+    idx, val = dynlrp.top_samples(tmp_path / "run", "0", n=3)
+    assert idx.shape == (3, 6)
+    for c in range(6):
+        order = torch.argsort(want[:, c], descending=True)[:3]
+        assert idx[:, c].tolist() == order.tolist()
+        torch.testing.assert_close(val[:, c], want[order, c])
+    with pytest.raises(KeyError, match="concepts="):
+        dynlrp.top_samples(merged, "2")
