@@ -89,7 +89,9 @@ class SplitProgram:
     outputs: ProgramOutputs
     batched: bool
     why: str = ""
-    bytes_per_target: list[int] = field(default_factory=list)  #: per batched tensor cut: bytes of one sample
+    #: per cut: ``(first, last)`` positions in the relevance graph where its widened copy is alive (``None``: not
+    #: widened)
+    lifetimes: list[tuple[int, int] | None] = field(default_factory=list)
     forward: Any = None  #: what runs the forward graph (the graph, or its compiled form)
     relevance: Any = None  #: what runs the relevance graph
 
@@ -98,26 +100,32 @@ class SplitProgram:
         return [program_inputs[c.source] if c.placeholder else forward_values[c.source] for c in self.cuts]
 
     def widened_bytes(self, cut_values: list, batch: int) -> int:
-        """Bytes one more target adds to a sweep: one sample's share of every widened forward value."""
-        total = 0
-        for c, v in zip(self.cuts, cut_values):
+        """Bytes one more target adds to a sweep's widened forward values at their peak: a widened copy lives
+        from its first to its last use in the relevance graph, so this is the largest sum of one sample's share
+        of the copies alive at one point."""
+        events: list[tuple[int, int]] = []
+        for c, v, life in zip(self.cuts, cut_values, self.lifetimes or [None] * len(self.cuts)):
             if c.how == "batch" and isinstance(v, torch.Tensor):
-                # a widened copy lives from its first to its last use, so at any time only part of the cut is
-                # widened; this sums them all (an upper bound)
-                total += v.numel() * v.element_size() // max(batch, 1)
-        return total
+                size = v.numel() * v.element_size() // max(batch, 1)
+                first, last = life if life is not None else (0, 1 << 62)
+                events += [(first, size), (last + 1, -size)]
+        peak = live = 0
+        for _, delta in sorted(events):
+            live += delta
+            peak = max(peak, live)
+        return peak
 
 
 def sweep_size(split: SplitProgram, cut_values: list, batch: int, k: int, sweep_batch: int | None) -> int:
     """Targets per sweep: all ``k`` when the relevance batch ``batch * k`` is at most ``sweep_batch`` rows; with
-    ``sweep_batch=None``, as many as keep the widened forward values (twice, for the relevance tensors beside them)
-    under ``DYNLRP_SWEEP_BYTES`` (default 2 GiB). At least 1."""
+    ``sweep_batch=None``, as many as keep four times the peak of the widened forward values (for the relevance
+    tensors and temporaries beside them) under ``DYNLRP_SWEEP_BYTES`` (default 2 GiB). At least 1."""
     if not split.batched:
         return 1
     if sweep_batch is not None:
         return max(1, min(k, int(sweep_batch) // max(batch, 1)))
     budget = int(os.environ.get("DYNLRP_SWEEP_BYTES", DEFAULT_SWEEP_BYTES))
-    per_target = 2 * split.widened_bytes(cut_values, batch) * max(batch, 1)
+    per_target = 4 * split.widened_bytes(cut_values, batch) * max(batch, 1)
     return max(1, min(k, budget // max(per_target, 1)))
 
 
@@ -278,6 +286,14 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
     fidx = {c: i for i, c in enumerate(forward_cuts)}
     cuts = [_Cut(c.name, c.op == "placeholder", index[c] if c.op == "placeholder" else fidx[c], *plans.get(c, ("same", 0, 1)))
             for c in cut_nodes]
+    order = {n: i for i, n in enumerate(rg.nodes)}
+    lifetimes = []
+    for c in cut_nodes:
+        w = renv.get(c)
+        if w is None or w.op == "placeholder" or not w.users:
+            lifetimes.append(None)
+        else:
+            lifetimes.append((order[w], max(order[u] for u in w.users)))
     fgm = fx.GraphModule(gm, fg)
     rgm = fx.GraphModule(gm, rg)
-    return SplitProgram(fgm, rgm, cuts, n_out, outputs, batched, why)
+    return SplitProgram(fgm, rgm, cuts, n_out, outputs, batched, why, lifetimes)
