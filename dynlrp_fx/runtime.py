@@ -501,14 +501,16 @@ class CallPath:
         if target is not None and seed is not None:
             raise DynlrpInputError("give either target= or seed=, not both")
         tensors = self.bind(args, kwargs)
-        if hasattr(target, "resolve") and callable(target.resolve):  # a targets.TargetRule, e.g. each_token()
-            target = self.resolve_target(target, tensors)
+        rule = target if hasattr(target, "resolve") and callable(target.resolve) else None
+        if rule is not None:  # a targets.TargetRule, e.g. each_token()
+            target = self.resolve_target(rule, tensors)
         k = self.targets_per_sample(target, seed)
         if condition is not None and k is None:  # one target per sample: the K = 1 path, without the target axis
             return _drop_target_axis(self.explain_targets(tensors, _with_axis(target), _with_axis(seed), 1,
                                                           sweep_batch, condition))
         if k is not None:
-            return self.explain_targets(tensors, target, seed, k, sweep_batch, condition)
+            expl = self.explain_targets(tensors, target, seed, k, sweep_batch, condition)
+            return rule.combine(expl) if rule is not None and hasattr(rule, "combine") else expl
         batch = self.batch_size(tensors)
         device = tensors[0].device if tensors else None
         if seed is None:

@@ -200,12 +200,35 @@ class TargetRule:
 
 
 class _EachToken(TargetRule):
-    def __init__(self, positions: Any, input: str):
+    def __init__(self, positions: Any, input: str, alternative: Any = None):
         self.positions = positions
         self.input = input
+        self.alternative = alternative
 
     def __repr__(self) -> str:
-        return f"dynlrp.targets.each_token(positions={self.positions!r}, input={self.input!r})"
+        alt = "" if self.alternative is None else f", alternative={self.alternative!r}"
+        return f"dynlrp.targets.each_token(positions={self.positions!r}, input={self.input!r}{alt})"
+
+    def combine(self, expl: Any) -> Any:
+        """With ``alternative=``: the first K targets' explanation minus the last K's (LRP is linear in the seed),
+        i.e. the relevance for ``logit(token) - logit(alternative)`` at every position."""
+        if self.alternative is None:
+            return expl
+        from .runtime import Conservation
+
+        def diff(t: torch.Tensor, axis: int = 1) -> torch.Tensor:
+            k = t.shape[axis] // 2
+            return t.narrow(axis, 0, k) - t.narrow(axis, k, k)
+
+        expl.relevance = None if expl.relevance is None else diff(expl.relevance)
+        expl.inputs = {n: diff(r) for n, r in expl.inputs.items()}
+        expl.absorbed = diff(expl.absorbed)
+        c = expl.conservation
+        expl.conservation = Conservation(diff(c.seed), diff(c.inputs), diff(c.absorbed))
+        expl.params = {n: diff(r, 0) for n, r in expl.params.items()}
+        expl.captured = {n: diff(r) for n, r in expl.captured.items()}
+        expl.conditioned = {n: diff(r) for n, r in expl.conditioned.items()}
+        return expl
 
     def resolve(self, inputs: Mapping[str, torch.Tensor], output_shape: list[int | None]) -> torch.Tensor:
         if self.input not in inputs:
@@ -232,10 +255,22 @@ class _EachToken(TargetRule):
                 f"positions in [0, {length - 2}] (position t explains the logit of the token at t + 1)"
             )
         t = torch.tensor(pos, dtype=torch.long, device=ids.device)
-        return t * vocab + ids[:, t + 1].long()
+        targets = t * vocab + ids[:, t + 1].long()
+        if self.alternative is None:
+            return targets
+        alt = torch.as_tensor(self.alternative, device=ids.device)
+        if alt.ndim == 0:
+            alt = alt.expand(ids.shape)
+        if tuple(alt.shape) != tuple(ids.shape) or alt.dtype.is_floating_point:
+            raise ValueError(f"each_token: alternative= must be one token id or ids shaped like {self.input!r} "
+                             f"{tuple(ids.shape)} (the alternative to the token at each position), got "
+                             f"{alt.dtype} {tuple(alt.shape)}")
+        if bool(((alt < 0) | (alt >= vocab)).any()):
+            raise ValueError(f"each_token: alternative token ids must be in [0, {vocab})")
+        return torch.cat([targets, t * vocab + alt[:, t + 1].long()], 1)
 
 
-def each_token(positions: Any = None, *, input: str = "input_ids") -> TargetRule:
+def each_token(positions: Any = None, *, input: str = "input_ids", alternative: Any = None) -> TargetRule:
     """``target=`` for a causal LM: at each position ``t`` (default: every position but the last), the logit of the
     token the input holds at ``t + 1`` (teacher forcing: pass the prompt and the generated ids). One forward pass and
     one batched relevance sweep explain them all; ``inputs[input]`` of the explanation is the ``(B, K, L)`` matrix
@@ -247,8 +282,12 @@ def each_token(positions: Any = None, *, input: str = "input_ids") -> TargetRule
 
     Row ``j`` equals a single explanation of ``logits[:, positions[j]]`` at target ``ids[:, positions[j] + 1]``;
     by causality the relevance of tokens after ``positions[j]`` is zero. Negative positions count from the end.
+
+    ``alternative=`` (one token id, or ids shaped like the input: the alternative to the token at each position)
+    makes it contrastive: each row explains ``logit(token) - logit(alternative)``, computed as 2K targets in the
+    same sweep and subtracted (LRP is linear in the seed).
     """
-    return _EachToken(None if positions is None else list(positions), input)
+    return _EachToken(None if positions is None else list(positions), input, alternative)
 
 
 class Features:

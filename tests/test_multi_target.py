@@ -170,6 +170,19 @@ def test_each_token_row_equals_the_explanation_at_that_position():
     torch.testing.assert_close(some.inputs["input_ids"], matrix[:, [2, 8]], rtol=1e-10, atol=1e-12)
     with pytest.raises(DynlrpInputError, match="no next token"):
         ex(input_ids=ids, target=targets.each_token(positions=[9]))
+    # contrastive: the token minus an alternative at every position (2K targets in one sweep, subtracted)
+    alt = torch.randint(0, 64, (2, 10))
+    con = ex(input_ids=ids, target=targets.each_token(alternative=alt))
+    assert con.inputs["input_ids"].shape == (2, 9, 10)
+    for t in (1, 7):
+        a = ex(input_ids=ids, target=t * 64 + ids[:, t + 1])
+        b = ex(input_ids=ids, target=t * 64 + alt[:, t + 1])
+        torch.testing.assert_close(con.inputs["input_ids"][:, t], a.inputs["input_ids"] - b.inputs["input_ids"],
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(con.conservation.seed[:, t],
+                                   logits[torch.arange(2), t, ids[:, t + 1]] - logits[torch.arange(2), t, alt[:, t + 1]])
+    with pytest.raises(DynlrpInputError, match="alternative"):
+        ex(input_ids=ids, target=targets.each_token(alternative=torch.zeros(2, 3, dtype=torch.long)))
 
 
 def test_each_token_needs_next_token_logits():
