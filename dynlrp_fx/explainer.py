@@ -22,11 +22,10 @@ from torch import nn
 from . import cache
 from .errors import DynlrpInputError, DynlrpShapeError, DynlrpTraceError
 from .multi import SplitProgram, split_program, sweep_size
-from .passes import CompileContext, PipelineReport
+from .passes import PIPELINE, CompileContext, PipelineReport
 from .passes.pair import ProgramOutputs
 from .passes.pipeline import PassRecord
 from .passes.resolve_promises import DEFAULT_POLICY
-from .passes.reuse_buffers import reuse_buffers
 from .presets import resolve
 from .program import Analysis, Program, _resolve_capture, build_program, compiled
 from .progress import compile_progress
@@ -354,10 +353,12 @@ class Explainer(nn.Module):
                     bsym = v.shape[0].node.expr
                     break
             sp = split_program(prog.graph, prog.outputs, n_state + len(self.call_spec.inputs), bsym)
-            if self.backend == "eager":
-                ctx = CompileContext(traced=None, composite=None)
-                sp.forward = reuse_buffers(sp.forward_graph, ctx)
-                sp.relevance = reuse_buffers(sp.relevance_graph, ctx)
+            if self.backend == "eager":  # the backend stage (buffer reuse) on each half
+                ctx = CompileContext(backend="eager")
+                sp.forward = PIPELINE.run(sp.forward_graph, ctx, stage="backend", report=self._report,
+                                          label=f"backend[{mode} forward half]")
+                sp.relevance = PIPELINE.run(sp.relevance_graph, ctx, stage="backend", report=self._report,
+                                            label=f"backend[{mode} relevance half]")
             else:  # CUDA-graph modes would replay over the forward values between sweeps: plain compiles
                 mode_ = None if self.mode in ("reduce-overhead", "max-autotune") else self.mode
                 sp.forward = compiled(sp.forward_graph, self.backend, self.dynamic, mode_)

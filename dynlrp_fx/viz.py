@@ -1068,13 +1068,20 @@ def matrix_html(
         One label per explained target (the rows), e.g. the generated tokens.
     relevance : array-like or torch.Tensor
         ``(len(targets), len(sources))``.
-    normalize : as for :func:`token_html`, per row (``"symmetric"``) or over the whole matrix (``"global"``).
+    title : str, optional
+        Heading and ``<title>`` of the page.
+    path : str or os.PathLike, optional
+        If given, the document is also written there (UTF-8).
+    normalize : {"symmetric", "global", "none"} or float, default "symmetric"
+        As for :func:`token_html`: per row, or over the whole matrix (``"global"``).
 
     Returns
     -------
     str
         The HTML document.
 
+    Examples
+    --------
     >>> doc = matrix_html(["a", "<b>"], ["x", "y"], [[1.0, -1.0], [0.5, 0.0]])
     >>> doc.count('<td '), doc.count('<tr class="row"'), "&lt;b&gt;" in doc and "<b>" not in doc
     (4, 2, True)
