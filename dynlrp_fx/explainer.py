@@ -383,7 +383,7 @@ class Explainer(nn.Module):
         with torch.no_grad(), _oblivious():
             fwd = list(sp.forward(*program_inputs))
             cut = sp.cut_inputs(program_inputs, fwd[sp.n_outputs:])
-            per = sweep_size(sp, cut, batch, k, sweep_batch)
+            per = sweep_size(sp, cut, batch, k, sweep_batch, tensors[0].device if tensors else self._device())
             rows = [r.reshape(batch, k, *r.shape[1:]) for r in row_inputs]
             parts = []
             for j in range(0, k, per):
@@ -494,8 +494,8 @@ class Explainer(nn.Module):
         batch, ``(B, K, *output.shape[1:])``) explains ``K`` targets of every sample with one forward pass and one
         relevance sweep over ``B * K`` rows: the relevance gets a target axis, ``(B, K, *x.shape[1:])``, and the
         ledger is per (sample, target); the result equals ``K`` separate calls. ``sweep_batch`` bounds the rows of
-        one sweep (the targets are then swept in chunks; default: as many as keep the widened forward values under
-        ``DYNLRP_SWEEP_BYTES``, 2 GiB). With several explained outputs, a ``(B, K)`` target for one output and one
+        one sweep (the targets are then swept in chunks; default: on a CPU 2 rows, where wider sweeps measured
+        slower; on a GPU as many as keep the widened forward values under ``DYNLRP_SWEEP_BYTES``, 2 GiB). With several explained outputs, a ``(B, K)`` target for one output and one
         index per sample for another seeds both at each of the K targets. See :mod:`dynlrp_fx.multi`.
 
         **Conditions (CRP).** ``condition={"layer3": [0, 5]}`` keeps only the relevance that flows through features
