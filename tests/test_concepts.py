@@ -72,6 +72,7 @@ def test_concepts_one_heatmap_per_channel_summing_to_the_explanation():
     torch.testing.assert_close(some.heatmaps, con.heatmaps[:, [5, 1]], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_attention_head_features_of_a_transformer():
     """A head's output features (the last dim of BERT's self-attention output, head h = features h*D..(h+1)*D)
     as conditions: relevance is linear in the mask, so the heads' maps add up to the unconditional map plus the

@@ -62,6 +62,7 @@ def test_cnn_k_targets_equal_k_calls(rules, policy):
     torch.testing.assert_close(multi.conservation.seed, model(x).gather(1, t))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rules", ["epsilon", "attnlrp"])
 def test_bert_k_targets_and_any_batch(rules):
     model, ids = _bert()
@@ -134,6 +135,7 @@ def test_model_with_a_fixed_batch_sweeps_one_target_at_a_time():
         _same(multi, singles, j, exact=True)
 
 
+@pytest.mark.slow
 def test_question_answering_k_spans_over_two_outputs():
     """DynamicLRP's SQuAD setting: start and end logits seeded together, K spans per sample in one call."""
     model, ids = _bert("BertForQuestionAnswering")
@@ -149,6 +151,7 @@ def test_question_answering_k_spans_over_two_outputs():
     _same(mixed, [ex(ids, target={"start_logits": starts[:, j], "end_logits": ends[:, 0]}) for j in range(3)], 2)
 
 
+@pytest.mark.slow
 def test_each_token_row_equals_the_explanation_at_that_position():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
@@ -185,6 +188,22 @@ def test_each_token_row_equals_the_explanation_at_that_position():
         ex(input_ids=ids, target=targets.each_token(alternative=torch.zeros(2, 3, dtype=torch.long)))
 
 
+def test_each_token_rows_equal_single_targets_of_the_same_explainer():
+    """The default run's each_token check (the slow test compares with next_token explainers and contrastive rows):
+    row t is the explanation of the flat logit index t * V + ids[t + 1], and nothing after t is relevant."""
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=48, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval().double()
+    ids = torch.randint(0, 48, (2, 7))
+    ex = dynlrp.compile(model, example_kwargs={"input_ids": ids}, backend="eager")
+    matrix = ex(input_ids=ids, target=targets.each_token()).inputs["input_ids"]
+    assert matrix.shape == (2, 6, 7)
+    for t in (0, 3, 5):
+        one = ex(input_ids=ids, target=t * 48 + ids[:, t + 1])
+        torch.testing.assert_close(matrix[:, t], one.inputs["input_ids"], rtol=1e-10, atol=1e-12)
+        assert not matrix[:, t, t + 1 :].any()
+
+
 def test_each_token_needs_next_token_logits():
     model, ids = _bert()
     ex = dynlrp.compile(model, (ids,), backend="eager")
@@ -210,6 +229,7 @@ def test_bad_multi_target_calls_say_what_to_do():
                          "end_logits": torch.zeros(2, 3, dtype=torch.long)})
 
 
+@pytest.mark.slow
 def test_cached_explainer_and_loaded_file_give_the_same_k_targets(tmp_path):
     """A compile-cache hit (no trace until the split needs the functional graph) and an exported file (which runs
     the inputs repeated K times) both equal the live explainer."""
