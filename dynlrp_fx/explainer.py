@@ -84,7 +84,8 @@ class Explainer(nn.Module):
         #: the compile cache entry this explainer reads and writes its programs through (``None``: no cache)
         self._cache = cached
         self._programs: dict[str, Program] = {}
-        self._splits: dict[str, SplitProgram] = {}  # programs cut for several targets per sample (see split())
+        #: (seed mode, conditions) -> the program cut for several targets per sample and condition= (see split())
+        self._splits: dict[tuple, SplitProgram] = {}
         self._const_cache: dict[Any, torch.Tensor] = {}
         #: how to build an explainer for another input shape (set by :func:`compile`; ``None``: no variants)
         self._rebuild: Callable[[tuple, dict, frozenset], Explainer] | None = None
