@@ -49,6 +49,7 @@ def test_compiled_equals_eager_cnn_and_batch_is_dynamic():
     assert backend.compilations == 2, f"recompiled for a new batch size ({backend.compilations} compilations)"
 
 
+@pytest.mark.slow  # 60-70 s of Inductor compile on two cores: in CI's slow step (test-slow-ci)
 def test_compiled_equals_eager_bert_2_layers_one_compile_for_batches_2_3_7():
 
     torch.manual_seed(0)

@@ -88,6 +88,7 @@ def test_seeds_with_a_target_axis_equal_k_seed_calls():
         _same(multi, singles, j)
 
 
+@pytest.mark.slow
 def test_sweep_batch_chunks_the_targets_without_changing_them():
     model, ids = _bert()
     ex = dynlrp.compile(model, (ids,), backend="eager")
@@ -149,6 +150,9 @@ def test_question_answering_k_spans_over_two_outputs():
     # one index per sample for one output: the same end at every start
     mixed = ex(ids, target={"start_logits": starts, "end_logits": ends[:, 0]})
     _same(mixed, [ex(ids, target={"start_logits": starts[:, j], "end_logits": ends[:, 0]}) for j in range(3)], 2)
+    with pytest.raises(DynlrpInputError, match="different numbers of targets"):
+        ex(ids, target={"start_logits": torch.zeros(2, 2, dtype=torch.long),
+                        "end_logits": torch.zeros(2, 3, dtype=torch.long)})
 
 
 @pytest.mark.slow
@@ -205,10 +209,12 @@ def test_each_token_rows_equal_single_targets_of_the_same_explainer():
 
 
 def test_each_token_needs_next_token_logits():
-    model, ids = _bert()
-    ex = dynlrp.compile(model, (ids,), backend="eager")
-    with pytest.raises(DynlrpInputError, match="each_token explains"):
-        ex(ids, target=targets.each_token())
+    model, x = _cnn()
+    ex = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    with pytest.raises(DynlrpInputError, match="each_token: the call has no input 'input_ids'"):
+        ex(x, target=targets.each_token())
+    with pytest.raises(DynlrpInputError, match="must be \\(batch, length\\) token ids"):
+        ex(x, target=targets.each_token(input="input"))
 
 
 def test_bad_multi_target_calls_say_what_to_do():
@@ -222,11 +228,6 @@ def test_bad_multi_target_calls_say_what_to_do():
         ex(x, target=torch.zeros(3, 2))
     with pytest.raises(DynlrpInputError, match="seed="):
         ex(x, seed=torch.randn(3, 2, 4, dtype=torch.float64))
-    qa, ids = _bert("BertForQuestionAnswering")
-    two = dynlrp.compile(qa, (ids,), backend="eager", output=["start_logits", "end_logits"])
-    with pytest.raises(DynlrpInputError, match="different numbers of targets"):
-        two(ids, target={"start_logits": torch.zeros(2, 2, dtype=torch.long),
-                         "end_logits": torch.zeros(2, 3, dtype=torch.long)})
 
 
 @pytest.mark.slow
