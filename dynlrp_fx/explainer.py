@@ -341,11 +341,12 @@ class Explainer(nn.Module):
         sp = self._splits.get((mode, conditions))
         if sp is None:
             if conditions:  # a program with condition masks: lowered from the analysis, not cached on disk
-                prog = build_program(self.analysis, mode, promise_policy=self.promise_policy, backend="eager",
-                                     dynamic=self.dynamic, mode=None, report=self._report, conditions=conditions)
+                graph, outputs, synth = self.analysis.lowered(mode, self.promise_policy, conditions)
+                self._report.records.extend(synth.records)
             else:
                 prog = self.program(mode)
-            inputs = [n for n in prog.graph.graph.nodes if n.op == "placeholder"]
+                graph, outputs = prog.graph, prog.outputs
+            inputs = [n for n in graph.graph.nodes if n.op == "placeholder"]
             n_state = len(self._state_plan)
             bsym = None
             for s, ph in zip(self.call_spec.inputs, inputs[n_state:]):
@@ -353,7 +354,7 @@ class Explainer(nn.Module):
                 if s.batched and isinstance(v, torch.Tensor) and v.ndim and isinstance(v.shape[0], torch.SymInt):
                     bsym = v.shape[0].node.expr
                     break
-            sp = split_program(prog.graph, prog.outputs, n_state + len(self.call_spec.inputs), bsym)
+            sp = split_program(graph, outputs, n_state + len(self.call_spec.inputs), bsym)
             if self.backend == "eager":  # the backend stage (buffer reuse) on each half
                 ctx = CompileContext(backend="eager")
                 sp.forward = PIPELINE.run(sp.forward_graph, ctx, stage="backend", report=self._report,

@@ -681,18 +681,23 @@ def _with_axis(value: Any) -> Any:
     return t.unsqueeze(1) if t.ndim >= 1 else t
 
 
+def map_target_axis(expl: Explanation, per_row: Callable[[torch.Tensor], torch.Tensor],
+                    per_call: Callable[[torch.Tensor], torch.Tensor]) -> Explanation:
+    """Apply ``per_row`` to every tensor of a K-target explanation with a target axis after the batch (relevance,
+    ledger, captured, conditioned) and ``per_call`` to those with the target axis in front (``params``)."""
+    expl.relevance = None if expl.relevance is None else per_row(expl.relevance)
+    expl.inputs = {k: per_row(v) for k, v in expl.inputs.items()}
+    expl.absorbed = per_row(expl.absorbed)
+    c = expl.conservation
+    expl.conservation = Conservation(per_row(c.seed), per_row(c.inputs), per_row(c.absorbed))
+    expl.params = {k: per_call(v) for k, v in expl.params.items()}
+    expl.captured = {k: per_row(v) for k, v in expl.captured.items()}
+    expl.conditioned = {k: per_row(v) for k, v in expl.conditioned.items()}
+    return expl
+
+
 def _drop_target_axis(expl: Explanation) -> Explanation:
     """An explanation of one target per sample from the ``K = 1`` path: the target axis removed."""
-    def sq(t: Any) -> Any:
-        return t.squeeze(1) if isinstance(t, torch.Tensor) and t.ndim >= 2 else t
-
-    expl.relevance = sq(expl.relevance)
-    expl.inputs = {k: sq(v) for k, v in expl.inputs.items()}
-    expl.absorbed = expl.absorbed.squeeze(1)
-    c = expl.conservation
-    expl.conservation = Conservation(c.seed.squeeze(1), c.inputs.squeeze(1), c.absorbed.squeeze(1))
-    expl.params = {k: v.squeeze(0) for k, v in expl.params.items()}
-    expl.captured = {k: sq(v) for k, v in expl.captured.items()}
-    expl.conditioned = {k: sq(v) for k, v in expl.conditioned.items()}
+    map_target_axis(expl, lambda t: t.squeeze(1) if t.ndim >= 2 else t, lambda t: t.squeeze(0))
     expl.targets = None if expl.targets is None else expl.targets.squeeze(1)
     return expl

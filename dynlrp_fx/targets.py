@@ -214,21 +214,13 @@ class _EachToken(TargetRule):
         i.e. the relevance for ``logit(token) - logit(alternative)`` at every position."""
         if self.alternative is None:
             return expl
-        from .runtime import Conservation
+        from .runtime import map_target_axis
 
         def diff(t: torch.Tensor, axis: int = 1) -> torch.Tensor:
             k = t.shape[axis] // 2
             return t.narrow(axis, 0, k) - t.narrow(axis, k, k)
 
-        expl.relevance = None if expl.relevance is None else diff(expl.relevance)
-        expl.inputs = {n: diff(r) for n, r in expl.inputs.items()}
-        expl.absorbed = diff(expl.absorbed)
-        c = expl.conservation
-        expl.conservation = Conservation(diff(c.seed), diff(c.inputs), diff(c.absorbed))
-        expl.params = {n: diff(r, 0) for n, r in expl.params.items()}
-        expl.captured = {n: diff(r) for n, r in expl.captured.items()}
-        expl.conditioned = {n: diff(r) for n, r in expl.conditioned.items()}
-        return expl
+        return map_target_axis(expl, diff, lambda t: diff(t, 0))
 
     def resolve(self, inputs: Mapping[str, torch.Tensor], output_shape: list[int | None]) -> torch.Tensor:
         if self.input not in inputs:
