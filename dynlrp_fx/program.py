@@ -81,9 +81,12 @@ class Analysis:
     """
 
     def __init__(self, traced: TracedProgram, composite: Any, *, params: Any = None, capture: Any = None,
-                 strict: bool = True):
+                 strict: bool = True, gradient_form: bool = True):
         self.traced = traced
         self.composite = composite
+        #: lower rules that have a gradient form that way (``pair``); ``False`` keeps every rule in relevance form
+        #: (the reference the tests compare the gradient form with)
+        self.gradient_form = bool(gradient_form)
         self.report = PipelineReport()
         ctx = CompileContext(traced=traced, composite=composite, strict=strict)
         progress_stage("analysis passes")
@@ -105,6 +108,7 @@ class Analysis:
         """The compile context of one program of this analysis (``conditions``: ``((path, node name, dim), ...)``
         for a program that takes ``condition=`` masks)."""
         return CompileContext(traced=self.traced, composite=self.composite, seed_mode=seed_mode,
+                              gradient_form=self.gradient_form,
                               promise_policy=promise_policy, backend=backend, params=dict(self.params),
                               capture=dict(self.capture), conditions={p: (n, d) for p, n, d in conditions})
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from ..rules.base import RuleContext
+from ..rules.base import RuleContext, safe_divide
 from ..rules.core import Epsilon, Route
 from ..rules.table import lookup
 from .lower import trace_node, traced_value
@@ -113,11 +113,37 @@ def _fp32(obj: Any) -> Any:
     return obj
 
 
-class RelevanceOp:
-    """The relevance op paired with one forward op: ``(R, out, *operands) -> relevance per data slot``."""
+def _merge(base: Any, other: Any, out: Any, convert) -> Any:
+    """``base + convert(other, out)`` per output (``None`` entries: nothing arrived), for one output or a tuple."""
+    if other is None:
+        return base
+    if isinstance(other, tuple):
+        base = base if base is not None else (None,) * len(other)
+        return tuple(_merge(b, o, v, convert) for b, o, v in zip(base, other, out))
+    c = convert(other, out)
+    return c if base is None else base + c
 
-    def __init__(self, rule, op, args_t, kwargs_t, slots, factors, extra, node_name: str):
+
+def _to_relevance(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out.to(g.dtype) * g
+
+
+def _to_gradient(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return safe_divide(r, out.to(r.dtype), 0.0)
+
+
+class RelevanceOp:
+    """The relevance op paired with one forward op: ``(R, G, out, *operands) -> relevance per data slot``.
+
+    ``R`` is relevance and ``G`` gradient-form relevance (``R = out * G``) that reached the output (either may be
+    ``None``; tuples for multi-output ops). With ``gradient=True`` the op runs the rule's gradient form on
+    ``G + R / out`` and returns ``G`` per slot, else the rule on ``R + out * G`` and returns relevance."""
+
+    def __init__(self, rule, op, args_t, kwargs_t, slots, factors, extra, node_name: str, gradient: bool = False,
+                 absorbed: bool = False):
         self.rule = rule
+        self.gradient = bool(gradient)
+        self.absorbed = bool(absorbed)  #: also return what the gradient form absorbed, per output element
         self.op = op
         self.args_t = args_t
         self.kwargs_t = kwargs_t
@@ -129,13 +155,21 @@ class RelevanceOp:
         self.__qualname__ = self.__name__
         self.__module__ = __name__
 
-    def __call__(self, R, out, *vals):
+    def __call__(self, R, G, out, *vals):
         # relevance is computed in float32 for float16/bfloat16 models (stabilisers vanish in half precision)
-        R, out, vals = _fp32(R), _fp32(out), _fp32(vals)
+        R, G, out, vals = _fp32(R), _fp32(G), _fp32(out), _fp32(vals)
         args = _fill(self.args_t, vals)
         kwargs = _fill(self.kwargs_t, vals)
-        ctx = RuleContext(self.op, args, kwargs, out, R, self.slots, self.factors, self.extra)
-        res = self.rule.relevance(ctx)
+        if self.gradient:
+            ctx = RuleContext(self.op, args, kwargs, out, _merge(G, R, out, _to_gradient), self.slots, self.factors,
+                              self.extra)
+            res = self.rule.gradient(ctx)
+            if self.absorbed:
+                return (*res, self.rule.gradient_absorbed(ctx))
+        else:
+            ctx = RuleContext(self.op, args, kwargs, out, _merge(R, G, out, _to_relevance), self.slots, self.factors,
+                              self.extra)
+            res = self.rule.relevance(ctx)
         if len(res) != len(self.slots):
             raise RuntimeError(
                 f"rule {self.rule!r} returned {len(res)} relevances for {len(self.slots)} data operands of "
@@ -175,10 +209,30 @@ class LedgerOp:
         B = ref.shape[0]
         total = torch.zeros_like(ref)
         for r, d in zip(routs, self.out_bdims):
-            total = total + _per_sample(r, d, B).to(ref.dtype)
+            total = total + _per_sample(_ledger_term(r), d, B).to(ref.dtype)
         for r, d in zip(rins, self.in_bdims):
-            total = total - _per_sample(r, d, B).to(ref.dtype)
+            total = total - _per_sample(_ledger_term(r), d, B).to(ref.dtype)
         return total
+
+
+def _epsilon_form(rule: Any) -> bool:
+    """Whether ``rule`` runs :class:`Epsilon`'s own gradient form (LRP-0 included)."""
+    return isinstance(rule, Epsilon) and type(rule).gradient is Epsilon.gradient
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def _ledger_term(entry: Any) -> torch.Tensor:
+    """A ledger entry's relevance: a tensor, or ``(value, index or None, G, masked)`` for gradient-form relevance
+    ``value * G`` (``masked``: ``0`` where ``G`` is, so that masked scores of ``-inf`` give ``0``, not NaN)."""
+    if isinstance(entry, torch.Tensor):
+        return entry
+    value, index, g, masked = entry
+    value = _fp32(value if index is None else value[index])
+    r = value.to(g.dtype) * g
+    return torch.where(g == 0, torch.zeros_like(r), r) if masked else r
 
 
 def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -193,6 +247,17 @@ def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pos_dtype = torch.int32 if isinstance(n, int) and n < 2**31 else torch.int64
     mask = (torch.arange(n, device=flat.device, dtype=pos_dtype).unsqueeze(0) == idx.to(pos_dtype)).to(flat.dtype)
     return (flat * mask).reshape(y.shape)  # float32 for half-precision models
+
+
+def seed_gradient(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The target seed in gradient form: ``1`` at the target index of each sample, so that ``y * G`` is
+    :func:`seed_from_target`'s seed."""
+    flat = y.reshape(y.shape[0], -1)
+    idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
+    n = flat.shape[1]
+    pos_dtype = torch.int32 if isinstance(n, int) and n < 2**31 else torch.int64
+    mask = torch.arange(n, device=flat.device, dtype=pos_dtype).unsqueeze(0) == idx.to(pos_dtype)
+    return mask.to(torch.promote_types(y.dtype, torch.float32)).reshape(y.shape)
 
 
 def seed_given(y: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -346,6 +411,35 @@ def _val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, fx.Node) else n
 
 
+def _ledger_node(entry: Any) -> fx.Node:
+    """The node holding a ledger entry's shape: the relevance node, or the ``G`` of a gradient-form entry."""
+    return entry[2] if isinstance(entry, tuple) else entry
+
+
+def _operand_refs(n: fx.Node) -> list[fx.Node]:
+    """The node's operand nodes in the order :meth:`_Pairing.operands` makes their promises."""
+    refs: list[fx.Node] = []
+    _template(n.args, refs)
+    _template(dict(n.kwargs), refs)
+    return refs
+
+
+def _zero_at_zero(n: fx.Node) -> bool:
+    """Whether elementwise op ``n`` maps ``0`` to ``0``, evaluated on a float32 zero (other tensor operands, or an
+    op that fails on a 0-d tensor: ``False``)."""
+    tensors = [a for a in n.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+    if len(tensors) != 1:
+        return False
+    zero = torch.zeros((), dtype=torch.float32)
+    try:
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: zero if a is tensors[0] else _val(a))
+        out = n.target(*args, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return isinstance(out, torch.Tensor) and bool((out == 0).all())
+    except Exception:  # noqa: BLE001 - any failure only means "not known to keep zero"
+        return False
+
+
 def pair(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Build the forward+relevance graph (see module doc) for ``ctx.seed_mode`` (``"target"`` or ``"seed"``);
     returns a new graph module and sets ``ctx.outputs`` (:class:`ProgramOutputs`).
@@ -388,6 +482,11 @@ class _Pairing:
         self.g = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
+        #: relevance in gradient form (``R = value * G``), kept like ``R``; a value may hold both
+        self.G: dict[fx.Node, Any] = {}
+        # params= needs relevance at every op that takes a chosen parameter: the whole program keeps relevance form
+        self.gradient_form = bool(getattr(ctx, "gradient_form", True)) and not ctx.params
+        self._uses_g: dict[fx.Node, bool] = {}
         self.RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
         self.ledgers: list[fx.Node] = []
         self.unattributed: list[str] = []
@@ -426,11 +525,57 @@ class _Pairing:
         prev = store.get(key)
         store[key] = rnode if prev is None else self.emit(torch.ops.aten.add.Tensor, prev, rnode)
 
-    def add(self, target: fx.Node, idx: int | None, rnode: fx.Node) -> None:
+    def add(self, target: fx.Node, idx: int | None, rnode: fx.Node, gradient: bool = False) -> None:
+        store = self.G if gradient else self.R
         if idx is None:
-            self.accumulate(self.R, target, rnode)
+            self.accumulate(store, target, rnode)
         else:
-            self.accumulate(self.R.setdefault(target, {}), idx, rnode)
+            self.accumulate(store.setdefault(target, {}), idx, rnode)
+
+    def uses_gradient(self, n: fx.Node) -> bool:
+        """Whether ``n``'s relevance op runs its rule's gradient form: the rule has one here, the node and every
+        operand it sends relevance to are float values (token ids take relevance), and nothing reads the relevance
+        of ``n`` itself (``capture=``, ``condition=``)."""
+        if n not in self._uses_g:
+            ann = n.meta.get("dynlrp")
+            ok = (
+                self.gradient_form and n.op == "call_function" and ann is not None and ann.rule is not None
+                and ann.status == FLOAT and n not in self.cap_of and n not in self.cond_of
+            )
+            if ok:
+                slot_nodes = dict(tensor_slots(n))
+                ok = all(
+                    slot in slot_nodes and getattr(slot_nodes[slot].meta.get("dynlrp"), "status", None) == FLOAT
+                    for slot in ann.slots
+                ) and ann.rule.gradient_form(n.target, ann.slots, self.extra(n))
+            self._uses_g[n] = ok
+        return self._uses_g[n]
+
+    def extra(self, n: fx.Node) -> dict:
+        """The node's ``NodeAnn.extra`` for its rule, with ``zero_at_zero`` for elementwise ops (whether
+        ``f(0) == 0``: the identity rule's gradient form is exact then)."""
+        ann = n.meta["dynlrp"]
+        if ann.rule_class != "identity":
+            return ann.extra
+        return {**ann.extra, "zero_at_zero": _zero_at_zero(n)}
+
+    def promise_of(self, n: fx.Node) -> fx.Node:
+        """A promise of forward value ``n`` (bound by ``resolve_promises``)."""
+        p = self.g.call_function(promise, ())
+        p.meta["promise_of"] = self.env[n]
+        p.meta["val"] = _val(n)
+        return p
+
+    def materialize(self, n: fx.Node) -> None:
+        """Turn the gradient-form relevance that reached single-output ``n`` into relevance (``n * G``)."""
+        g = self.G.pop(n, None)
+        if g is None:
+            return
+        if isinstance(g, dict):
+            raise RuntimeError(f"internal: gradient-form relevance of multi-output node {n.name} read directly")
+        value = self.env[n] if n.op == "placeholder" else self.promise_of(n)
+        r = self.emit(_to_relevance, g, value)
+        self.accumulate(self.R, n, r)
 
     def copy_forward(self) -> None:
         """Placeholders (the forward's, then the target/seed), then every forward op, unchanged."""
@@ -491,7 +636,9 @@ class _Pairing:
             self.seed_total = total if self.seed_total is None else self.emit(torch.ops.aten.add.Tensor,
                                                                               self.seed_total, total)
             ann = y.meta.get("dynlrp")
-            if ann is not None and ann.status in (FLOAT, INDEX):
+            if ann is not None and ann.status == FLOAT and seed_fn is seed_from_target and self.uses_gradient(y):
+                self.add(y, None, self.emit(seed_gradient, ys[k], extra), gradient=True)
+            elif ann is not None and ann.status in (FLOAT, INDEX):
                 self.add(y, None, r_seed)
             else:  # an output computed from no explained input (parameters only): its whole seed is absorbed
                 unreached.append((y, r_seed))
@@ -500,24 +647,15 @@ class _Pairing:
 
     def operands(self, n: fx.Node):
         """``(args template, kwargs template, operand values, output)``, tensors as promise nodes."""
-        g, env = self.g, self.env
+        env = self.env
         refs: list[fx.Node] = []
         args_t = _template(n.args, refs)
         kwargs_t = _template(dict(n.kwargs), refs)
         vals = []
         for a in refs:
             v = _val(a)
-            if isinstance(v, torch.Tensor):
-                p = g.call_function(promise, ())
-                p.meta["promise_of"] = env[a]
-                p.meta["val"] = v
-                vals.append(p)
-            else:
-                vals.append(env[a])
-        out_p = g.call_function(promise, ())
-        out_p.meta["promise_of"] = env[n]
-        out_p.meta["val"] = _val(n)
-        return args_t, kwargs_t, vals, out_p
+            vals.append(self.promise_of(a) if isinstance(v, torch.Tensor) else env[a])
+        return args_t, kwargs_t, vals, self.promise_of(n)
 
     def param_shares(self, n, rule, args_t, kwargs_t, vals, out_p, r_arg, extra, skip=()) -> None:
         """Emit ``rule`` for each parameter-derived operand of ``n`` (one slot at a time)."""
@@ -525,12 +663,14 @@ class _Pairing:
             if a not in self.derived or slot in skip:
                 continue
             op = RelevanceOp(rule, n.target, args_t, kwargs_t, [slot], [], extra, f"{n.name}:{a.name}")
-            self.accumulate(self.RP, a, self.emit(operator.getitem, self.emit(op, r_arg, out_p, *vals), 0))
+            self.accumulate(self.RP, a, self.emit(operator.getitem, self.emit(op, r_arg, None, out_p, *vals), 0))
 
     # -- the reverse sweep ----------------------------------------------------------------------------------------
     def visit(self, n: fx.Node) -> None:
         """Emit the relevance op of forward node ``n`` if relevance reached it (after all its users)."""
         R = self.R
+        if n in self.G and (n in self.cond_of or n in self.cap_of or n.op != "call_function"):
+            self.materialize(n)  # read here (captured, conditioned) or an input's relevance (placeholders)
         if n in self.cond_of and n in R:
             self.condition(n)
         if n in self.cap_of and n in R:
@@ -545,43 +685,84 @@ class _Pairing:
             rp = self.RP.pop(n)
             args_t, kwargs_t, vals, out_p = self.operands(n)
             self.param_shares(n, Route(), args_t, kwargs_t, vals, out_p, rp, {})
-        if n not in R or n.op != "call_function":
+        if (n not in R and n not in self.G) or n.op != "call_function":
             return
         if n.target is operator.getitem:
-            self.add(n.args[0], n.args[1], R.pop(n))
+            if n in self.G:
+                if self.uses_gradient(n.args[0]):
+                    self.add(n.args[0], n.args[1], self.G.pop(n), gradient=True)
+                else:
+                    self.materialize(n)
+            if n in R:
+                self.add(n.args[0], n.args[1], R.pop(n))
             return
         ann = n.meta.get("dynlrp")
         if ann is None or ann.rule is None or ann.status not in (FLOAT, INDEX):
             raise RuntimeError(f"internal: relevance reached node {n.name} ({n.target}) which has no rule")
         args_t, kwargs_t, vals, out_p = self.operands(n)
-        r_in = R.pop(n)
-        r_arg = tuple(r_in.get(i) for i in range(len(_val(n)))) if isinstance(r_in, dict) else r_in
-        op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, ann.extra, n.name)
-        rel = self.emit(op, r_arg, out_p, *vals)
+        use_g = self.uses_gradient(n)
+        if not use_g and n in self.G and not isinstance(self.G[n], dict):
+            self.materialize(n)  # one product here rather than a conversion inside the op
+        r_arg, g_arg = (self.incoming(store.pop(n, None), n) for store in (R, self.G))
+        extra = self.extra(n)
+        slot_nodes = dict(tensor_slots(n))
+        # the epsilon rule in gradient form on one output: its ledger entry is read from the output side (see
+        # Epsilon.gradient_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
+        # (not for float16/bfloat16 outputs: the identity needs z == f(x) to float32 precision, and a half-precision
+        # z is rounded, so those ops measure both sides)
+        analytic = use_g and not isinstance(g_arg, tuple) and _epsilon_form(ann.rule) and _val(n).dtype not in _LOW
+        additive = any(s not in ann.slots and s not in ann.factors and _is_float(_val(a)) for s, a in slot_nodes.items())
+        op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
+                         absorbed=analytic and (additive or ann.rule.epsilon != 0))
+        rel = self.emit(op, r_arg, g_arg, out_p, *vals)
         res_fake = rel.meta["val"]
         rel.meta["dynlrp_rule"] = ann.rule
         rel.meta["dynlrp_for"] = n.name
-        slot_nodes = dict(tensor_slots(n))
+        operand_promise = {}
+        for a, v in zip(_operand_refs(n), vals):
+            operand_promise.setdefault(a, v)
+        masked = ann.rule_class == "softmax"  # -inf scores: their zero gradient must give zero relevance
         r_ins = []
         for i, (slot, rf) in enumerate(zip(ann.slots, res_fake)):
             if rf is None:
                 continue
             gi = self.g.call_function(operator.getitem, (rel, i))
             gi.meta["val"] = rf
-            r_ins.append((gi, slot_nodes[slot]))
-            self.add(slot_nodes[slot], None, gi)
+            src = slot_nodes[slot]
+            r_ins.append(((operand_promise[src], None, gi, masked) if use_g else gi, src))
+            self.add(src, None, gi, gradient=use_g)
         # a conservative rule still drops the share of float operands that are not data (a class token
         # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
         leaky = any(
             s not in ann.slots and isinstance(_val(a), torch.Tensor) and _val(a).dtype.is_floating_point
             for s, a in slot_nodes.items()
         )
-        if not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
-            self.ledger(n, r_arg, r_ins)
+        if analytic:
+            if op.absorbed:
+                dens = self.g.call_function(operator.getitem, (rel, len(ann.slots)))
+                dens.meta["val"] = res_fake[len(ann.slots)]
+                self.ledger(n, dens, [])
+        elif not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
+            self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p), r_ins)
         if self.derived:
             prule = _param_rule(ann)
             if prule is not None:
                 self.param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
+
+    def incoming(self, r: Any, n: fx.Node) -> Any:
+        """What reached ``n`` in one form, as the relevance op takes it: a node, a tuple per output, or ``None``."""
+        return tuple(r.get(i) for i in range(len(_val(n)))) if isinstance(r, dict) else r
+
+    @staticmethod
+    def ledger_outs(r_arg: Any, g_arg: Any, out_p: fx.Node) -> tuple:
+        """The output side of a ledger entry: relevance nodes, and ``(value, index, G, False)`` entries for
+        gradient-form relevance (see :func:`_ledger_term`)."""
+        outs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
+        if isinstance(g_arg, tuple):
+            outs += [(out_p, i, g, False) for i, g in enumerate(g_arg) if g is not None]
+        elif g_arg is not None:
+            outs.append((out_p, None, g_arg, False))
+        return tuple(outs)
 
     def condition(self, n: fx.Node) -> None:
         """``condition=`` at ``n``: record the relevance reaching it per feature, then keep only the masked share
@@ -607,8 +788,8 @@ class _Pairing:
         """A ledger entry: what ``n``'s relevance op absorbed, per sample."""
         routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
         if self.batched:
-            out_b = [_batch_dim(_val(x), self.batch_symbol, n, self.example_batch) for x in routs]
-            in_b = [_batch_dim(_val(x), self.batch_symbol, src, self.example_batch) for x, src in r_ins]
+            out_b = [_batch_dim(_val(_ledger_node(x)), self.batch_symbol, n, self.example_batch) for x in routs]
+            in_b = [_batch_dim(_val(_ledger_node(x)), self.batch_symbol, src, self.example_batch) for x, src in r_ins]
             if any(b is None for b in out_b + in_b):
                 self.unattributed.append(n.name)
         else:  # one sample per call: the ledger (of size 1) takes whole totals

@@ -59,7 +59,8 @@ class CompileContext:
     Inputs (set by whoever runs the pipeline): ``traced`` (the :class:`~dynlrp_fx.trace.TracedProgram`),
     ``composite`` (the rules), ``seed_mode`` (``"target"`` or ``"seed"``), ``promise_policy``, ``backend`` (the
     resolved backend), ``params`` (parameter placeholder -> public name, ``compile(params=)``), ``capture`` (public
-    module path -> node name, ``compile(capture=)``), ``strict`` (``assign_rules`` raises for ops without a rule;
+    module path -> node name, ``compile(capture=)``), ``gradient_form`` (``pair`` lowers rules with a gradient form
+    that way), ``strict`` (``assign_rules`` raises for ops without a rule;
     :func:`dynlrp_fx.coverage` clears it to list them instead).
 
     Results: ``uncovered`` (op -> module paths of relevant nodes without a rule), ``outputs`` (the
@@ -78,6 +79,8 @@ class CompileContext:
     capture: dict[str, str] = field(default_factory=dict)
     #: ``condition=``: public module path -> (node name, feature dim) whose relevance is masked (see pair)
     conditions: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: carry ``G`` (``R = value * G``) through rules that have a gradient form (``pair``); ``False``: relevance
+    gradient_form: bool = True
     strict: bool = True
     uncovered: dict[str, list[str]] = field(default_factory=dict)
     outputs: Any = None

@@ -241,6 +241,20 @@ class Rule:
     def relevance(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
+    def gradient_form(self, op: Any, slots: Sequence[Slot], meta: dict) -> bool:
+        """Whether the rule has a *gradient form* at an application of ``op`` (see :meth:`gradient`). The default,
+        ``False``, keeps :meth:`relevance`; ``pair`` then hands the rule relevance and converts at its borders."""
+        del op, slots, meta
+        return False
+
+    def gradient(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        r"""The rule in gradient form: ``ctx.relevance`` holds ``G`` with ``R = out * G`` (per output), and the
+        result is ``G_k`` per slot with ``R_k = x_k * G_k``; the same relevance as :meth:`relevance` wherever the
+        values are non-zero. A program that carries ``G`` through a chain of such rules multiplies by the input once
+        at the end instead of dividing by ``z`` and multiplying by ``x`` at every op: LRP-0 through linear maps and
+        ReLUs is then exactly the gradient (``docs/design.md``, section 6, "Gradient form")."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"

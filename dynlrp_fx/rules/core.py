@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from .base import Rule, RuleContext, batched_matmul, nonnegative_number, safe_divide
-from .table import facts
+from .base import Rule, RuleContext, batched_matmul, nonnegative_number, safe_divide, stabilize
+from .table import facts, lookup
 
 __all__ = [
     "Epsilon",
@@ -35,6 +35,17 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.shape == like.shape:
         return t
     return t.sum_to_size(like.shape)
+
+
+def ratio(z: torch.Tensor, eps: float) -> torch.Tensor | float:
+    """``z / stab(z)``: the factor by which the epsilon rule scales the gradient at a linear output ``z`` in gradient
+    form (``R / stab(z) = G * z / stab(z)`` for ``R = z * G``); ``1`` for ``eps = 0``."""
+    return 1.0 if eps == 0 else z / stabilize(z, eps)
+
+
+def scaled(g: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``g * z / stab(z)`` (:func:`ratio`), ``g`` itself for ``eps = 0`` (no multiplication by one)."""
+    return g if eps == 0 else g * ratio(z.to(g.dtype), eps)
 
 
 class Epsilon(Rule):
@@ -68,6 +79,45 @@ class Epsilon(Rule):
             out.append(r)
         return out
 
+    def gradient_form(self, op, slots, meta) -> bool:
+        return True
+
+    def gradient(self, ctx: RuleContext):
+        """``G_k = J_k^T (G * z / stab(z)) / m_k``: for ``eps = 0`` the (scaled) gradient itself. Where ``z == 0``
+        LRP-0's safe division sends nothing back and this form sends ``J^T G``; the relevance there is
+        ``z * G = 0`` either way, so both forms agree except in how an exact cancellation inside ``z`` is split."""
+        s = [scaled(g, z, self.epsilon) for g, z in zip(ctx.relevances, ctx.outputs)]
+        grads = ctx.vjp(ctx.slots, s)
+        m = max(1, sum(1 for f in ctx.factors if f in ctx.slots))
+        return [g / m if slot in ctx.factors and m > 1 else g for slot, g in zip(ctx.slots, grads)]
+
+    def gradient_absorbed(self, ctx: RuleContext) -> torch.Tensor:
+        """What :meth:`gradient` absorbs, per output element: ``G * z - s * (z - c)`` with ``s = G * z / stab(z)``
+        and ``c = f(data := 0)`` the additive constants (bias, shift): the inputs' relevance sums to
+        ``sum s * (z - c)`` (Euler's theorem for a map linear in its data), so the ledger needs no input."""
+        g = ctx.relevances[0]
+        z = ctx.outputs[0].to(g.dtype)
+        s = scaled(g, z, self.epsilon)
+        c = additive_constant(ctx)
+        absorbed = (g - s) * z if self.epsilon != 0 else torch.zeros_like(g)
+        return absorbed if c is None else absorbed + s * c.to(g.dtype)
+
+
+def additive_constant(ctx: RuleContext) -> torch.Tensor | None:
+    """``c = f(data := 0)`` of an op linear in its data operands (``None``: no additive constant): the bias of a
+    multilinear op (its table ``bias`` operand; channels in dim 1 for an output of rank > 2, as a convolution's),
+    else the op evaluated with its data operands zeroed."""
+    spec = lookup(ctx.op)
+    if spec is not None and spec.kind == "multilinear":
+        b = ctx.args[spec.bias] if spec.bias is not None and spec.bias < len(ctx.args) else None
+        if not isinstance(b, torch.Tensor) or (spec.bias,) in ctx.slots:
+            return None  # no bias, or a bias that is data (it takes its share)
+        z = ctx.outputs[0]
+        if b.ndim == 1 and z.ndim > 2 and "convolution" in ctx.op._opname:
+            b = b.reshape((-1,) + (1,) * (z.ndim - 2))  # a convolution's bias is per channel (dim 1)
+        return b
+    return ctx.call({slot: torch.zeros_like(ctx.value(slot)) for slot in ctx.slots})[0]
+
 
 class LRP0(Epsilon):
     """LRP-0: :class:`Epsilon` with ``epsilon = 0`` (safe division: ``R/z := 0`` where ``z == 0``)."""
@@ -94,6 +144,13 @@ class Route(Rule):
         if ctx.op is torch.ops.aten.constant_pad_nd.default and ctx.slots:
             return [_unpad(ctx.relevances[0], ctx.args[1])] + [None] * (len(ctx.slots) - 1)
         return ctx.vjp(ctx.slots, ctx.relevances)
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return True
+
+    def gradient(self, ctx: RuleContext):
+        """The same map: the output's elements are the input's, so ``R_k = J_k^T R`` and ``G_k = J_k^T G`` agree."""
+        return self.relevance(ctx)
 
 
 def _unpad(r: torch.Tensor, pad) -> torch.Tensor:
@@ -128,6 +185,22 @@ class Identity(Rule):
             res[0] = _sum_to(ctx.relevances[0], ctx.value(slot)).to(ctx.dtype)
         return res
 
+    def gradient_form(self, op, slots, meta) -> bool:
+        # exact where f(0) = 0 (``pair`` evaluates the op at 0): there R = f(0) * G = 0 is what x * G_x gives
+        return bool(slots) and (facts(op).homogeneous or bool(meta.get("zero_at_zero")))
+
+    def gradient(self, ctx: RuleContext):
+        """``G_x = G * f(x) / x`` (``0`` at ``x = 0``); for positively homogeneous ``f`` (ReLU) that is the op's
+        own gradient, which reads only the output."""
+        slot = ctx.slots[0]
+        res: list = [None] * len(ctx.slots)
+        if facts(ctx.op).homogeneous:
+            res[0] = ctx.vjp([slot], ctx.relevances)[0]
+            return res
+        x = ctx.value(slot).to(ctx.dtype)
+        res[0] = _sum_to(ctx.relevances[0] * safe_divide(ctx.outputs[0].to(ctx.dtype), x, 0.0), x)
+        return res
+
 
 class Uniform(Rule):
     r"""Uniform rule for products of data tensors (gates, AttnLRP): :math:`R_k = R / m` for the ``m`` data
@@ -142,6 +215,15 @@ class Uniform(Rule):
         m = len(factors)
         r = ctx.relevances[0]
         return [_sum_to(r / m, ctx.value(s)) if s in factors else None for s in ctx.slots]
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return True
+
+    def gradient(self, ctx: RuleContext):
+        """``G_k = J_k^T G / m``: ``R / (m x_k)`` is ``G`` times the other factors over ``m``."""
+        factors = [s for s in ctx.slots if s in ctx.factors] or ctx.slots
+        grads = dict(zip(factors, ctx.vjp(factors, ctx.relevances)))
+        return [grads[s] / len(factors) if s in grads else None for s in ctx.slots]
 
 
 class AttnLRPSoftmax(Rule):
@@ -168,6 +250,19 @@ class AttnLRPSoftmax(Rule):
         r = ctx.relevances[0]
         term = r - s * r.sum(dim, keepdim=True)
         res = torch.where(_masked_scores(x, x0.dtype) | (term == 0), torch.zeros_like(term), x * term)
+        return [res] + [None] * (len(ctx.slots) - 1)
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return True
+
+    def gradient(self, ctx: RuleContext):
+        """``G_x = s * (G - sum(s * G))``, the softmax's gradient (``R - s sum R`` for ``R = s * G``), zero at
+        masked scores."""
+        x0 = ctx.value(ctx.slots[0])
+        s = ctx.outputs[0].to(ctx.dtype)
+        g = ctx.relevances[0]
+        term = s * (g - (s * g).sum(ctx.args[1], keepdim=True))
+        res = torch.where(_masked_scores(x0, x0.dtype), torch.zeros_like(term), term)
         return [res] + [None] * (len(ctx.slots) - 1)
 
 
@@ -207,6 +302,19 @@ class AttnLRPAttention(Rule):
         self.cp = bool(cp)
 
     def relevance(self, ctx: RuleContext):
+        return self._propagate(ctx, False)
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return True
+
+    def gradient(self, ctx: RuleContext):
+        """The same steps on ``G`` (``R = o * G``): each division by a stabilised output becomes
+        ``G * z / stab(z)`` and each product with an operand is left out; for ``eps = 0`` the gradient of SDPA
+        with the bilinear shares halved and, under ``cp=True``, the attention weights held constant (LXT)."""
+        return self._propagate(ctx, True)
+
+    def _propagate(self, ctx: RuleContext, grad: bool):
+        """:meth:`relevance` (``grad=False``) or :meth:`gradient` (``grad=True``)."""
         names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
         vals = dict(zip(names, ctx.args))
         for k in names:
@@ -260,29 +368,38 @@ class AttnLRPAttention(Rule):
                 slot_of[nm] = ("kw", nm)
         want = {nm: slot_of[nm] in ctx.slots for nm in slot_of}
         result = {}
+        def times(x, g):  # relevance from a gradient-form share: x * g, or g itself in gradient form
+            return g if grad else x * g
+
         if self.cp:
-            sv = safe_divide(R, o, eps)
+            sv = scaled(R, o, eps) if grad else safe_divide(R, o, eps)
             (gv,) = torch.func.vjp(lambda v_: out_fn(p, v_), v)[1](sv)
-            result["value"] = v * gv
+            result["value"] = times(v, gv)
         else:
             two = 2.0 if want["value"] else 1.0
-            so = safe_divide(R, o, eps) / two
+            so = (scaled(R, o, eps) if grad else safe_divide(R, o, eps)) / two
             _, pb = torch.func.vjp(out_fn, p, v)
             gp, gv = pb(so)
-            result["value"] = v * gv
+            result["value"] = times(v, gv)
             rp = p * gp
-            term = rp - p * rp.sum(-1, keepdim=True)
+            term = rp - p * rp.sum(-1, keepdim=True)  # the softmax's gradient form: R_s = s * term
             masked = _masked_scores(s, mask.dtype if float_mask is not None else dt)
-            rs = torch.where(masked | (term == 0), torch.zeros_like(term), s * term)
-            if float_mask is not None:
-                rs = scores * safe_divide(rs, scores + float_mask, eps)
-                rs = torch.where(torch.isfinite(rs), rs, torch.zeros_like(rs))
+            if grad:
+                rs = torch.where(masked, torch.zeros_like(term), term)
+                if float_mask is not None:
+                    rs = scaled(rs, scores + float_mask, eps)
+                sq = scaled(rs, scores, eps)
+            else:
+                rs = torch.where(masked | (term == 0), torch.zeros_like(term), s * term)
+                if float_mask is not None:
+                    rs = scores * safe_divide(rs, scores + float_mask, eps)
+                    rs = torch.where(torch.isfinite(rs), rs, torch.zeros_like(rs))
+                sq = safe_divide(rs, scores, eps)
             m = (1.0 if want["query"] else 0.0) + (1.0 if want["key"] else 0.0)
-            sq = safe_divide(rs, scores, eps) / max(m, 1.0)
             _, pb = torch.func.vjp(scores_fn, q, k)
-            gq, gk = pb(sq)
-            result["query"] = q * gq
-            result["key"] = k * gk
+            gq, gk = pb(sq / max(m, 1.0))
+            result["query"] = times(q, gq)
+            result["key"] = times(k, gk)
         inv = {v_: k_ for k_, v_ in slot_of.items()}
         return [result.get(inv.get(slot)) if slot in inv else None for slot in ctx.slots]
 
@@ -344,13 +461,25 @@ class NormEpsilon(Rule):
         self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
-        opname = ctx.op._opname
-        if opname not in ("native_layer_norm", "native_group_norm") or not ctx.slots or ctx.slots[0] != (0,):
+        if not self.gradient_form(ctx.op, ctx.slots, ctx.meta):
             return NormAffine(self.epsilon).relevance(ctx)
+        return self._propagate(ctx, False)
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return op._opname in ("native_layer_norm", "native_group_norm") and bool(slots) and slots[0] == (0,)
+
+    def gradient(self, ctx: RuleContext):
+        """``G_x = s - mean(s)`` with ``s = w * rstd * G * y / stab(y)``: the LayerNorm's gradient with the
+        standard deviation held constant (LXT's), for ``eps = 0``."""
+        return self._propagate(ctx, True)
+
+    def _propagate(self, ctx: RuleContext, grad: bool):
+        """:meth:`relevance` (``grad=False``: ``R_x = x * (s - mean(s))``) or :meth:`gradient` (``grad=True``)."""
+        opname = ctx.op._opname
         r = ctx.relevances[0]
         x = ctx.value((0,)).to(r.dtype)
         y, rstd = ctx.out[0].to(r.dtype), ctx.out[2].to(r.dtype)
-        u = safe_divide(r, y, self.epsilon)
+        u = scaled(r, y, self.epsilon) if grad else safe_divide(r, y, self.epsilon)
         res: list = [None] * len(ctx.slots)
         if opname == "native_layer_norm":
             # native_layer_norm(x, normalized_shape, weight, bias, eps) -> (y, mean, rstd)
@@ -362,15 +491,16 @@ class NormEpsilon(Rule):
                 rstd = rstd.reshape(tuple(x.shape[: x.ndim - k]) + (1,) * k)
             s = u * rstd
             dims = tuple(range(x.ndim - k, x.ndim))
-            res[0] = x * (s - s.mean(dims, keepdim=True))
-            return res
-        # native_group_norm(x, weight, bias, N, C, HxW, group, eps) -> (y, mean, rstd), stats of shape (N, group)
-        w = ctx.args[1]
-        if w is not None:
-            u = u * w.to(r.dtype).reshape((-1,) + (1,) * (x.ndim - 2))
-        n, g = rstd.shape[0], rstd.shape[1]
-        s = u.reshape(n, g, -1) * rstd.reshape(n, g, 1)
-        res[0] = x * (s - s.mean(-1, keepdim=True)).reshape(x.shape)
+            g = s - s.mean(dims, keepdim=True)
+        else:
+            # native_group_norm(x, weight, bias, N, C, HxW, group, eps) -> (y, mean, rstd), stats (N, group)
+            w = ctx.args[1]
+            if w is not None:
+                u = u * w.to(r.dtype).reshape((-1,) + (1,) * (x.ndim - 2))
+            n, gr = rstd.shape[0], rstd.shape[1]
+            s = u.reshape(n, gr, -1) * rstd.reshape(n, gr, 1)
+            g = (s - s.mean(-1, keepdim=True)).reshape(x.shape)
+        res[0] = g if grad else x * g
         return res
 
 
@@ -387,6 +517,18 @@ class NormalizerIdentity(Rule):
         target = ctx.meta.get("normalizer_slot", ctx.slots[0])
         r = ctx.relevances[0]
         return [_sum_to(r, ctx.value(s)) if s == target else None for s in ctx.slots]
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        # y is linear in the normalised operand with the scale fixed (x * g, x / g), but not in a divisor
+        target = meta.get("normalizer_slot", slots[0] if slots else None)
+        spec = lookup(op)
+        return target is not None and (spec is None or spec.kind != "div" or target == (0,))
+
+    def gradient(self, ctx: RuleContext):
+        """``G_x = J_x^T G`` with the other operand (the scale) held constant."""
+        target = ctx.meta.get("normalizer_slot", ctx.slots[0])
+        (g,) = ctx.vjp([target], ctx.relevances)
+        return [g if s == target else None for s in ctx.slots]
 
 
 class Numerator(NormalizerIdentity):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .base import Rule, RuleContext, Slot, batched_matmul, nonnegative_number, safe_divide, stabilize
-from .core import LINEAR, Epsilon, Route, _sum_to
+from .core import LINEAR, Epsilon, Route, _sum_to, scaled
 from .table import lookup
 
 __all__ = [
@@ -390,6 +390,20 @@ class CPBilinear(Rule):
         u = [safe_divide(r, z, self.epsilon) for r, z in zip(ctx.relevances, ctx.outputs)]
         grads = dict(zip(keep, ctx.vjp(keep, u)))
         return [ctx.surrogate(s) * grads[s] if s in grads else None for s in ctx.slots]
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return True
+
+    def gradient(self, ctx: RuleContext):
+        """``G_v = J_v^T (G * z / stab(z))`` with the attention weights held constant."""
+        factors = [s for s in ctx.slots if s in ctx.factors]
+        if len(factors) < 2:
+            return Epsilon(self.epsilon).gradient(ctx)
+        const = ctx.meta.get("attention_probs_slot", factors[0])
+        keep = [s for s in ctx.slots if s != const]
+        u = [scaled(g, z, self.epsilon) for g, z in zip(ctx.relevances, ctx.outputs)]
+        grads = dict(zip(keep, ctx.vjp(keep, u)))
+        return [grads.get(s) for s in ctx.slots]
 
 
 class AbsProportional(Rule):

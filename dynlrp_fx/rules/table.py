@@ -74,6 +74,8 @@ class OpSpec:
         scale: may appear in the computation of a normaliser's scale from its input (statistics and elementwise
             arithmetic: RMSNorm's ``x * rsqrt(mean(x * x) + eps)``).
         activation: an elementwise function that may appear in a decomposed activation ``a * g(a)`` (SiLU, GELU).
+        homogeneous: an elementwise function with ``f(c x) = c f(x)`` for ``c > 0`` (ReLU, leaky ReLU), so that
+            ``f(x) / x`` is its derivative: the identity rule's gradient form is then the op's own gradient.
         reshape: its result is its operand's elements in row-major order under another shape (value numbering).
         aliases: returns a view of its first operand although its schema does not say so (``_unsafe_view``).
     """
@@ -89,6 +91,7 @@ class OpSpec:
     reduction: bool = False
     scale: bool = False
     activation: bool = False
+    homogeneous: bool = False
     reshape: bool = False
     aliases: bool = False
 
@@ -102,7 +105,8 @@ class OpSpec:
 #: values of :attr:`OpSpec.nonneg`
 NONNEG = (None, "always", "floor", "preserves")
 #: fields of :class:`OpSpec` that are facts for the passes (everything but the relevance fields)
-FACTS = ("bias", "cheap", "recompute_cost", "nonneg", "reduction", "scale", "activation", "reshape", "aliases")
+FACTS = ("bias", "cheap", "recompute_cost", "nonneg", "reduction", "scale", "activation", "homogeneous", "reshape",
+         "aliases")
 
 OP_TABLE: dict[Any, OpSpec] = {}
 
@@ -279,6 +283,7 @@ _facts("""mean sum var std var_mean amax norm linalg_vector_norm native_layer_no
 _facts("""add sub mul div pow neg _to_copy clone alias tanh erf erfc sigmoid exp expm1 log log1p sqrt rsqrt
     reciprocal abs square clamp clamp_min clamp_max relu gelu silu softplus hardtanh hardsigmoid hardswish sign
     where""", activation=True)
+_facts("relu leaky_relu", homogeneous=True)
 _facts("view.default _unsafe_view.default reshape.default alias.default", reshape=True)
 _facts("_unsafe_view.default", aliases=True)
 

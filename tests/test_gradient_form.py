@@ -1,0 +1,177 @@
+"""Issue 16: rules that are modified gradients run as gradients (``pair`` carries ``G`` with ``R = value * G``).
+
+Oracles: the gradient form gives the relevance the relevance form gives (float64, same trace, every preset with a
+gradient form, CNNs and transformers, target and seed modes, several targets); LRP-0 in gradient form is the
+gradient (no division left in the program of a bias-free ReLU network) and equals gradient x input; the ledger,
+read from the output side, closes where the relevance form's (measured) ledger does, and records a bias's share.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dynlrp_fx as dynlrp
+from dynlrp_fx.explainer import Explainer
+from dynlrp_fx.program import Analysis
+from tests.helpers import grad_x_input, pooled_cnn, tiny_bert
+
+D = torch.float64
+
+
+def _pair(model, args=(), kwargs=None, rules="epsilon"):
+    """The default explainer (gradient form) and one on the same trace with every rule in relevance form."""
+    ex = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules)
+    ref = Explainer(model, ex.traced, ex.composite,
+                    analysis=Analysis(ex.traced, ex.composite, gradient_form=False))
+    return ex, ref
+
+
+def _close(a, b, rtol=1e-9):
+    """Relevance equal up to float64 rounding, relative to the largest entry."""
+    top = float(b.abs().max())
+    assert top > 0
+    err = float((a - b).abs().max()) / top
+    assert err <= rtol, f"gradient form differs from relevance form by {err:.2e} (relative)"
+
+
+def _same(a, b, rtol=1e-9):
+    _close(a.relevance, b.relevance, rtol)
+    for k in b.inputs:
+        _close(a.inputs[k], b.inputs[k], rtol)
+    # the ledgers are computed differently (output side vs. both sides) and both close
+    assert float(a.conservation.error.max()) < 1e-10
+    assert float(b.conservation.error.max()) < 1e-10
+
+
+@pytest.mark.parametrize("rules", ["lrp0", "epsilon", "epsilon_gamma_box", "epsilon_plus"])
+def test_cnn_forms_agree(rules):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).eval().to(D)
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    ex, ref = _pair(model, (x,), rules=rules)
+    _same(ex(x, target=torch.tensor([3, 5])), ref(x, target=torch.tensor([3, 5])))
+    seed = torch.randn(2, 7, dtype=D)
+    _same(ex(x, seed=seed), ref(x, seed=seed))
+
+
+@pytest.mark.parametrize("rules", ["epsilon", "lrp0", "cp_lrp"])
+def test_bert_forms_agree_with_padding(rules):
+    torch.manual_seed(0)
+    model = tiny_bert(sdpa=True).to(D)
+    kw = {"input_ids": torch.randint(3, 128, (2, 10)),
+          "attention_mask": torch.tensor([[1] * 10, [1] * 7 + [0] * 3])}
+    ex, ref = _pair(model, (), kw, rules)
+    _same(ex(**kw, target=1), ref(**kw, target=1))
+
+
+def test_eager_attention_softmax_forms_agree():
+    """Decomposed attention (softmax with an additive finfo.min mask, two bilinear matmuls)."""
+    torch.manual_seed(0)
+    model = tiny_bert().to(D)  # eager attention
+    kw = {"input_ids": torch.randint(3, 128, (2, 9)), "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+    for rules in ("epsilon", "cp_lrp"):
+        ex, ref = _pair(model, (), kw, rules)
+        _same(ex(**kw, target=2), ref(**kw, target=2))
+
+
+def test_gpt2_and_vit_forms_agree():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval().to(D)
+    kw = {"input_ids": torch.randint(3, 100, (2, 12))}
+    ex, ref = _pair(gpt2, (), kw, "attnlrp")
+    _same(ex(**kw, target=7), ref(**kw, target=7))
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=5).eval().to(D)
+    nn.init.normal_(vit.heads.head.weight, std=0.1)
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    for rules in ("cp_lrp", "dynamiclrp"):
+        ex, ref = _pair(vit, (x,), rules=rules)
+        _same(ex(x, target=1), ref(x, target=1))
+
+
+def test_llama_forms_agree_to_its_float32_casts():
+    """Llama's RMSNorm computes in float32 (``hidden.to(torch.float32)``): a cast that rounds a float64 value is a
+    route op whose output is not exactly its input, so ``x * G`` and ``y * G`` differ by that rounding there."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = tf.LlamaForCausalLM(cfg).eval().to(D)
+    kw = {"input_ids": torch.randint(3, 100, (2, 12))}
+    ex, ref = _pair(model, (), kw, "epsilon")
+    a, b = ex(**kw, target=4), ref(**kw, target=4)
+    _close(a.relevance, b.relevance, rtol=1e-6)
+    assert float(a.conservation.error.max()) < 1e-5
+
+
+def test_several_targets_in_gradient_form():
+    torch.manual_seed(0)
+    model = pooled_cnn().to(D)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    ex, ref = _pair(model, (x,), rules="epsilon")
+    t = torch.tensor([[0, 3], [4, 1]])
+    _close(ex(x, target=t).relevance, ref(x, target=t).relevance)
+
+
+def _bias_free_relu_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(6, 4, bias=False),
+    ).eval().to(D)
+
+
+def test_lrp0_is_the_gradient_without_divisions():
+    """LRP-0 through a bias-free ReLU network in gradient form: no division, no stabiliser, no ledger entry (it
+    absorbs nothing), and the relevance equals gradient x input; the relevance form divides at every layer."""
+    model = _bias_free_relu_net()
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    ex, ref = _pair(model, (x,), rules="lrp0")
+    t = torch.tensor([0, 2, 3])
+    e = ex(x, target=t)
+    torch.testing.assert_close(e.relevance, grad_x_input(model, x, t), rtol=1e-10, atol=1e-12)
+    assert float(e.absorbed.abs().max()) == 0.0
+    ops = [str(n.target) for n in ex.graph("target").graph.nodes if n.op == "call_function"]
+    ref_ops = [str(n.target) for n in ref.graph("target").graph.nodes if n.op == "call_function"]
+    # no division by a tensor (the pooling's gradient divides by a number); `where` only in the seed (argmax)
+    assert "aten.div.Tensor" not in ops and ops.count("aten.where.self") <= 2, ops
+    assert ref_ops.count("aten.div.Tensor") >= 3 and ref_ops.count("aten.where.self") >= 6
+
+
+def test_ledger_records_bias_and_epsilon_shares():
+    """The output-side ledger equals what the relevance form measures at every op (biases, batch-norm shifts,
+    stabilisers), per sample."""
+    torch.manual_seed(0)
+    model = pooled_cnn().to(D)  # biased convs, batch norm, biased linear
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    for rules in ("lrp0", "epsilon"):
+        ex, ref = _pair(model, (x,), rules=rules)
+        a, b = ex(x), ref(x)
+        assert float(b.absorbed.abs().min()) > 1e-6  # the biases absorb something in every sample
+        torch.testing.assert_close(a.absorbed, b.absorbed, rtol=1e-9, atol=1e-12)
+
+
+def test_model_untouched_and_params_keep_relevance_form():
+    """``params=`` needs relevance at each parameter's op, so that program keeps the relevance form; its results
+    equal the relevance-form reference."""
+    model = _bias_free_relu_net()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = dynlrp.compile(model, (x,), rules="lrp0", params=["0.weight"])
+    e = ex(x, target=1)
+    torch.testing.assert_close(e.relevance, grad_x_input(model, x, torch.tensor([1, 1])), rtol=1e-10, atol=1e-12)
+    assert float(e.params["0.weight"].sum()) == pytest.approx(float(e.relevance.sum()), rel=1e-9)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
