@@ -52,7 +52,8 @@ def bench(name: str, batch: int, reps: int, log) -> list[dict]:
         ex = dynlrp.compile(bm.model, ex_args, example_kwargs=ex_kwargs, rules=rules, backend="eager")
         ref = Explainer(bm.model, ex.traced, ex.composite, backend="eager",
                         analysis=Analysis(ex.traced, ex.composite, gradient_form=False))
-        fns = {"gxi": gxi, "gradient form": lambda: ex(*args, **kwargs), "relevance form": lambda: ref(*args, **kwargs)}
+        fns = {"gxi": gxi, "gradient form": lambda ex=ex: ex(*args, **kwargs),
+               "relevance form": lambda ref=ref: ref(*args, **kwargs)}
         a, b = fns["gradient form"](), fns["relevance form"]()
         ra, rb = _relevance(a).double(), _relevance(b).double()
         diff = float((ra - rb).abs().max() / rb.abs().max().clamp_min(1e-30))

@@ -46,7 +46,8 @@ def _same(a, b, rtol=1e-9):
     assert float(b.conservation.error.max()) < 1e-10
 
 
-@pytest.mark.parametrize("rules", ["lrp0", "epsilon", "epsilon_gamma_box", "epsilon_plus"])
+@pytest.mark.parametrize("rules", ["lrp0", *(pytest.param(r, marks=pytest.mark.slow)
+                                             for r in ("epsilon", "epsilon_gamma_box", "epsilon_plus"))])
 def test_cnn_forms_agree(rules):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=7).eval().to(D)
@@ -57,7 +58,7 @@ def test_cnn_forms_agree(rules):
     _same(ex(x, seed=seed), ref(x, seed=seed))
 
 
-@pytest.mark.parametrize("rules", ["epsilon", "lrp0", "cp_lrp"])
+@pytest.mark.parametrize("rules", ["epsilon", *(pytest.param(r, marks=pytest.mark.slow) for r in ("lrp0", "cp_lrp"))])
 def test_bert_forms_agree_with_padding(rules):
     torch.manual_seed(0)
     model = tiny_bert(sdpa=True).to(D)
@@ -67,6 +68,7 @@ def test_bert_forms_agree_with_padding(rules):
     _same(ex(**kw, target=1), ref(**kw, target=1))
 
 
+@pytest.mark.slow
 def test_eager_attention_softmax_forms_agree():
     """Decomposed attention (softmax with an additive finfo.min mask, two bilinear matmuls)."""
     torch.manual_seed(0)
@@ -77,6 +79,7 @@ def test_eager_attention_softmax_forms_agree():
         _same(ex(**kw, target=2), ref(**kw, target=2))
 
 
+@pytest.mark.slow
 def test_gpt2_and_vit_forms_agree():
     import transformers as tf
 
@@ -94,6 +97,7 @@ def test_gpt2_and_vit_forms_agree():
         _same(ex(x, target=1), ref(x, target=1))
 
 
+@pytest.mark.slow
 def test_llama_forms_agree_to_its_float32_casts():
     """Llama's RMSNorm computes in float32 (``hidden.to(torch.float32)``): a cast that rounds a float64 value is a
     route op whose output is not exactly its input, so ``x * G`` and ``y * G`` differ by that rounding there."""

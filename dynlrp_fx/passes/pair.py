@@ -52,7 +52,7 @@ import torch.fx as fx
 
 from ..rules.base import RuleContext, safe_divide
 from ..rules.core import Epsilon, Route
-from ..rules.table import lookup
+from ..rules.table import facts, lookup
 from .lower import trace_node, traced_value
 from .nodes import FLOAT, INDEX, lazy_graph_module, tensor_slots
 
@@ -128,6 +128,12 @@ def _to_relevance(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.to(g.dtype) * g
 
 
+def _to_relevance_masked(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_to_relevance` for a softmax's input, whose masked scores are ``-inf`` where ``G`` is ``0``."""
+    r = out.to(g.dtype) * g
+    return torch.where(g == 0, torch.zeros_like(r), r)
+
+
 def _to_gradient(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return safe_divide(r, out.to(r.dtype), 0.0)
 
@@ -140,8 +146,9 @@ class RelevanceOp:
     ``G + R / out`` and returns ``G`` per slot, else the rule on ``R + out * G`` and returns relevance."""
 
     def __init__(self, rule, op, args_t, kwargs_t, slots, factors, extra, node_name: str, gradient: bool = False,
-                 absorbed: bool = False):
+                 absorbed: bool = False, masked: bool = False):
         self.rule = rule
+        self.masked = bool(masked)  #: the output feeds a softmax: converting G to relevance guards -inf * 0
         self.gradient = bool(gradient)
         self.absorbed = bool(absorbed)  #: also return what the gradient form absorbed, per output element
         self.op = op
@@ -167,7 +174,8 @@ class RelevanceOp:
             if self.absorbed:
                 return (*res, self.rule.gradient_absorbed(ctx))
         else:
-            ctx = RuleContext(self.op, args, kwargs, out, _merge(R, G, out, _to_relevance), self.slots, self.factors,
+            convert = _to_relevance_masked if self.masked else _to_relevance
+            ctx = RuleContext(self.op, args, kwargs, out, _merge(R, G, out, convert), self.slots, self.factors,
                               self.extra)
             res = self.rule.relevance(ctx)
         if len(res) != len(self.slots):
@@ -487,6 +495,11 @@ class _Pairing:
         # params= needs relevance at every op that takes a chosen parameter: the whole program keeps relevance form
         self.gradient_form = bool(getattr(ctx, "gradient_form", True)) and not ctx.params
         self._uses_g: dict[fx.Node, bool] = {}
+        #: inputs of softmax-class ops: their masked scores are -inf where the softmax's gradient form gives G = 0
+        self.softmax_inputs = {
+            a for n in self.nodes if getattr(n.meta.get("dynlrp"), "rule_class", None) == "softmax"
+            for _, a in tensor_slots(n)
+        }
         self.RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
         self.ledgers: list[fx.Node] = []
         self.unattributed: list[str] = []
@@ -543,9 +556,14 @@ class _Pairing:
                 and ann.status == FLOAT and n not in self.cap_of and n not in self.cond_of
             )
             if ok:
+                # one dtype throughout: a cast that rounds (float64 -> float32 in Llama's RMSNorm, float32 -> half)
+                # has y != x, so x * G would not be the y * G that arrived
+                out = _val(n)
+                dtype = (out[0] if isinstance(out, (tuple, list)) else out).dtype
                 slot_nodes = dict(tensor_slots(n))
                 ok = all(
                     slot in slot_nodes and getattr(slot_nodes[slot].meta.get("dynlrp"), "status", None) == FLOAT
+                    and _val(slot_nodes[slot]).dtype == dtype
                     for slot in ann.slots
                 ) and ann.rule.gradient_form(n.target, ann.slots, self.extra(n))
             self._uses_g[n] = ok
@@ -574,7 +592,7 @@ class _Pairing:
         if isinstance(g, dict):
             raise RuntimeError(f"internal: gradient-form relevance of multi-output node {n.name} read directly")
         value = self.env[n] if n.op == "placeholder" else self.promise_of(n)
-        r = self.emit(_to_relevance, g, value)
+        r = self.emit(_to_relevance_masked if n in self.softmax_inputs else _to_relevance, g, value)
         self.accumulate(self.R, n, r)
 
     def copy_forward(self) -> None:
@@ -711,9 +729,12 @@ class _Pairing:
         # (not for float16/bfloat16 outputs: the identity needs z == f(x) to float32 precision, and a half-precision
         # z is rounded, so those ops measure both sides)
         analytic = use_g and not isinstance(g_arg, tuple) and _epsilon_form(ann.rule) and _val(n).dtype not in _LOW
-        additive = any(s not in ann.slots and s not in ann.factors and _is_float(_val(a)) for s, a in slot_nodes.items())
+        bias = facts(n.target).bias if isinstance(n.target, torch._ops.OpOverload) else None
+        additive = any(s not in ann.slots and s not in ann.factors and _is_float(_val(a)) for s, a in slot_nodes.items()) or (
+            bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0
+        )
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
-                         absorbed=analytic and (additive or ann.rule.epsilon != 0))
+                         absorbed=analytic and (additive or ann.rule.epsilon != 0), masked=n in self.softmax_inputs)
         rel = self.emit(op, r_arg, g_arg, out_p, *vals)
         res_fake = rel.meta["val"]
         rel.meta["dynlrp_rule"] = ann.rule
@@ -743,7 +764,7 @@ class _Pairing:
                 dens.meta["val"] = res_fake[len(ann.slots)]
                 self.ledger(n, dens, [])
         elif not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
-            self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p), r_ins)
+            self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p, n in self.softmax_inputs), r_ins)
         if self.derived:
             prule = _param_rule(ann)
             if prule is not None:
@@ -754,14 +775,14 @@ class _Pairing:
         return tuple(r.get(i) for i in range(len(_val(n)))) if isinstance(r, dict) else r
 
     @staticmethod
-    def ledger_outs(r_arg: Any, g_arg: Any, out_p: fx.Node) -> tuple:
+    def ledger_outs(r_arg: Any, g_arg: Any, out_p: fx.Node, masked: bool) -> tuple:
         """The output side of a ledger entry: relevance nodes, and ``(value, index, G, False)`` entries for
         gradient-form relevance (see :func:`_ledger_term`)."""
         outs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
         if isinstance(g_arg, tuple):
-            outs += [(out_p, i, g, False) for i, g in enumerate(g_arg) if g is not None]
+            outs += [(out_p, i, g, masked) for i, g in enumerate(g_arg) if g is not None]
         elif g_arg is not None:
-            outs.append((out_p, None, g_arg, False))
+            outs.append((out_p, None, g_arg, masked))
         return tuple(outs)
 
     def condition(self, n: fx.Node) -> None:

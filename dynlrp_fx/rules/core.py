@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .base import Rule, RuleContext, batched_matmul, nonnegative_number, safe_divide, stabilize
+from .base import Rule, RuleContext, batched_matmul, nonnegative_number, safe_divide
 from .table import facts, lookup
 
 __all__ = [
@@ -40,7 +40,8 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def ratio(z: torch.Tensor, eps: float) -> torch.Tensor | float:
     """``z / stab(z)``: the factor by which the epsilon rule scales the gradient at a linear output ``z`` in gradient
     form (``R / stab(z) = G * z / stab(z)`` for ``R = z * G``); ``1`` for ``eps = 0``."""
-    return 1.0 if eps == 0 else z / stabilize(z, eps)
+    # |z| / (|z| + eps), written as 1 / (1 + eps / |z|): 0 at z = 0 and 1 at z = +-inf (a masked score), not NaN
+    return 1.0 if eps == 0 else torch.reciprocal(1 + eps / z.abs())
 
 
 def scaled(g: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,8 +100,13 @@ class Epsilon(Rule):
         z = ctx.outputs[0].to(g.dtype)
         s = scaled(g, z, self.epsilon)
         c = additive_constant(ctx)
-        absorbed = (g - s) * z if self.epsilon != 0 else torch.zeros_like(g)
-        return absorbed if c is None else absorbed + s * c.to(g.dtype)
+        # (G - s) * z = eps * sign(z) * s: finite also at z = -inf (a masked score, where G = 0)
+        absorbed = s * torch.sign(z) * self.epsilon if self.epsilon != 0 else torch.zeros_like(g)
+        if c is None:
+            return absorbed
+        c = c.to(g.dtype)
+        # an additive mask of -inf takes no share where nothing arrives (s = 0), instead of 0 * inf = NaN
+        return absorbed + (s * c if c.ndim <= 1 or c.shape != z.shape else torch.where(s == 0, 0.0, s * c))
 
 
 def additive_constant(ctx: RuleContext) -> torch.Tensor | None:

@@ -259,6 +259,8 @@ _reg("unary", "polygamma", slots=(1,))
 _reg("multilinear", "convolution _convolution", factors=(0, 1), bias=2)
 _reg("multilinear", "addmm baddbmm", factors=(1, 2), bias=0)
 _facts("native_layer_norm", bias=3)
+# an added number is a bias too (the gradient-form ledger records its share): add/sub/rsub's second operand
+_facts("add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Tensor rsub.Scalar", bias=1)
 _facts("native_group_norm", bias=2)
 # cheap to recompute besides pointwise ops: views and copies; inference batch norm is a per-channel affine map
 # recomputed from the convolution output the relevance half holds anyway; a LayerNorm output is recomputed from
