@@ -105,8 +105,12 @@ class Epsilon(Rule):
         if c is None:
             return absorbed
         c = c.to(g.dtype)
-        # an additive mask of -inf takes no share where nothing arrives (s = 0), instead of 0 * inf = NaN
-        return absorbed + (s * c if c.ndim <= 1 or c.shape != z.shape else torch.where(s == 0, 0.0, s * c))
+        spec = lookup(ctx.op)
+        if spec is not None and spec.kind == "multilinear":  # a bias: finite
+            return absorbed + s * c
+        # an additive constant of an affine op may be a mask of -inf: no share where nothing arrives (s = 0),
+        # instead of 0 * inf = NaN (decided by the op, not by comparing sizes, which would specialise them)
+        return absorbed + torch.where(s == 0, 0.0, s * c)
 
 
 def additive_constant(ctx: RuleContext) -> torch.Tensor | None:
@@ -122,6 +126,18 @@ def additive_constant(ctx: RuleContext) -> torch.Tensor | None:
         if b.ndim == 1 and z.ndim > 2 and "convolution" in ctx.op._opname:
             b = b.reshape((-1,) + (1,) * (z.ndim - 2))  # a convolution's bias is per channel (dim 1)
         return b
+    # the op on zeroed data at the smallest shape it accepts (size 1 everywhere, then with the channel dim 1 kept
+    # for batch norm's per-channel statistics): the constant broadcasts against the output, and no output-sized
+    # tensor is made for a bias or a shift; the data's own shape as the last resort
+    for keep in ((), (1,)):
+        try:
+            return ctx.call({
+                slot: torch.zeros([ctx.value(slot).shape[d] if d in keep else 1 for d in range(ctx.value(slot).ndim)],
+                                  dtype=ctx.value(slot).dtype, device=ctx.value(slot).device)
+                for slot in ctx.slots
+            })[0]
+        except (RuntimeError, IndexError, ValueError):
+            continue
     return ctx.call({slot: torch.zeros_like(ctx.value(slot)) for slot in ctx.slots})[0]
 
 
