@@ -37,12 +37,12 @@ def _relevance(e) -> torch.Tensor:
     return e.relevance if e.relevance is not None else next(iter(e.inputs.values()))
 
 
-def bench(name: str, batch: int, reps: int, log) -> list[dict]:
+def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None) -> list[dict]:
     import dynlrp_fx as dynlrp
     from dynlrp_fx.explainer import Explainer
     from dynlrp_fx.program import Analysis
 
-    bm = build(name, torch.device("cpu"), SIZES)
+    bm = build(name, torch.device("cpu"), sizes or SIZES)
     bm.model.requires_grad_(False)
     args, kwargs = bm.make_inputs(batch)
     gxi = make_method("gxi", bm, args, kwargs, "cpu", {})
@@ -109,15 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="resnet50,vgg16,bert_base,gpt2_small")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="64x64 images and 16 tokens (checks the script, not a result)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gradient_form"))
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = []
     for name in a.models.split(","):
         for b in (int(x) for x in a.batches.split(",")):
-            rows += bench(name, b, a.reps, lambda m: print(m, flush=True))
+            rows += bench(name, b, a.reps, lambda m: print(m, flush=True),
+                          {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": a.reps}
+    if a.smoke:
+        print(markdown(rows, meta))
+        return 0
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     Path(a.out + ".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
