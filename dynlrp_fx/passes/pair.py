@@ -728,7 +728,10 @@ class _Pairing:
         # Epsilon.gradient_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
         # (not for float16/bfloat16 outputs: the identity needs z == f(x) to float32 precision, and a half-precision
         # z is rounded, so those ops measure both sides)
-        analytic = use_g and not isinstance(g_arg, tuple) and _epsilon_form(ann.rule) and _val(n).dtype not in _LOW
+        # (and not when relevance arrived as well: converting it to G drops it where z == 0, e.g. exp(0) = 1 at
+        # logsumexp's maximum, a loss only the measured ledger sees)
+        analytic = (use_g and r_arg is None and not isinstance(g_arg, tuple) and _epsilon_form(ann.rule)
+                    and _val(n).dtype not in _LOW)
         bias = facts(n.target).bias if isinstance(n.target, torch._ops.OpOverload) else None
         additive = any(s not in ann.slots and s not in ann.factors and _is_float(_val(a)) for s, a in slot_nodes.items()) or (
             bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0
