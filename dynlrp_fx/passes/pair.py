@@ -239,22 +239,12 @@ def _ledger_term(entry: Any) -> torch.Tensor:
         return entry
     value, index, g, masked = entry
     value = _fp32(value if index is None else value[index])
-    r = value.to(g.dtype) * g
-    return torch.where(g == 0, torch.zeros_like(r), r) if masked else r
+    return (_to_relevance_masked if masked else _to_relevance)(g, value)
 
 
 def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Relevance seed: the output value at the target index of each sample (``-1``: argmax), zero elsewhere."""
-    flat = _fp32(y.reshape(y.shape[0], -1))
-    idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
-    # a comparison with arange, not scatter: Inductor's scatter lowering guards on batch >= 2. The arange is int32
-    # where the size allows: it holds one position per logit (for a language model, per logit of the sequence), and
-    # an int64 one is twice the logits' bytes, enough to set the peak of an eager explanation at batch 1; the index
-    # gets the same dtype (a comparison of mixed integer dtypes would copy the arange to int64 on the CPU)
-    n = flat.shape[1]
-    pos_dtype = torch.int32 if isinstance(n, int) and n < 2**31 else torch.int64
-    mask = (torch.arange(n, device=flat.device, dtype=pos_dtype).unsqueeze(0) == idx.to(pos_dtype)).to(flat.dtype)
-    return (flat * mask).reshape(y.shape)  # float32 for half-precision models
+    return _fp32(y) * seed_gradient(y, target)  # float32 for half-precision models
 
 
 def seed_gradient(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -262,6 +252,10 @@ def seed_gradient(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     :func:`seed_from_target`'s seed."""
     flat = y.reshape(y.shape[0], -1)
     idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
+    # a comparison with arange, not scatter: Inductor's scatter lowering guards on batch >= 2. The arange is int32
+    # where the size allows: it holds one position per logit (for a language model, per logit of the sequence), and
+    # an int64 one is twice the logits' bytes, enough to set the peak of an eager explanation at batch 1; the index
+    # gets the same dtype (a comparison of mixed integer dtypes would copy the arange to int64 on the CPU)
     n = flat.shape[1]
     pos_dtype = torch.int32 if isinstance(n, int) and n < 2**31 else torch.int64
     mask = torch.arange(n, device=flat.device, dtype=pos_dtype).unsqueeze(0) == idx.to(pos_dtype)
@@ -757,10 +751,7 @@ class _Pairing:
             self.add(src, None, gi, gradient=use_g)
         # a conservative rule still drops the share of float operands that are not data (a class token
         # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
-        leaky = any(
-            s not in ann.slots and isinstance(_val(a), torch.Tensor) and _val(a).dtype.is_floating_point
-            for s, a in slot_nodes.items()
-        )
+        leaky = any(s not in ann.slots and _is_float(_val(a)) for s, a in slot_nodes.items())
         if analytic:
             if op.absorbed:
                 dens = self.g.call_function(operator.getitem, (rel, len(ann.slots)))

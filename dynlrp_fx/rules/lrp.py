@@ -382,11 +382,9 @@ class CPBilinear(Rule):
         self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
 
     def relevance(self, ctx: RuleContext):
-        factors = [s for s in ctx.slots if s in ctx.factors]
-        if len(factors) < 2:
+        keep = _cp_kept(ctx)
+        if keep is None:
             return Epsilon(self.epsilon).relevance(ctx)
-        const = ctx.meta.get("attention_probs_slot", factors[0])
-        keep = [s for s in ctx.slots if s != const]
         u = [safe_divide(r, z, self.epsilon) for r, z in zip(ctx.relevances, ctx.outputs)]
         grads = dict(zip(keep, ctx.vjp(keep, u)))
         return [ctx.surrogate(s) * grads[s] if s in grads else None for s in ctx.slots]
@@ -396,14 +394,22 @@ class CPBilinear(Rule):
 
     def gradient(self, ctx: RuleContext):
         """``G_v = J_v^T (G * z / stab(z))`` with the attention weights held constant."""
-        factors = [s for s in ctx.slots if s in ctx.factors]
-        if len(factors) < 2:
+        keep = _cp_kept(ctx)
+        if keep is None:
             return Epsilon(self.epsilon).gradient(ctx)
-        const = ctx.meta.get("attention_probs_slot", factors[0])
-        keep = [s for s in ctx.slots if s != const]
         u = [scaled(g, z, self.epsilon) for g, z in zip(ctx.relevances, ctx.outputs)]
         grads = dict(zip(keep, ctx.vjp(keep, u)))
         return [grads.get(s) for s in ctx.slots]
+
+
+def _cp_kept(ctx: RuleContext) -> list | None:
+    """The slots of a two-factor product that take relevance under CP-LRP (all but the attention weights), or
+    ``None`` when fewer than two factors carry data (then the plain epsilon rule applies)."""
+    factors = [s for s in ctx.slots if s in ctx.factors]
+    if len(factors) < 2:
+        return None
+    const = ctx.meta.get("attention_probs_slot", factors[0])
+    return [s for s in ctx.slots if s != const]
 
 
 class AbsProportional(Rule):
