@@ -149,6 +149,35 @@ def test_lrp0_is_the_gradient_without_divisions():
     assert ref_ops.count("aten.div.Tensor") >= 3 and ref_ops.count("aten.where.self") >= 6
 
 
+def test_lrp0_through_batch_norm_is_gradient_x_input():
+    """LRP-0 in gradient form passes ``G`` through an affine map unchanged, so through inference batch norm (per
+    channel statistics, weights and shifts) it is gradient x input too; the shifts' share is in the ledger (seed =
+    relevance + absorbed, per sample). Its pullback is a per-channel scale: no ``native_batch_norm_backward``, and
+    no batch norm recomputed for the saved statistics that call would read."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval().to(D)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.running_mean, m.weight, m.bias):
+                    t.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    ex = dynlrp.compile(model, (x,), rules="lrp0")
+    t = torch.tensor([0, 2, 1])
+    e = ex(x, target=t)
+    torch.testing.assert_close(e.relevance, grad_x_input(model, x, t), rtol=1e-10, atol=1e-12)
+    seed = model(x).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(e.relevance.flatten(1).sum(1) + e.absorbed, seed, rtol=1e-10, atol=1e-12)
+    assert float(e.absorbed.abs().min()) > 1e-6  # the shifts take a share in every sample
+    ops = [str(n.target) for n in ex.graph("target").graph.nodes if n.op == "call_function"]
+    assert "aten.native_batch_norm_backward.default" not in ops, ops
+
+
 def test_ledger_records_bias_and_epsilon_shares():
     """The output-side ledger equals what the relevance form measures at every op (biases, batch-norm shifts,
     stabilisers), per sample."""

@@ -170,9 +170,10 @@ class RelevanceOp:
         if self.gradient:
             ctx = RuleContext(self.op, args, kwargs, out, _merge(G, R, out, _to_gradient), self.slots, self.factors,
                               self.extra)
-            res = self.rule.gradient(ctx)
             if self.absorbed:
-                return (*res, self.rule.gradient_absorbed(ctx))
+                res, absorbed = self.rule.gradient_and_absorbed(ctx)
+                return (*res, absorbed)
+            res = self.rule.gradient(ctx)
         else:
             convert = _to_relevance_masked if self.masked else _to_relevance
             ctx = RuleContext(self.op, args, kwargs, out, _merge(R, G, out, convert), self.slots, self.factors,
@@ -191,10 +192,13 @@ class RelevanceOp:
 
 def _per_sample(t: torch.Tensor, bdim: Any, B) -> torch.Tensor:
     """Per-sample sums of ``t``; ``bdim`` is ``(dim, outer)``: the batch lies in ``dim`` with ``outer`` slower
-    varying factors merged in front of it (``(T*B, E)`` has ``outer = T``), or ``None`` (spread evenly)."""
+    varying factors merged in front of it (``(T*B, E)`` has ``outer = T``), ``"sample"`` (``t`` holds them already),
+    or ``None`` (spread evenly)."""
     t = t.to(torch.promote_types(t.dtype, torch.float32))
+    if bdim == "sample":
+        return t  # already per sample (an output-side ledger entry the rule summed)
     if bdim is None:
-        return (t.sum() / B).expand(B)
+        return (t.sum() / B).expand(B).clone()  # a tensor of its own (ledger sums may be updated in place)
     d, outer = bdim if isinstance(bdim, tuple) else (bdim, 1)
     t = t.movedim(d, 0)
     if outer == 1:
@@ -215,12 +219,14 @@ class LedgerOp:
 
     def __call__(self, ref: torch.Tensor, routs: list, rins: list) -> torch.Tensor:
         B = ref.shape[0]
-        total = torch.zeros_like(ref)
+        total = None
         for r, d in zip(routs, self.out_bdims):
-            total = total + _per_sample(_ledger_term(r), d, B).to(ref.dtype)
+            t = _per_sample(_ledger_term(r), d, B).to(ref.dtype)
+            total = t if total is None else total + t
         for r, d in zip(rins, self.in_bdims):
-            total = total - _per_sample(_ledger_term(r), d, B).to(ref.dtype)
-        return total
+            t = _per_sample(_ledger_term(r), d, B).to(ref.dtype)
+            total = -t if total is None else total - t
+        return torch.zeros_like(ref) if total is None else total
 
 
 def _epsilon_form(rule: Any) -> bool:
@@ -719,17 +725,24 @@ class _Pairing:
         extra = self.extra(n)
         slot_nodes = dict(tensor_slots(n))
         # the epsilon rule in gradient form on one output: its ledger entry is read from the output side (see
-        # Epsilon.gradient_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
+        # Epsilon.gradient_and_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
         # (not for float16/bfloat16 outputs: the identity needs z == f(x) to float32 precision, and a half-precision
         # z is rounded, so those ops measure both sides)
         # (and not when relevance arrived as well: converting it to G drops it where z == 0, e.g. exp(0) = 1 at
         # logsumexp's maximum, a loss only the measured ledger sees)
-        analytic = (use_g and r_arg is None and not isinstance(g_arg, tuple) and _epsilon_form(ann.rule)
-                    and _val(n).dtype not in _LOW)
+        # (a multi-output op counts when one output carries relevance: batch norm's normalised output)
+        live = [i for i, g in enumerate(g_arg) if g is not None] if isinstance(g_arg, tuple) else None
+        out_val = _val(n) if live is None else (_val(n)[live[0]] if len(live) == 1 else None)
+        analytic = (use_g and r_arg is None and _epsilon_form(ann.rule) and isinstance(out_val, torch.Tensor)
+                    and out_val.dtype not in _LOW)
         bias = facts(n.target).bias if isinstance(n.target, torch._ops.OpOverload) else None
         additive = any(s not in ann.slots and s not in ann.factors and _is_float(_val(a)) for s, a in slot_nodes.items()) or (
             bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0
         )
+        if analytic:
+            # the ledger reads per-sample sums: the rule may sum its entry over every dim but the batch's
+            led_bdim = _batch_dim(out_val, self.batch_symbol, n, self.example_batch) if self.batched else None
+            extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
                          absorbed=analytic and (additive or ann.rule.epsilon != 0), masked=n in self.softmax_inputs)
         rel = self.emit(op, r_arg, g_arg, out_p, *vals)
@@ -756,7 +769,11 @@ class _Pairing:
             if op.absorbed:
                 dens = self.g.call_function(operator.getitem, (rel, len(ann.slots)))
                 dens.meta["val"] = res_fake[len(ann.slots)]
-                self.ledger(n, dens, [])
+                if led_bdim is None:
+                    self.ledger(n, dens, [])
+                else:  # the rule summed over every other dim: per sample already, or a batch merged with others
+                    exact = self.exact_batch(out_val, led_bdim)
+                    self.ledger(n, dens, [], out_bdims=["sample" if exact else (0, led_bdim[1])])
         elif not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
             self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p, n in self.softmax_inputs), r_ins)
         if self.derived:
@@ -799,10 +816,23 @@ class _Pairing:
             r = masked
         self.R[n] = r
 
-    def ledger(self, n: fx.Node, r_arg: Any, r_ins: list) -> None:
-        """A ledger entry: what ``n``'s relevance op absorbed, per sample."""
+    def exact_batch(self, val: torch.Tensor, bdim: tuple) -> bool:
+        """Whether dim ``bdim[0]`` of ``val`` (from :func:`_batch_dim`) is exactly the batch, not the batch merged
+        with other dims (``(B*T, E)``)."""
+        if bdim[1] != 1:
+            return False
+        size = val.shape[bdim[0]]
+        if self.batch_symbol is None or _expr(size) == self.batch_symbol:
+            return True
+        return not isinstance(size, torch.SymInt) and int(size) == self.example_batch
+
+    def ledger(self, n: fx.Node, r_arg: Any, r_ins: list, out_bdims: list | None = None) -> None:
+        """A ledger entry: what ``n``'s relevance op absorbed, per sample (``out_bdims``: the batch position of each
+        output-side entry, when the caller knows it; see :func:`_per_sample`)."""
         routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
-        if self.batched:
+        if out_bdims is not None:
+            out_b, in_b = list(out_bdims), []
+        elif self.batched:
             out_b = [_batch_dim(_val(_ledger_node(x)), self.batch_symbol, n, self.example_batch) for x in routs]
             in_b = [_batch_dim(_val(_ledger_node(x)), self.batch_symbol, src, self.example_batch) for x, src in r_ins]
             if any(b is None for b in out_b + in_b):
