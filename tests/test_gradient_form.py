@@ -146,7 +146,7 @@ def test_lrp0_is_the_gradient_without_divisions():
     ref_ops = [str(n.target) for n in ref.graph("target").graph.nodes if n.op == "call_function"]
     # no division by a tensor (the pooling's gradient divides by a number); `where` only in the seed (argmax)
     assert "aten.div.Tensor" not in ops and ops.count("aten.where.self") <= 2, ops
-    assert ref_ops.count("aten.div.Tensor") >= 3 and ref_ops.count("aten.where.self") >= 6
+    assert ref_ops.count("aten.div.Tensor") >= 3 and ref_ops.count("aten.where.self") >= 5  # one per safe division
 
 
 def test_lrp0_through_batch_norm_is_gradient_x_input():

@@ -131,7 +131,7 @@ def _to_relevance(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def _to_relevance_masked(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """:func:`_to_relevance` for a softmax's input, whose masked scores are ``-inf`` where ``G`` is ``0``."""
     r = out.to(g.dtype) * g
-    return torch.where(g == 0, torch.zeros_like(r), r)
+    return torch.where(g == 0, 0.0, r)
 
 
 def _to_gradient(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

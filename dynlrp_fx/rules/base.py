@@ -62,8 +62,8 @@ def safe_divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tenso
     The ``eps == 0`` form is exact LRP-0: on piecewise-linear networks ``den == 0`` implies ``num == 0``.
     """
     if eps == 0:
-        zero = den == 0
-        return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+        # the quotient is inf/NaN where den == 0 and not selected there (three passes; nothing differentiates it)
+        return torch.where(den == 0, 0.0, num / den)
     return num / stabilize(den, eps)
 
 

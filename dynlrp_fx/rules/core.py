@@ -37,16 +37,21 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.sum_to_size(like.shape)
 
 
-def ratio(z: torch.Tensor, eps: float) -> torch.Tensor | float:
-    """``z / stab(z)``: the factor by which the epsilon rule scales the gradient at a linear output ``z`` in gradient
-    form (``R / stab(z) = G * z / stab(z)`` for ``R = z * G``); ``1`` for ``eps = 0``."""
-    # |z| / (|z| + eps), written as 1 / (1 + eps / |z|): 0 at z = 0 and 1 at z = +-inf (a masked score), not NaN
-    return 1.0 if eps == 0 else torch.reciprocal(1 + eps / z.abs())
+def scaled_parts(g: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(s, t)`` with ``s = g * z / stab(z)``, the gradient-form relevance ``g`` of a linear output ``z`` scaled by
+    the epsilon rule (``R / stab(z) = G * z / stab(z)`` for ``R = z * G``), and ``t = g / (|z| + eps)``; ``(g, None)``
+    for ``eps = 0`` (no multiplication by one)."""
+    if eps == 0:
+        return g, None
+    t = g / (z.to(g.dtype).abs() + eps)
+    # g * |z| / (|z| + eps) written as g - eps * t: four passes, 0 at z = 0, and g (0 where nothing arrives) at a
+    # masked score z = -inf, where t = 0, rather than 0 * inf = NaN
+    return torch.add(g, t, alpha=-eps), t
 
 
 def scaled(g: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``g * z / stab(z)`` (:func:`ratio`), ``g`` itself for ``eps = 0`` (no multiplication by one)."""
-    return g if eps == 0 else g * ratio(z.to(g.dtype), eps)
+    """``g * z / stab(z)`` (see :func:`scaled_parts`), ``g`` itself for ``eps = 0``."""
+    return scaled_parts(g, z, eps)[0]
 
 
 class Epsilon(Rule):
@@ -103,9 +108,9 @@ class Epsilon(Rule):
         eps = self.epsilon
         parts = []
         if eps != 0:
-            # (G - s) * z = eps * sign(z) * s, which is eps * t * z with t = G / (|z| + eps) where t exists; finite
-            # also at z = -inf (a masked score, where G = 0)
-            parts.append(_dot(t, z, keep, eps) if t is not None else _reduce(s * torch.sign(z) * eps, keep))
+            # (G - s) * z = eps * t * z with t = G / (|z| + eps): at ops with finite outputs; elsewhere written
+            # eps * sign(z) * s, finite also at z = -inf (a masked score, where G = 0)
+            parts.append(_dot(t, z, keep, eps) if _finite_op(ctx.op) else _reduce(s * torch.sign(z) * eps, keep))
         c = additive_constant(ctx) if ctx.meta.get("additive", True) else None
         if c is not None:
             c = c.to(s.dtype)
@@ -122,18 +127,11 @@ class Epsilon(Rule):
         return self._pullback(ctx, [s]), absorbed
 
     def _scaled(self, ctx: RuleContext) -> tuple:
-        """``(s, t, z)`` for the single output ``z`` with gradient-form relevance ``G``: ``s = G * z / stab(z)``
-        and, at ops whose output is finite (:func:`_finite_op`), ``t = G / (|z| + eps)`` with ``s = t * |z|``
-        (four passes instead of :func:`ratio`'s six; ``None`` elsewhere and for ``eps = 0``)."""
+        """``(s, t, z)`` for the single output ``z`` with gradient-form relevance ``G`` (:func:`scaled_parts`)."""
         g = ctx.relevances[0]
         z = ctx.outputs[0].to(g.dtype)
-        if self.epsilon == 0:
-            return g, None, z
-        if not _finite_op(ctx.op):
-            return scaled(g, z, self.epsilon), None, z
-        a = z.abs()
-        t = g / (a + self.epsilon)
-        return t * a, t, z
+        s, t = scaled_parts(g, z, self.epsilon)
+        return s, t, z
 
     def _pullback(self, ctx: RuleContext, s: list) -> list:
         grads = ctx.vjp(ctx.slots, s)
@@ -142,7 +140,7 @@ class Epsilon(Rule):
 
 
 #: ops whose output is finite where their operands and parameters are: contractions and inference batch norm. A
-#: sum or an added mask may hold -inf (a masked attention score), where |z| / (|z| + eps) would be NaN
+#: sum or an added mask may hold -inf (a masked attention score), where a ledger product with z would be NaN
 _FINITE_OPS = frozenset({"convolution", "_convolution", "mm", "bmm", "addmm", "baddbmm",
                          "_native_batch_norm_legit_no_training"})
 
@@ -350,7 +348,7 @@ class AttnLRPSoftmax(Rule):
         s = ctx.outputs[0].to(ctx.dtype)
         r = ctx.relevances[0]
         term = r - s * r.sum(dim, keepdim=True)
-        res = torch.where(_masked_scores(x, x0.dtype) | (term == 0), torch.zeros_like(term), x * term)
+        res = torch.where(_masked_scores(x, x0.dtype) | (term == 0), 0.0, x * term)
         return [res] + [None] * (len(ctx.slots) - 1)
 
     def gradient_form(self, op, slots, meta) -> bool:
@@ -363,7 +361,7 @@ class AttnLRPSoftmax(Rule):
         s = ctx.outputs[0].to(ctx.dtype)
         g = ctx.relevances[0]
         term = s * (g - (s * g).sum(ctx.args[1], keepdim=True))
-        res = torch.where(_masked_scores(x0, x0.dtype), torch.zeros_like(term), term)
+        res = torch.where(_masked_scores(x0, x0.dtype), 0.0, term)
         return [res] + [None] * (len(ctx.slots) - 1)
 
 
@@ -460,7 +458,7 @@ class AttnLRPAttention(Rule):
         # tokens) has softmax 0/0 = NaN; SDPA outputs 0 there (torch's safe softmax), and so does this rule, so
         # such rows pass no relevance and the NaN never reaches the relevance of kept rows
         dead = torch.isneginf(s).all(-1, keepdim=True)
-        p = torch.where(dead, torch.zeros_like(s), torch.softmax(s, -1))
+        p = torch.where(dead, 0.0, torch.softmax(s, -1))
         o = out_fn(p, v)
         R = ctx.relevances[0].to(dt)
         slot_of = {"query": (0,), "key": (1,), "value": (2,)}
@@ -486,15 +484,15 @@ class AttnLRPAttention(Rule):
             term = rp - p * rp.sum(-1, keepdim=True)  # the softmax's gradient form: R_s = s * term
             masked = _masked_scores(s, mask.dtype if float_mask is not None else dt)
             if grad:
-                rs = torch.where(masked, torch.zeros_like(term), term)
+                rs = torch.where(masked, 0.0, term)
                 if float_mask is not None:
                     rs = scaled(rs, scores + float_mask, eps)
                 sq = scaled(rs, scores, eps)
             else:
-                rs = torch.where(masked | (term == 0), torch.zeros_like(term), s * term)
+                rs = torch.where(masked | (term == 0), 0.0, s * term)
                 if float_mask is not None:
                     rs = scores * safe_divide(rs, scores + float_mask, eps)
-                    rs = torch.where(torch.isfinite(rs), rs, torch.zeros_like(rs))
+                    rs = torch.where(torch.isfinite(rs), rs, 0.0)
                 sq = safe_divide(rs, scores, eps)
             m = (1.0 if want["query"] else 0.0) + (1.0 if want["key"] else 0.0)
             _, pb = torch.func.vjp(scores_fn, q, k)

@@ -479,7 +479,7 @@ def _sdpa_math(ctx: RuleContext):
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
         # a query whose every key is masked gets weights 0, as in SDPA (torch's safe softmax), not 0/0 = NaN
-        p = torch.where(torch.isneginf(s).all(-1, keepdim=True), torch.zeros_like(s), torch.softmax(s, -1))
+        p = torch.where(torch.isneginf(s).all(-1, keepdim=True), 0.0, torch.softmax(s, -1))
         return batched_matmul(p, v)
 
     return fn
