@@ -21,6 +21,7 @@ import torch
 
 from .models import build
 from .peers import make_method
+from .run import peak_extra_bytes
 
 #: presets per model kind (the issue's targets: lrp0 / attnlrp / cp_lrp <= 1.05x, epsilon <= 1.15x,
 #: epsilon_gamma_box <= 1.6x of eager gradient x input)
@@ -37,7 +38,7 @@ def _relevance(e) -> torch.Tensor:
     return e.relevance if e.relevance is not None else next(iter(e.inputs.values()))
 
 
-def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None) -> list[dict]:
+def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, reference: bool = True) -> list[dict]:
     import dynlrp_fx as dynlrp
     from dynlrp_fx.explainer import Explainer
     from dynlrp_fx.program import Analysis
@@ -52,11 +53,15 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None) -> l
         ex = dynlrp.compile(bm.model, ex_args, example_kwargs=ex_kwargs, rules=rules, backend="eager")
         ref = Explainer(bm.model, ex.traced, ex.composite, backend="eager",
                         analysis=Analysis(ex.traced, ex.composite, gradient_form=False))
-        fns = {"gxi": gxi, "gradient form": lambda ex=ex: ex(*args, **kwargs),
-               "relevance form": lambda ref=ref: ref(*args, **kwargs)}
-        a, b = fns["gradient form"](), fns["relevance form"]()
-        ra, rb = _relevance(a).double(), _relevance(b).double()
-        diff = float((ra - rb).abs().max() / rb.abs().max().clamp_min(1e-30))
+        fns = {"gxi": gxi, "gradient form": lambda ex=ex: ex(*args, **kwargs)}
+        if reference:
+            fns["relevance form"] = lambda ref=ref: ref(*args, **kwargs)
+        a = fns["gradient form"]()
+        diff = None
+        if reference:
+            ra, rb = _relevance(a).double(), _relevance(fns["relevance form"]()).double()
+            diff = float((ra - rb).abs().max() / rb.abs().max().clamp_min(1e-30))
+        peak = {k: peak_extra_bytes(fns[k], "cpu") for k in ("gxi", "gradient form")}
         for f in fns.values():  # warm-up
             f()
         times = {k: [] for k in fns}
@@ -66,16 +71,21 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None) -> l
                 f()
                 times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
+        rel = med.get("relevance form")
         row = {"model": name, "size": bm.size, "batch": batch, "rules": rules,
                "gxi_ms": med["gxi"] * 1e3, "gradient_ms": med["gradient form"] * 1e3,
-               "relevance_ms": med["relevance form"] * 1e3,
-               "gradient_ratio": med["gradient form"] / med["gxi"], "relevance_ratio": med["relevance form"] / med["gxi"],
+               "relevance_ms": rel * 1e3 if rel else None,
+               "gradient_ratio": med["gradient form"] / med["gxi"], "relevance_ratio": rel / med["gxi"] if rel else None,
                "target": TARGET.get(rules), "max_rel_diff": diff,
+               "gxi_peak_bytes": peak["gxi"], "peak_bytes": peak["gradient form"],
+               "peak_ratio": peak["gradient form"] / peak["gxi"] if peak["gxi"] else None,
                "conservation_error": float(a.conservation.error.max())}
         row["met"] = row["target"] is not None and row["gradient_ratio"] <= row["target"]
+        row["peak_met"] = row["peak_ratio"] is not None and row["peak_ratio"] <= 1.0
         log(f"{name} B={batch} {rules}: gxi {row['gxi_ms']:.0f} ms, gradient form {row['gradient_ms']:.0f} ms "
-            f"({row['gradient_ratio']:.2f}x), relevance form {row['relevance_ms']:.0f} ms ({row['relevance_ratio']:.2f}x), "
-            f"diff {diff:.1e}")
+            f"({row['gradient_ratio']:.2f}x), relevance form "
+            + (f"{row['relevance_ms']:.0f} ms ({row['relevance_ratio']:.2f}x), diff {diff:.1e}" if rel else "-")
+            + f", peak {row['peak_ratio']:.2f}x of gxi")
         rows.append(row)
     return rows
 
@@ -90,15 +100,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "- ratio = time / eager gradient x input (autograd, input gradient only, times the input); relevance form = "
         "the same trace with every rule in relevance form (the program before issue 16)",
         "",
-        "| model | size | batch | rules | gxi ms | gradient form ms | ratio | relevance form ms | ratio | target | met "
-        "| max rel. diff | conservation error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | batch | rules | gxi ms | gradient form ms | ratio | target | met | relevance form ms "
+        "| ratio | peak extra MiB (gxi / ours) | peak ratio | peak <= gxi | max rel. diff | conservation error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def opt(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for r in rows:
+        mib = f"{opt(r['gxi_peak_bytes'] and r['gxi_peak_bytes'] / 2**20, '.1f')} / {opt(r['peak_bytes'] and r['peak_bytes'] / 2**20, '.1f')}"
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch']} | {r['rules']} | {r['gxi_ms']:.0f} | {r['gradient_ms']:.0f} "
-            f"| {r['gradient_ratio']:.2f} | {r['relevance_ms']:.0f} | {r['relevance_ratio']:.2f} | "
-            f"<= {r['target']} | {'yes' if r['met'] else '**no**'} | {r['max_rel_diff']:.1e} | "
+            f"| {r['gradient_ratio']:.2f} | <= {r['target']} | {'yes' if r['met'] else '**no**'} | "
+            f"{opt(r['relevance_ms'], '.0f')} | {opt(r['relevance_ratio'], '.2f')} | {mib} | "
+            f"{opt(r['peak_ratio'], '.2f')} | {'yes' if r['peak_met'] else '**no**'} | {opt(r['max_rel_diff'], '.1e')} | "
             f"{r['conservation_error']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -106,9 +122,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet50,vgg16,bert_base,gpt2_small")
+    ap.add_argument("--models", default="resnet50,vgg16,vit_b_16,bert_base,gpt2_small,llama_8l")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the relevance-form column (the A/B against the program before issue 16)")
+    ap.add_argument("--append", action="store_true", help="add the rows to the existing results instead of replacing them")
     ap.add_argument("--smoke", action="store_true", help="64x64 images and 16 tokens (checks the script, not a result)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gradient_form"))
     a = ap.parse_args(argv)
@@ -117,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.models.split(","):
         for b in (int(x) for x in a.batches.split(",")):
             rows += bench(name, b, a.reps, lambda m: print(m, flush=True),
-                          {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None)
+                          {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None, reference=not a.no_reference)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": a.reps}
     if a.smoke:
         print(markdown(rows, meta))
         return 0
+    if a.append and Path(a.out + ".json").exists():
+        rows = json.loads(Path(a.out + ".json").read_text())["rows"] + rows
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     Path(a.out + ".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

@@ -57,7 +57,7 @@ from .lower import trace_node, traced_value
 from .nodes import FLOAT, INDEX, lazy_graph_module, tensor_slots
 
 __all__ = [
-    "pair", "RelevanceOp", "LedgerOp", "promise", "ProgramOutputs", "seed_from_target", "seed_given",
+    "pair", "RelevanceOp", "LedgerOp", "promise", "ProgramOutputs", "seed_from_target", "seed_given", "target_value",
     "seed_from_target_call", "call_total", "target_column", "seed_part",
 ]
 
@@ -257,15 +257,34 @@ def seed_gradient(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The target seed in gradient form: ``1`` at the target index of each sample, so that ``y * G`` is
     :func:`seed_from_target`'s seed."""
     flat = y.reshape(y.shape[0], -1)
-    idx = torch.where(target < 0, flat.argmax(1), target).unsqueeze(1)
-    # a comparison with arange, not scatter: Inductor's scatter lowering guards on batch >= 2. The arange is int32
-    # where the size allows: it holds one position per logit (for a language model, per logit of the sequence), and
-    # an int64 one is twice the logits' bytes, enough to set the peak of an eager explanation at batch 1; the index
-    # gets the same dtype (a comparison of mixed integer dtypes would copy the arange to int64 on the CPU)
-    n = flat.shape[1]
-    pos_dtype = torch.int32 if isinstance(n, int) and n < 2**31 else torch.int64
-    mask = torch.arange(n, device=flat.device, dtype=pos_dtype).unsqueeze(0) == idx.to(pos_dtype)
-    return mask.to(torch.promote_types(y.dtype, torch.float32)).reshape(y.shape)
+    idx = torch.where(target < 0, flat.argmax(1), target)
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    sizes = list(y.shape[1:])
+    # comparisons with aranges, not scatter: Inductor's scatter lowering guards on batch >= 2. One arange per dim
+    # of the output, compared with the target's coordinate in that dim, and the per-dim masks multiplied by
+    # broadcasting: a language model's (B, T, V) logits then cost one pass, not an arange over all T * V positions
+    # (int32 or int64: as many bytes as the logits or twice as many, enough to set an eager explanation's peak)
+    mask = None
+    rest = idx
+    for d in reversed(range(len(sizes))):
+        coord = rest % sizes[d] if d > 0 else rest
+        rest = rest // sizes[d]
+        view = [1] * (len(sizes) + 1)
+        view[d + 1] = -1
+        pos = torch.arange(sizes[d], device=y.device, dtype=idx.dtype).reshape(view)
+        m = (pos == coord.reshape([-1] + [1] * len(sizes))).to(dtype)
+        mask = m if mask is None else m * mask
+    if mask is None:  # a (B,) output: each sample's only value
+        return torch.ones_like(flat[:, 0], dtype=dtype).reshape(y.shape) * (idx == 0).to(dtype)
+    return mask
+
+
+def target_value(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample, the output value at the target index (``-1``: argmax; float32 or wider): the total of
+    :func:`seed_from_target`'s seed (the runtime checks that targets are in range)."""
+    flat = y.reshape(y.shape[0], -1)
+    idx = torch.where(target < 0, flat.argmax(1), target)
+    return flat.gather(1, idx.unsqueeze(1)).squeeze(1).to(torch.promote_types(y.dtype, torch.float32))
 
 
 def seed_given(y: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -650,7 +669,9 @@ class _Pairing:
             else:
                 extra = self.emit(seed_part, self.seed_ph, k, *ys)
             r_seed = self.emit(seed_fn, ys[k], extra)
-            total = self.emit(total_fn, r_seed)
+            # the target's value itself rather than a sum over the seed (an output-sized pass for a language model)
+            total = self.emit(target_value if seed_fn is seed_from_target else total_fn,
+                              *((ys[k], extra) if seed_fn is seed_from_target else (r_seed,)))
             self.seed_total = total if self.seed_total is None else self.emit(torch.ops.aten.add.Tensor,
                                                                               self.seed_total, total)
             ann = y.meta.get("dynlrp")

@@ -441,7 +441,9 @@ class AttnLRPAttention(Rule):
         def out_fn(p_, v_):
             return batched_matmul(p_, expand_kv(v_))
 
-        scores = scores_fn(q, k)
+        # one trace of the scores serves the forward value and the pullback (a second vjp would copy q and k^T
+        # into contiguous bmm operands again)
+        scores, pb_scores = torch.func.vjp(scores_fn, q, k)
         L, S = scores.size(-2), scores.size(-1)
         s = scores
         if is_causal:
@@ -459,7 +461,8 @@ class AttnLRPAttention(Rule):
         # such rows pass no relevance and the NaN never reaches the relevance of kept rows
         dead = torch.isneginf(s).all(-1, keepdim=True)
         p = torch.where(dead, 0.0, torch.softmax(s, -1))
-        o = out_fn(p, v)
+        # the op's own output is p @ v (0 in dead rows too): read it rather than multiply again
+        o = ctx.outputs[0].to(dt) if not ctx.multi else out_fn(p, v)
         R = ctx.relevances[0].to(dt)
         slot_of = {"query": (0,), "key": (1,), "value": (2,)}
         for nm in ("query", "key", "value"):
@@ -495,8 +498,7 @@ class AttnLRPAttention(Rule):
                     rs = torch.where(torch.isfinite(rs), rs, 0.0)
                 sq = safe_divide(rs, scores, eps)
             m = (1.0 if want["query"] else 0.0) + (1.0 if want["key"] else 0.0)
-            _, pb = torch.func.vjp(scores_fn, q, k)
-            gq, gk = pb(sq / max(m, 1.0))
+            gq, gk = pb_scores(sq / max(m, 1.0))
             result["query"] = times(q, gq)
             result["key"] = times(k, gk)
         inv = {v_: k_ for k_, v_ in slot_of.items()}
