@@ -177,27 +177,27 @@ def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, c
     )
 
 
-def attnlrp(eps: float = 1e-6) -> Composite:
-    """AttnLRP (Achtibat et al. 2024): epsilon for linear ops, the deep-Taylor softmax rule, uniform-epsilon for
-    the bilinear ``q k^T`` and ``p v`` (SDPA included), uniform for gates (SiLU/GLU products), identity for
-    activations and for the RMSNorm scaling, and for LayerNorm (and GroupNorm) the standard deviation as a constant:
-    ``y = w (x - mean(x)) / std + b`` with ``std`` fixed is an affine map of ``x`` and gets epsilon, mean subtraction
-    included (:class:`~dynlrp_fx.rules.NormEpsilon`; Ali et al. 2022, as in LXT). With ``eps -> 0`` the result is
-    LXT's efficient AttnLRP (gradient x input of the patched model); LXT has no stabiliser, so the default
-    ``eps=1e-6`` differs from it where ``|z|`` is small. The rules are those of :func:`epsilon`."""
+def attnlrp(eps: float = 0.0) -> Composite:
+    """AttnLRP (Achtibat et al. 2024): LRP-0 for linear ops, the deep-Taylor softmax rule, uniform for the bilinear
+    ``q k^T`` and ``p v`` (SDPA included) and for gates (SiLU/GLU products), identity for activations and for the
+    RMSNorm scaling, and for LayerNorm (and GroupNorm) the standard deviation as a constant: ``y = w (x - mean(x)) /
+    std + b`` with ``std`` fixed is an affine map of ``x`` (:class:`~dynlrp_fx.rules.NormEpsilon`; Ali et al. 2022,
+    as in LXT). This is LXT's efficient AttnLRP (gradient x input of the patched model, no stabiliser), and in
+    gradient form it costs a gradient. ``eps > 0`` gives the epsilon variant (the rules of :func:`epsilon`: linear
+    ops, bilinear products, the softmax and LayerNorm stabilised by ``eps``)."""
     c = epsilon(eps)
-    c.name = "attnlrp"
+    c.name = "attnlrp" if eps == 0 else f"attnlrp(eps={eps:g})"
     return c
 
 
-def cp_lrp(eps: float = 1e-6) -> Composite:
+def cp_lrp(eps: float = 0.0) -> Composite:
     """CP-LRP (Ali et al. 2022): as :func:`attnlrp`, but attention weights are constants: relevance reaches only
     the values (SDPA: ``AttnLRPAttention(cp=True)``; decomposed attention: :class:`~dynlrp_fx.rules.CPBilinear`,
-    nothing flows through the softmax, the query or the key)."""
+    nothing flows through the softmax, the query or the key). LRP-0 by default, as LXT; ``eps > 0`` stabilises."""
     rules = default_class_rules(eps)
     rules["sdpa"] = AttnLRPAttention(eps, cp=True)
     rules["bilinear"] = CPBilinear(eps)
-    return Composite(rules, name="cp_lrp")
+    return Composite(rules, name="cp_lrp" if eps == 0 else f"cp_lrp(eps={eps:g})")
 
 
 def dynamiclrp(

@@ -154,9 +154,14 @@ def test_block_equals_attnlrp_reference(preset):
     x = torch.randn(2, 5, 8, dtype=D)
     ex = dynlrp.compile(m, x, rules=preset, backend="eager")
     e = ex(x, target=1)
-    ref, _ = block_reference(m, x, _seed(m(x).detach()), EPS, cp=preset == "cp_lrp")
+    # the presets are LRP-0 (LXT's definition); the epsilon variant is checked too
+    ref, _ = block_reference(m, x, _seed(m(x).detach()), 0.0, cp=preset == "cp_lrp")
     assert torch.allclose(e.relevance, ref, atol=1e-6, rtol=0), (e.relevance - ref).abs().max()
     assert e.conservation.error.max() < 1e-10  # the ledger closes
+    rules = presets.attnlrp(EPS) if preset == "attnlrp" else presets.cp_lrp(EPS)
+    e = dynlrp.compile(m, x, rules=rules, backend="eager")(x, target=1)
+    ref, _ = block_reference(m, x, _seed(m(x).detach()), EPS, cp=preset == "cp_lrp")
+    assert torch.allclose(e.relevance, ref, atol=1e-6, rtol=0), (e.relevance - ref).abs().max()
 
 
 @pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
@@ -285,6 +290,9 @@ def test_llama_block_equals_reference():
     gate_rows = [r for r in table.values() if r["rule_class"] == "product"]
     assert len(gate_rows) == 1 and "Uniform" in gate_rows[0]["rule"]
     e = ex(x, target=2)
+    ref = llama_reference(m, x, _seed(m(x).detach(), 2), 0.0)  # the preset is LRP-0, as LXT
+    assert torch.allclose(e.relevance, ref, atol=1e-6, rtol=0), (e.relevance - ref).abs().max()
+    e = dynlrp.compile(m, x, rules=presets.attnlrp(EPS), backend="eager")(x, target=2)
     ref = llama_reference(m, x, _seed(m(x).detach(), 2), EPS)
     assert torch.allclose(e.relevance, ref, atol=1e-6, rtol=0), (e.relevance - ref).abs().max()
 
