@@ -35,6 +35,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return bool(((a - b).abs() <= tol * (1 + b.abs())).all())
 
 
+@pytest.mark.slow  # ~40 s of Inductor compile on two cores: in CI's slow step (test-slow-ci)
 def test_compiled_equals_eager_cnn_and_batch_is_dynamic():
     model = pooled_cnn()
     backend = CountingInductor()

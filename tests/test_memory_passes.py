@@ -298,6 +298,7 @@ def test_broadcast_bmm_becomes_one_matmul():
     torch.testing.assert_close(folded(av, wv), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # ~30 s (two BERT compiles): in CI's slow step (test-slow-ci)
 def test_recompute_rematerialises_layer_norm(monkeypatch):
     """Under ``recompute`` a LayerNorm output (a linear layer's input, the LayerNorm rule's ``y``) is recomputed
     from its input instead of held from the forward pass: a lower peak than the same policy without LayerNorm

@@ -763,6 +763,8 @@ class _Pairing:
         if analytic:
             # the ledger reads per-sample sums: the rule may sum its entry over every dim but the batch's
             led_bdim = _batch_dim(out_val, self.batch_symbol, n, self.example_batch) if self.batched else None
+            if led_bdim is not None and led_bdim[1] != 1:
+                led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
                          absorbed=analytic and (additive or ann.rule.epsilon != 0), masked=n in self.softmax_inputs)
@@ -792,9 +794,9 @@ class _Pairing:
                 dens.meta["val"] = res_fake[len(ann.slots)]
                 if led_bdim is None:
                     self.ledger(n, dens, [])
-                else:  # the rule summed over every other dim: per sample already, or a batch merged with others
+                else:  # the rule summed over every other dim: per sample already, or (B*T,)
                     exact = self.exact_batch(out_val, led_bdim)
-                    self.ledger(n, dens, [], out_bdims=["sample" if exact else (0, led_bdim[1])])
+                    self.ledger(n, dens, [], out_bdims=["sample" if exact else (0, 1)])
         elif not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
             self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p, n in self.softmax_inputs), r_ins)
         if self.derived:
