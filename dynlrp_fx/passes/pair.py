@@ -102,6 +102,9 @@ def _fill(obj: Any, vals: tuple) -> Any:
 
 
 _LOW = (torch.float16, torch.bfloat16)
+_EMPTY_OPS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
+                        torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty.default,
+                        torch.ops.aten.new_empty_strided.default})
 
 
 def _fp32(obj: Any) -> Any:
@@ -519,6 +522,18 @@ class _Pairing:
             a for n in self.nodes if getattr(n.meta.get("dynlrp"), "rule_class", None) == "softmax"
             for _, a in tensor_slots(n)
         }
+        # values that may hold uninitialised memory: an empty() and what route ops make of it (a circular pad fills
+        # an empty() tensor region by region); where nothing arrives (G = 0) their relevance is 0, not garbage * 0
+        # (NaN when the garbage is), so they convert like softmax inputs
+        self.masked_values = set(self.softmax_inputs)
+        for n in self.nodes:
+            if n.op != "call_function":
+                continue
+            spec = lookup(n.target) if isinstance(n.target, torch._ops.OpOverload) else None
+            if n.target in _EMPTY_OPS or (
+                spec is not None and spec.kind == "route" and any(a in self.masked_values for a in n.all_input_nodes)
+            ):
+                self.masked_values.add(n)
         self.RP: dict[fx.Node, fx.Node] = {}  # parameter-derived node -> parameter relevance node
         self.ledgers: list[fx.Node] = []
         self.unattributed: list[str] = []
@@ -611,7 +626,7 @@ class _Pairing:
         if isinstance(g, dict):
             raise RuntimeError(f"internal: gradient-form relevance of multi-output node {n.name} read directly")
         value = self.env[n] if n.op == "placeholder" else self.promise_of(n)
-        r = self.emit(_to_relevance_masked if n in self.softmax_inputs else _to_relevance, g, value)
+        r = self.emit(_to_relevance_masked if n in self.masked_values else _to_relevance, g, value)
         self.accumulate(self.R, n, r)
 
     def copy_forward(self) -> None:
@@ -767,7 +782,7 @@ class _Pairing:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
-                         absorbed=analytic and (additive or ann.rule.epsilon != 0), masked=n in self.softmax_inputs)
+                         absorbed=analytic and (additive or ann.rule.epsilon != 0), masked=n in self.masked_values)
         rel = self.emit(op, r_arg, g_arg, out_p, *vals)
         res_fake = rel.meta["val"]
         rel.meta["dynlrp_rule"] = ann.rule
@@ -783,7 +798,7 @@ class _Pairing:
             gi = self.g.call_function(operator.getitem, (rel, i))
             gi.meta["val"] = rf
             src = slot_nodes[slot]
-            r_ins.append(((operand_promise[src], None, gi, masked) if use_g else gi, src))
+            r_ins.append(((operand_promise[src], None, gi, masked or src in self.masked_values) if use_g else gi, src))
             self.add(src, None, gi, gradient=use_g)
         # a conservative rule still drops the share of float operands that are not data (a class token
         # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
@@ -798,7 +813,7 @@ class _Pairing:
                     exact = self.exact_batch(out_val, led_bdim)
                     self.ledger(n, dens, [], out_bdims=["sample" if exact else (0, 1)])
         elif not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
-            self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p, n in self.softmax_inputs), r_ins)
+            self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p, n in self.masked_values), r_ins)
         if self.derived:
             prule = _param_rule(ann)
             if prule is not None:

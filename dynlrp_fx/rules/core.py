@@ -151,9 +151,9 @@ def _finite_op(op) -> bool:
 
 def _reduce(t: torch.Tensor, keep: int | None) -> torch.Tensor:
     """``t`` summed over every dim but ``keep`` (``None``: ``t`` itself)."""
-    if keep is None:
-        return t
-    return t.sum([d for d in range(t.ndim) if d != keep])
+    dims = [] if keep is None else [d for d in range(t.ndim) if d != keep]
+    # (an empty dim list would make sum() reduce every dim, the batch's too)
+    return t.sum(dims) if dims else t
 
 
 def _static(size) -> int | None:
