@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from ..rules import table
 from ..rules.base import Rule
 
-__all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap",
+__all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap", "reads_only_first_output", "replace_first_output",
            "tensor_inputs", "size_key", "lazy_graph_module"]
 
 FLOAT, INDEX, OTHER = "float", "index", "other"
@@ -117,3 +118,18 @@ def lazy_graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
     return _LazyGraphModule(root, graph)
+
+
+def reads_only_first_output(n: fx.Node) -> bool:
+    """Whether only output 0 of multi-output node ``n`` is read (unread ``getitem`` s of the other outputs may still
+    be there before dead-code elimination)."""
+    return all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in n.users)
+
+
+def replace_first_output(g: fx.Graph, n: fx.Node, new: fx.Node) -> None:
+    """Point the readers of ``n``'s output 0 at ``new``, then erase ``n`` and its ``getitem`` s."""
+    for u in list(n.users):
+        if u.args[1] == 0:
+            u.replace_all_uses_with(new)
+        g.erase_node(u)
+    g.erase_node(n)

@@ -13,12 +13,13 @@ has no user and dead-code elimination drops it. Only calls whose input gradient 
 from __future__ import annotations
 
 import contextlib
-import operator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+
+from .nodes import reads_only_first_output, replace_first_output
 
 __all__ = ["scale_batch_norm_pullbacks"]
 
@@ -40,7 +41,7 @@ def scale_batch_norm_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
         if train or var is None or not mask[0]:
             continue
         # only the input gradient is read (unread getitems of the other outputs may still be there before DCE)
-        if not all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in n.users):
+        if not reads_only_first_output(n):
             continue
         gv, xv, vv = (a.meta.get("val") for a in (grad, x, var))
         wv = weight.meta.get("val") if weight is not None else None
@@ -62,11 +63,7 @@ def scale_batch_norm_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
                 args = rest if cur is None else (cur, *rest)
                 cur = g.call_function(op, args, kwargs)
                 cur.meta["val"] = op(*(a.meta["val"] if isinstance(a, fx.Node) else a for a in args), **kwargs)
-        for u in list(n.users):
-            if u.args[1] == 0:
-                u.replace_all_uses_with(cur)
-            g.erase_node(u)
-        g.erase_node(n)
+        replace_first_output(g, n, cur)
     gm.recompile()
     return gm
 

@@ -13,12 +13,13 @@ spatial size. Only calls with static spatial sizes are rewritten; the batch may 
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+
+from .nodes import reads_only_first_output, replace_first_output
 
 __all__ = ["transpose_convolution_pullbacks"]
 
@@ -51,7 +52,7 @@ def transpose_convolution_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> 
         if transposed or list(mask) != [True, False, False]:
             continue
         # only the input gradient is read (unread getitems of the other outputs may still be there before DCE)
-        if not all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in n.users):
+        if not reads_only_first_output(n):
             continue
         gv, xv, wv = (a.meta.get("val") for a in (grad, x, w))
         if not all(isinstance(v, torch.Tensor) for v in (gv, xv, wv)):
@@ -72,10 +73,6 @@ def transpose_convolution_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> 
         with g.inserting_before(n):
             new = g.call_function(_aten.convolution.default, args)
         new.meta["val"] = val
-        for u in list(n.users):
-            if u.args[1] == 0:
-                u.replace_all_uses_with(new)
-            g.erase_node(u)
-        g.erase_node(n)
+        replace_first_output(g, n, new)
     gm.recompile()
     return gm
