@@ -256,11 +256,16 @@ def seed_from_target(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _fp32(y) * seed_gradient(y, target)  # float32 for half-precision models
 
 
+def _target_index(flat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample, the index into the flattened output ``flat`` that ``target`` names (``-1``: the argmax)."""
+    return torch.where(target < 0, flat.argmax(1), target)
+
+
 def seed_gradient(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The target seed in gradient form: ``1`` at the target index of each sample, so that ``y * G`` is
     :func:`seed_from_target`'s seed."""
     flat = y.reshape(y.shape[0], -1)
-    idx = torch.where(target < 0, flat.argmax(1), target)
+    idx = _target_index(flat, target)
     dtype = torch.promote_types(y.dtype, torch.float32)
     sizes = list(y.shape[1:])
     # comparisons with aranges, not scatter: Inductor's scatter lowering guards on batch >= 2. One arange per dim
@@ -286,8 +291,7 @@ def target_value(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per sample, the output value at the target index (``-1``: argmax; float32 or wider): the total of
     :func:`seed_from_target`'s seed (the runtime checks that targets are in range)."""
     flat = y.reshape(y.shape[0], -1)
-    idx = torch.where(target < 0, flat.argmax(1), target)
-    return flat.gather(1, idx.unsqueeze(1)).squeeze(1).to(torch.promote_types(y.dtype, torch.float32))
+    return flat.gather(1, _target_index(flat, target).unsqueeze(1)).squeeze(1).to(torch.promote_types(y.dtype, torch.float32))
 
 
 def seed_given(y: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -684,9 +688,10 @@ class _Pairing:
             else:
                 extra = self.emit(seed_part, self.seed_ph, k, *ys)
             r_seed = self.emit(seed_fn, ys[k], extra)
-            # the target's value itself rather than a sum over the seed (an output-sized pass for a language model)
-            total = self.emit(target_value if seed_fn is seed_from_target else total_fn,
-                              *((ys[k], extra) if seed_fn is seed_from_target else (r_seed,)))
+            if seed_fn is seed_from_target:  # the target's value, not a sum over an output-sized seed
+                total = self.emit(target_value, ys[k], extra)
+            else:
+                total = self.emit(total_fn, r_seed)
             self.seed_total = total if self.seed_total is None else self.emit(torch.ops.aten.add.Tensor,
                                                                               self.seed_total, total)
             ann = y.meta.get("dynlrp")

@@ -92,8 +92,6 @@ class Epsilon(Rule):
         """``G_k = J_k^T (G * z / stab(z)) / m_k``: for ``eps = 0`` the (scaled) gradient itself. Where ``z == 0``
         LRP-0's safe division sends nothing back and this form sends ``J^T G``; the relevance there is
         ``z * G = 0`` either way, so both forms agree except in how an exact cancellation inside ``z`` is split."""
-        if len(ctx.outputs) == 1:
-            return self._pullback(ctx, [self._scaled(ctx)[0]])
         return self._pullback(ctx, [scaled(g, z, self.epsilon) for g, z in zip(ctx.relevances, ctx.outputs)])
 
     def gradient_and_absorbed(self, ctx: RuleContext) -> tuple[list, torch.Tensor]:
@@ -103,7 +101,9 @@ class Epsilon(Rule):
         no input. Per output element, or summed over every dim but ``ctx.meta["batch_dim"]`` when ``pair`` gives
         one (the ledger only reads per-sample sums; a bias then costs one reduction of ``s`` over its broadcast
         dims instead of a product). ``ctx.meta["additive"] = False`` says the op adds no constant (``c = 0``)."""
-        s, t, z = self._scaled(ctx)
+        g = ctx.relevances[0]
+        z = ctx.outputs[0].to(g.dtype)
+        s, t = scaled_parts(g, z, self.epsilon)
         keep = ctx.meta.get("batch_dim")
         eps = self.epsilon
         parts = []
@@ -125,13 +125,6 @@ class Epsilon(Rule):
             parts.append(_reduce(torch.zeros_like(s), keep))
         absorbed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         return self._pullback(ctx, [s]), absorbed
-
-    def _scaled(self, ctx: RuleContext) -> tuple:
-        """``(s, t, z)`` for the single output ``z`` with gradient-form relevance ``G`` (:func:`scaled_parts`)."""
-        g = ctx.relevances[0]
-        z = ctx.outputs[0].to(g.dtype)
-        s, t = scaled_parts(g, z, self.epsilon)
-        return s, t, z
 
     def _pullback(self, ctx: RuleContext, s: list) -> list:
         grads = ctx.vjp(ctx.slots, s)
