@@ -94,6 +94,31 @@ def test_a_model_changed_after_compile_is_refused_not_mis_run():
         ex(x)
 
 
+def test_the_explainer_reads_the_live_weights_of_the_model():
+    """Weights are read at every call (through the modules' own registries): an in-place update, a replaced
+    ``nn.Parameter`` and a replaced layer of the same shape all give what a fresh compile gives; a removed layer
+    is refused with its name."""
+    model = _mlp()
+    x = torch.randn(4, 6)
+    ex = dynlrp.compile(model, x, rules="lrp0", backend="eager")
+
+    def fresh():
+        return dynlrp.compile(model, x, rules="lrp0", backend="eager")(x).relevance
+
+    before = ex(x).relevance
+    with torch.no_grad():
+        model[0].weight.mul_(-2.0)
+    torch.testing.assert_close(ex(x).relevance, fresh())
+    assert not torch.allclose(ex(x).relevance, before)
+    model[2].bias = nn.Parameter(torch.randn(4))
+    torch.testing.assert_close(ex(x).relevance, fresh())
+    model[2] = nn.Linear(8, 4)
+    torch.testing.assert_close(ex(x).relevance, fresh())
+    del model[2]
+    with pytest.raises(dynlrp.DynlrpInputError, match=r"no longer has the parameter '2.weight'"):
+        ex(x)
+
+
 def test_malformed_rules_are_rejected_at_construction():
     for make, needle in [
         (lambda: Epsilon(float("nan")), "finite number >= 0"),

@@ -776,10 +776,14 @@ class _Pairing:
         out_val = _val(n) if live is None else (_val(n)[live[0]] if len(live) == 1 else None)
         analytic = (use_g and r_arg is None and _epsilon_form(ann.rule) and isinstance(out_val, torch.Tensor)
                     and out_val.dtype not in _LOW)
-        bias = facts(n.target).bias if isinstance(n.target, torch._ops.OpOverload) else None
-        additive = any(s not in ann.slots and s not in ann.factors and _is_float(_val(a)) for s, a in slot_nodes.items()) or (
-            bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0
-        )
+        spec = facts(n.target)
+        bias = spec.bias
+        # a float operand that receives no relevance adds a constant, unless it multiplies the data (a convolution's
+        # or a matmul's weight: a factor position of the table), which adds nothing
+        additive = any(
+            s not in ann.slots and s not in ann.factors and not (s[0] in spec.factors and s[0] != bias)
+            and _is_float(_val(a)) for s, a in slot_nodes.items()
+        ) or (bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0)
         if analytic:
             # the ledger reads per-sample sums: the rule may sum its entry over every dim but the batch's
             led_bdim = _batch_dim(out_val, self.batch_symbol, n, self.example_batch) if self.batched else None

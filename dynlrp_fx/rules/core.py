@@ -121,8 +121,8 @@ class Epsilon(Rule):
                 # (s = 0), instead of 0 * inf = NaN (decided by the op, not by comparing sizes, which would
                 # specialise them)
                 parts.append(_reduce(torch.where(s == 0, 0.0, s * c), keep))
-        if not parts:
-            parts.append(_reduce(torch.zeros_like(s), keep))
+        if not parts:  # nothing absorbed (pair asks only where something may be): zeros of the entry's shape
+            parts.append(torch.zeros_like(s) if keep is None else s.new_zeros((s.shape[keep],)))
         absorbed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         return self._pullback(ctx, [s]), absorbed
 
