@@ -210,3 +210,67 @@ def test_model_untouched_and_params_keep_relevance_form():
     assert float(e.params["0.weight"].sum()) == pytest.approx(float(e.relevance.sum()), rel=1e-9)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class _TinyHead(nn.Module):
+    """Token features -> ReLU layer -> a head over a vocabulary of 13 on every position: ``(B, T, 13)``, the shape
+    of a language model's logits (the head is ``mm`` or, with a bias, ``addmm`` on the ``(B*T, E)`` rows)."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.fc = nn.Linear(6, 6, bias=bias)
+        self.head = nn.Linear(6, 13, bias=bias)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)))
+
+
+def _dense_head_pullbacks(ex, vocab: int) -> list:
+    """``mm`` nodes of the program whose first operand has the vocabulary as its last dim: the dense pullback of
+    a one-hot seed through the head (``(B*T, V) @ (V, E)``)."""
+    return [n for n in ex.graph("target").graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.aten.mm.default
+            and n.args[0].meta["val"].shape[-1] == vocab]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_hot_seed_pulls_back_through_the_head_as_rows(bias):
+    """The target's one-hot seed reaches the head as one non-zero per sample, so its pullback is one row of the
+    weight per sample, not a dense ``(B*T, V) @ (V, E)`` product (an LM head costs as much as its forward). The
+    relevance equals the relevance form's (LRP-0 and epsilon, explicit and argmax targets), LRP-0 on the bias-free
+    head equals gradient x input, and the ledger, which records the head's bias and stabiliser per sample, closes."""
+    torch.manual_seed(0)
+    model = _TinyHead(bias).to(D)
+    x = torch.randn(3, 5, 6, dtype=D)
+    target = torch.tensor([0 * 13 + 4, 3 * 13 + 12, 4 * 13 + 0])  # (position, token) per sample, flattened
+    for rules in ("lrp0", "epsilon"):
+        ex, ref = _pair(model, (x,), rules=rules)
+        assert not _dense_head_pullbacks(ex, 13)
+        assert _dense_head_pullbacks(ref, 13)  # the relevance form still multiplies the dense seed
+        for t in (target, None):
+            a, b = ex(x, target=t), ref(x, target=t)
+            _same(a, b)
+            torch.testing.assert_close(a.absorbed, b.absorbed, rtol=1e-9, atol=1e-12)
+            seed = model(x).flatten(1).gather(1, (t if t is not None else model(x).flatten(1).argmax(1))[:, None])
+            torch.testing.assert_close(a.relevance.flatten(1).sum(1) + a.absorbed, seed[:, 0], rtol=1e-10, atol=1e-12)
+            if bias:
+                assert float(a.absorbed.abs().min()) > 1e-6  # the biases' share is recorded in every sample
+            elif rules == "lrp0" and t is not None:
+                torch.testing.assert_close(a.relevance, grad_x_input(model, x, t), rtol=1e-10, atol=1e-12)
+
+
+def test_one_hot_head_rows_with_several_targets_in_one_sweep():
+    """K targets widened into one relevance sweep (``sweep_batch`` = all rows) take the same row pullback at the
+    head: each (sample, target) row equals a single-target call (the rows are found per sample, so nothing depends
+    on a range over the batch, which the sweep would repeat instead of re-count)."""
+    torch.manual_seed(0)
+    model = _TinyHead(True).to(D)
+    x = torch.randn(2, 5, 6, dtype=D)
+    ex = dynlrp.compile(model, (x,), rules="epsilon")
+    assert not _dense_head_pullbacks(ex, 13)
+    t = torch.tensor([[4, 20, 64], [13, 0, 33]])
+    multi = ex(x, target=t, sweep_batch=6)
+    for j in range(3):
+        single = ex(x, target=t[:, j])
+        torch.testing.assert_close(multi.relevance[:, j], single.relevance, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(multi.absorbed[:, j], single.absorbed, rtol=1e-12, atol=1e-14)

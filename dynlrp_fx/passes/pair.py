@@ -102,6 +102,11 @@ def _fill(obj: Any, vals: tuple) -> Any:
 
 
 _LOW = (torch.float16, torch.bfloat16)
+#: route ops whose output holds the operand's elements in the same row-major order (a one-hot seed stays one-hot at
+#: the same storage positions through them)
+_ROW_MAJOR_VIEWS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                              torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default,
+                              torch.ops.aten.clone.default})
 _EMPTY_OPS = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
                         torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty.default,
                         torch.ops.aten.new_empty_strided.default})
@@ -292,6 +297,44 @@ def target_value(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     :func:`seed_from_target`'s seed (the runtime checks that targets are in range)."""
     flat = y.reshape(y.shape[0], -1)
     return flat.gather(1, _target_index(flat, target).unsqueeze(1)).squeeze(1).to(torch.promote_types(y.dtype, torch.float32))
+
+
+def seed_linear_pullback(y: torch.Tensor, target: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float, absorbed: bool):
+    """The epsilon rule's gradient form at ``mm(a, w)`` / ``addmm(bias, a, w)`` (``w``: ``(K, N)``) whose output is
+    the explained ``y`` laid out row-major (``y`` its view, with ``N`` as its last dim) and whose ``G`` is
+    :func:`seed_gradient`'s one-hot seed: ``G_a = s @ w^T`` has one non-zero row per sample, ``s_b * w[:, col_b]``
+    at the target's row, so it is built from ``B`` columns of ``w`` instead of a dense ``(M, N) @ (N, K)`` product
+    with one non-zero per sample (a language model's LM head: as costly as its forward pass).
+    ``s_b = |z_b| / (|z_b| + eps)`` with ``z_b`` the target's value; what the rule absorbs, per sample, is
+    ``eps * z_b / (|z_b| + eps) + s_b * bias[col_b]`` (:meth:`Epsilon.gradient_and_absorbed` with one non-zero
+    ``G``). Returns ``(G_a,)`` or ``(G_a, absorbed)``."""
+    flat = y.reshape(y.shape[0], -1)
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    idx = _target_index(flat, target)
+    n_cols = w.shape[1]
+    rows = flat.shape[1] // n_cols  # rows of a per sample (y's last dim is N: each sample owns whole rows)
+    row, col = idx // n_cols, idx % n_cols
+    z = flat.gather(1, idx.unsqueeze(1)).squeeze(1).to(dtype)  # the linear op's output at the target
+    if eps != 0:
+        t = 1.0 / (z.abs() + eps)
+        s = 1.0 - eps * t
+    else:
+        t, s = None, torch.ones_like(z)
+    # (B, K): s_b * w[:, col_b], as rows of w^T: an LM head's w is the transposed (V, E) weight, and index_select
+    # along dim 1 of a transposed view copies all of it first (150 ms for GPT-2's); cast after selecting
+    picked = w.t().index_select(0, col).to(dtype) * s.unsqueeze(1)
+    # the row within each sample by comparison with an arange over a sample's rows: no scatter (Inductor's scatter
+    # lowering guards on the batch), and no arange over the batch (a value of the batch's size computed from sizes
+    # alone would be repeated, not re-counted, when a multi-target sweep widens the batch)
+    at_row = (torch.arange(rows, device=y.device, dtype=row.dtype).unsqueeze(0) == row.unsqueeze(1)).to(dtype)
+    g_a = (at_row.unsqueeze(2) * picked.unsqueeze(1)).reshape(-1, picked.shape[1])
+    if not absorbed:
+        return (g_a,)
+    total = eps * t * z if t is not None else torch.zeros_like(z)
+    if bias is not None:
+        total = total + s * bias.to(dtype).reshape(-1).expand(n_cols).index_select(0, col)
+    return g_a, total
 
 
 def seed_given(y: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -518,6 +561,9 @@ class _Pairing:
         self.R: dict[fx.Node, Any] = {}  # single-output node -> relevance node; multi-output -> {index: node}
         #: relevance in gradient form (``R = value * G``), kept like ``R``; a value may hold both
         self.G: dict[fx.Node, Any] = {}
+        #: gradient-form relevance nodes that are the target's one-hot seed, reshaped row-major only (views of the
+        #: explained output): node -> (output value node, target node); read by :meth:`sparse_seed_pullback`
+        self.onehot: dict[fx.Node, tuple] = {}
         # params= needs relevance at every op that takes a chosen parameter: the whole program keeps relevance form
         self.gradient_form = bool(getattr(ctx, "gradient_form", True)) and not ctx.params
         self._uses_g: dict[fx.Node, bool] = {}
@@ -696,7 +742,9 @@ class _Pairing:
                                                                               self.seed_total, total)
             ann = y.meta.get("dynlrp")
             if ann is not None and ann.status == FLOAT and seed_fn is seed_from_target and self.uses_gradient(y):
-                self.add(y, None, self.emit(seed_gradient, ys[k], extra), gradient=True)
+                g_seed = self.emit(seed_gradient, ys[k], extra)
+                self.onehot[g_seed] = (ys[k], extra)
+                self.add(y, None, g_seed, gradient=True)
             elif ann is not None and ann.status in (FLOAT, INDEX):
                 self.add(y, None, r_seed)
             else:  # an output computed from no explained input (parameters only): its whole seed is absorbed
@@ -790,8 +838,11 @@ class _Pairing:
             if led_bdim is not None and led_bdim[1] != 1:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
+        want_absorbed = analytic and (additive or ann.rule.epsilon != 0)
+        if analytic and self.sparse_seed_pullback(n, ann, g_arg, vals, args_t, want_absorbed):
+            return
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
-                         absorbed=analytic and (additive or ann.rule.epsilon != 0), masked=n in self.masked_values)
+                         absorbed=want_absorbed, masked=n in self.masked_values)
         rel = self.emit(op, r_arg, g_arg, out_p, *vals)
         res_fake = rel.meta["val"]
         rel.meta["dynlrp_rule"] = ann.rule
@@ -808,6 +859,8 @@ class _Pairing:
             gi.meta["val"] = rf
             src = slot_nodes[slot]
             r_ins.append(((operand_promise[src], None, gi, masked or src in self.masked_values) if use_g else gi, src))
+            if use_g and g_arg in self.onehot and n.target in _ROW_MAJOR_VIEWS:
+                self.onehot[gi] = self.onehot[g_arg]  # the same one-hot seed in the operand's shape
             self.add(src, None, gi, gradient=use_g)
         # a conservative rule still drops the share of float operands that are not data (a class token
         # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
@@ -827,6 +880,46 @@ class _Pairing:
             prule = _param_rule(ann)
             if prule is not None:
                 self.param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
+
+    def sparse_seed_pullback(self, n: fx.Node, ann: Any, g_arg: Any, vals: list, args_t: Any,
+                             want_absorbed: bool) -> bool:
+        """Emit :func:`seed_linear_pullback` for ``n`` if ``n`` is an ``mm``/``addmm`` with one data operand
+        (the input, not the weight) whose only incoming relevance is the target's one-hot seed; ``False`` (nothing
+        emitted) otherwise. Its ledger entry is per sample."""
+        if not isinstance(g_arg, fx.Node) or g_arg not in self.onehot or n.kwargs:
+            return False
+        aten = torch.ops.aten
+        if n.target is aten.mm.default and list(ann.slots) == [(0,)]:
+            w_pos, bias_pos = 1, None
+        elif n.target is aten.addmm.default and list(ann.slots) == [(1,)]:
+            w_pos, bias_pos = 2, 0
+        else:
+            return False
+        bias = n.args[bias_pos] if bias_pos is not None else None
+        w = n.args[w_pos]
+        if not isinstance(w, fx.Node) or (bias is not None and not (
+                isinstance(bias, fx.Node) and _val(bias).ndim <= 1)):
+            return False  # a bias of the output's shape: the generic rule
+        y, target = self.onehot[g_arg]
+        y_val, n_cols = _val(y), _val(w).shape[1]
+        # each sample must own whole rows of the (M, N) output: y's last dim is N (sizes read only when static)
+        if y_val.ndim < 2 or type(y_val.shape[-1]) is not int or type(n_cols) is not int or y_val.shape[-1] != n_cols:
+            return False
+        refs = _operand_refs(n)
+        vals_of = dict(zip(refs, vals))
+        rel = self.emit(seed_linear_pullback, y, target, vals_of[w], vals_of[bias] if bias is not None else None,
+                        float(ann.rule.epsilon), want_absorbed)
+        rel.meta["dynlrp_rule"] = ann.rule
+        rel.meta["dynlrp_for"] = n.name
+        res_fake = rel.meta["val"]
+        gi = self.g.call_function(operator.getitem, (rel, 0))
+        gi.meta["val"] = res_fake[0]
+        self.add(n.args[ann.slots[0][0]], None, gi, gradient=True)
+        if want_absorbed:
+            dens = self.g.call_function(operator.getitem, (rel, 1))
+            dens.meta["val"] = res_fake[1]
+            self.ledger(n, dens, [], out_bdims=["sample"])
+        return True
 
     def incoming(self, r: Any, n: fx.Node) -> Any:
         """What reached ``n`` in one form, as the relevance op takes it: a node, a tuple per output, or ``None``."""
