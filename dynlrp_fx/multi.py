@@ -13,7 +13,8 @@ widened copy lives only as long as the ops that read it); a size that scales wit
 ``12*s0``) is multiplied by ``k``. Where the batch is merged with other dims (``(B*H, T, D)``, MHA's ``(T*B, E)``)
 the dim is split as ``(outer, B, inner)`` (``outer`` from :func:`dynlrp_fx.passes.pair._batch_dim`), so every
 layout the program uses stays consistent. Values the ``recompute`` memory policy rematerialises stay in the
-relevance half (computed from widened inputs), which keeps that policy's memory savings.
+relevance half (computed from widened inputs), which keeps that policy's memory savings, and so do cheap values
+read only by the relevance half (a stabiliser ``|z| + eps``): recomputed per sweep, not kept across all sweeps.
 
 A program the widening cannot serve (a model that specialised its batch size, a value that mixes samples, a
 relevance output summed over the batch such as ``params=``, absorbed relevance with no sample) runs its relevance
@@ -31,6 +32,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from .passes.nodes import is_cheap
 from .passes.pair import ProgramOutputs, _batch_dim
 
 __all__ = ["SplitProgram", "split_program", "expand_batch", "sweep_size", "DEFAULT_SWEEP_BYTES"]
@@ -214,6 +216,18 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
             raise ValueError(f"explained output depends on the target/seed through {n.name}")
         fwd.add(n)
         stack.extend(n.all_input_nodes)
+    # cheap values that do not depend on the target but are read only by the relevance half (the epsilon rule's
+    # |z| + eps, a residual add's sign(z)) are recomputed there in every sweep rather than cut: a cut value stays
+    # alive across all sweeps, and keeping one more activation-sized tensor per layer for the whole call costs
+    # more than its two passes (on a CPU the larger live set turns allocations into page faults: ResNet-50's
+    # transposed convolutions and divisions ran 3-5x slower per call, and two targets cost 2.5 single calls)
+    model_set = {r for r in model_outs if isinstance(r, fx.Node)}
+    rel_side = {n for n in nodes if n.op == "call_function" and n not in fwd}
+    for n in reversed(nodes):
+        if (n in fwd and n.op == "call_function" and n not in model_set and n.users and is_cheap(n)
+                and all(u in rel_side for u in n.users)):
+            fwd.discard(n)
+            rel_side.add(n)
     rel = [n for n in nodes if n.op == "call_function" and n not in fwd]
 
     # values the relevance half reads from the forward half, in order of first use

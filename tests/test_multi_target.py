@@ -88,6 +88,24 @@ def test_seeds_with_a_target_axis_equal_k_seed_calls():
         _same(multi, singles, j)
 
 
+def test_stabilisers_are_recomputed_per_sweep_not_cut():
+    """The epsilon rule's ``|z| + eps`` does not depend on the target, but it is read only by the relevance half:
+    it is recomputed in each sweep (two passes) instead of being returned by the forward half and kept alive
+    across all sweeps (one more activation per layer for the whole call). The forward half computes no ``abs``;
+    K targets still equal K single calls."""
+    model, x = _cnn()
+    ex = dynlrp.compile(model, x, rules="epsilon", backend="eager")
+    t = torch.tensor([[0, 3], [1, 2], [4, 4]])
+    multi = ex(x, target=t)
+    sp = ex.split()
+    fwd_ops = {n.target for n in sp.forward_graph.graph.nodes if n.op == "call_function"}
+    rel_ops = {n.target for n in sp.relevance_graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.abs.default not in fwd_ops and torch.ops.aten.abs.default in rel_ops
+    singles = [ex(x, target=t[:, j]) for j in range(2)]
+    for j in range(2):
+        _same(multi, singles, j)
+
+
 @pytest.mark.slow
 def test_sweep_batch_chunks_the_targets_without_changing_them():
     model, ids = _bert()
