@@ -839,7 +839,7 @@ class _Pairing:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
         want_absorbed = analytic and (additive or ann.rule.epsilon != 0)
-        if analytic and self.sparse_seed_pullback(n, ann, g_arg, vals, args_t, want_absorbed):
+        if analytic and self.sparse_seed_pullback(n, ann, g_arg, vals, want_absorbed):
             return
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
                          absorbed=want_absorbed, masked=n in self.masked_values)
@@ -881,8 +881,7 @@ class _Pairing:
             if prule is not None:
                 self.param_shares(n, prule, args_t, kwargs_t, vals, out_p, r_arg, ann.extra, skip=ann.slots)
 
-    def sparse_seed_pullback(self, n: fx.Node, ann: Any, g_arg: Any, vals: list, args_t: Any,
-                             want_absorbed: bool) -> bool:
+    def sparse_seed_pullback(self, n: fx.Node, ann: Any, g_arg: Any, vals: list, want_absorbed: bool) -> bool:
         """Emit :func:`seed_linear_pullback` for ``n`` if ``n`` is an ``mm``/``addmm`` with one data operand
         (the input, not the weight) whose only incoming relevance is the target's one-hot seed; ``False`` (nothing
         emitted) otherwise. Its ledger entry is per sample."""
