@@ -27,12 +27,12 @@ test-slow: $(STAMP)
 # the slow tests that fit CI's budget (~30 min): export/AOTI, datasets under torchrun, the demo command, Zennit,
 # the gradient oracle on every zoo entry, the whole single-op sweep, masks and Hugging Face defaults on every model,
 # several targets per sample and concept relevance on transformers, Inductor on a CNN and a 2-layer BERT,
-# gradient form on transformers, LayerNorm recomputation
+# gradient form on transformers, LayerNorm recomputation, the lowering retrace check on BERT
 test-slow-ci: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -p no:xdist tests/test_export.py tests/test_dataset.py tests/test_demo.py \
 		tests/test_zennit.py tests/test_attnlrp.py tests/test_rules.py tests/test_composite.py \
 		tests/test_zoo_gradient.py tests/test_op_sweep.py tests/test_masks.py tests/test_hf_defaults.py tests/test_multi_target.py tests/test_concepts.py tests/test_compile.py \
-		tests/test_gradient_form.py tests/test_memory_passes.py --durations=10
+		tests/test_gradient_form.py tests/test_memory_passes.py tests/test_pipeline.py --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

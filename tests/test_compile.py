@@ -72,6 +72,7 @@ def test_compiled_equals_eager_bert_2_layers_one_compile_for_batches_2_3_7():
     assert backend.compilations == 2, f"recompiled per batch size ({backend.compilations} compilations)"
 
 
+@pytest.mark.slow  # ~26 s (two Inductor compiles of a small CNN): CI's slow step
 def test_recompile_switches_backend_and_policy_without_tracing_again():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()

@@ -399,9 +399,17 @@ def _cnn_inputs():
     return pooled_cnn(), (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)),), {}
 
 
-@pytest.mark.parametrize("policy", ["recompute", "keep"])
-@pytest.mark.parametrize("rules", ["epsilon", "attnlrp", "epsilon_gamma_box", "by_path"])
-@pytest.mark.parametrize("build", [_tiny_bert_inputs, _cnn_inputs], ids=["bert", "cnn"])
+# the BERT cases take ~20 s each: one runs by default, the others in CI's slow step (`make test-slow-ci`)
+_RETRACE_CASES = [
+    pytest.param(build, rules, policy, id=f"{bid}-{rules}-{policy}",
+                 marks=[pytest.mark.slow] if bid == "bert" and (rules, policy) != ("epsilon", "recompute") else [])
+    for bid, build in (("bert", _tiny_bert_inputs), ("cnn", _cnn_inputs))
+    for rules in ("epsilon", "attnlrp", "epsilon_gamma_box", "by_path")
+    for policy in ("recompute", "keep")
+]
+
+
+@pytest.mark.parametrize("build,rules,policy", _RETRACE_CASES)
 def test_lower_traces_only_rule_code_and_equals_a_whole_graph_retrace(build, rules, policy):
     """``lower`` copies ATen nodes and stamps one trace per (callable, operand metadata) for the layers that repeat
     it; its program computes bit-identical values to a ``make_fx`` retrace of the whole paired graph (with the
