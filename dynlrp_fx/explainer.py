@@ -569,9 +569,12 @@ def _owner(root: torch.nn.Module, path: str, memo: dict[str, Any]) -> Any:
     ``None`` where the path no longer leads to a module."""
     if path in memo:
         return memo[path]
-    parent, _, atom = path.rpartition(".")
-    base = _owner(root, parent, memo) if path else root
-    mod = base if not path else (getattr(base, "_modules", {}).get(atom) if base is not None else None)
+    if not path:
+        mod = root
+    else:
+        parent, _, atom = path.rpartition(".")
+        base = _owner(root, parent, memo)
+        mod = base._modules.get(atom) if isinstance(base, torch.nn.Module) else None
     memo[path] = mod
     return mod
 

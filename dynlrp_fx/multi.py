@@ -228,7 +228,7 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
                 and all(u in rel_side for u in n.users)):
             fwd.discard(n)
             rel_side.add(n)
-    rel = [n for n in nodes if n.op == "call_function" and n not in fwd]
+    rel = [n for n in nodes if n in rel_side]
 
     # values the relevance half reads from the forward half, in order of first use
     cut_nodes: list[fx.Node] = []
