@@ -438,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="models on which compiled methods run, or 'none' (default: all; --quick on CPU: vgg16)",
     )
+    ap.add_argument(
+        "--batches",
+        default=None,
+        help="comma list of batch sizes, replacing the mode's (CPU full: 1,4; --quick: 1; GPU: 1,16)",
+    )
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--json", default=None, help="write all rows and targets to this JSON file")
@@ -458,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cpu_quick = a.quick and a.device == "cpu"
     sizes = sizes_for(a.device, a.quick)
+    if a.batches:
+        sizes["batches"] = [int(b) for b in a.batches.split(",")]
     reps = a.reps or (3 if a.quick else 10)
     warmup = a.warmup if a.warmup is not None else (0 if a.quick else 3)  # the first call already warms up
     methods = (
