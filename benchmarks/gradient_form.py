@@ -38,7 +38,8 @@ def _relevance(e) -> torch.Tensor:
     return e.relevance if e.relevance is not None else next(iter(e.inputs.values()))
 
 
-def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, reference: bool = True) -> list[dict]:
+def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, reference: bool = True,
+          only: set | None = None) -> list[dict]:
     import dynlrp_fx as dynlrp
     from dynlrp_fx.explainer import Explainer
     from dynlrp_fx.program import Analysis
@@ -48,7 +49,7 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
     args, kwargs = bm.make_inputs(batch)
     gxi = make_method("gxi", bm, args, kwargs, "cpu", {})
     rows = []
-    for rules in PRESETS[bm.kind]:
+    for rules in (r for r in PRESETS[bm.kind] if only is None or r in only):
         ex_args, ex_kwargs = bm.make_inputs(2)
         ex = dynlrp.compile(bm.model, ex_args, example_kwargs=ex_kwargs, rules=rules, backend="eager")
         ref = Explainer(bm.model, ex.traced, ex.composite, backend="eager",
@@ -128,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="resnet50,vgg16,vit_b_16,bert_base,gpt2_small,llama_8l")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rules", default=None, help="comma list of presets to run (default: all of each model's)")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the relevance-form column (the A/B against the program before issue 16)")
-    ap.add_argument("--append", action="store_true", help="add the rows to the existing results instead of replacing them")
+    ap.add_argument("--append", action="store_true", help="add the rows to the existing results (replacing rows of the same model, batch and preset)")
     ap.add_argument("--smoke", action="store_true", help="64x64 images and 16 tokens (checks the script, not a result)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gradient_form"))
     a = ap.parse_args(argv)
@@ -139,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.models.split(","):
         for b in (int(x) for x in a.batches.split(",")):
             rows += bench(name, b, a.reps, lambda m: print(m, flush=True),
-                          {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None, reference=not a.no_reference)
+                          {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None, reference=not a.no_reference,
+                          only=set(a.rules.split(",")) if a.rules else None)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": a.reps}
     if a.smoke:
         print(markdown(rows, meta))
         return 0
     if a.append and Path(a.out + ".json").exists():
-        rows = json.loads(Path(a.out + ".json").read_text())["rows"] + rows
+        # a new row replaces the old one of the same model, batch and preset
+        key = lambda r: (r["model"], r["batch"], r["rules"])  # noqa: E731
+        new = {key(r) for r in rows}
+        rows = [r for r in json.loads(Path(a.out + ".json").read_text())["rows"] if key(r) not in new] + rows
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     Path(a.out + ".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

@@ -184,3 +184,89 @@ def test_nonnegative_analysis():
     assert [o in nonneg for o in out] == [True, False, False, False, False, True]
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     assert x not in nonneg
+
+
+def _marked(explainer) -> list[str]:
+    """Module paths of the ops proved to receive relevance only where their output is > 0."""
+    return [
+        n.meta["dynlrp"].module_path for n in explainer.analysed_graph.graph.nodes
+        if n.meta.get("dynlrp") is not None and n.meta["dynlrp"].extra.get("relevance_where_positive")
+    ]
+
+
+def test_gamma_before_relu_takes_one_pullback(monkeypatch):
+    """A gamma convolution whose output only feeds a ReLU (whose readers give relevance in proportion to it) gets
+    no relevance where its output is <= 0, so u^- vanishes: one pullback instead of two, the same relevance as
+    the general non-negative path (float64) and as Zennit (test_vgg11_features_equal_zennit)."""
+    from dynlrp_fx.passes import nonnegative
+
+    model = _small_vgg11()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fast = dynlrp.compile(model, x, rules=presets.epsilon_gamma_box(LOW, HIGH), backend="eager")
+    # every convolution is followed by a ReLU and marked; all but the first (z^B) are gamma
+    convs = [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert set(_marked(fast)) & set(convs) == set(convs)
+    fast_convs = _conv_ops(fast)
+    monkeypatch.setattr(nonnegative, "relevance_only_where_positive", lambda gm: set())
+    slow = dynlrp.compile(model, x, rules=presets.epsilon_gamma_box(LOW, HIGH), backend="eager", cache=False)
+    assert fast_convs == _conv_ops(slow) - len(convs[1:])  # one pullback fewer per marked gamma convolution
+    r_fast, r_slow = fast(x).relevance, slow(x).relevance
+    assert torch.allclose(r_fast, r_slow, rtol=1e-9, atol=1e-12 * r_slow.abs().max().item())
+
+
+class _ReluReaders(nn.Module):
+    """conv0 -> ReLU -> conv1 -> ReLU -> {conv2 (its rule is the test's) -> ReLU -> linear; also the output}."""
+
+    def __init__(self, out_relu: bool):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * 6 * 6, 3)
+        self.out_relu = out_relu
+
+    def forward(self, x):
+        a = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        y = self.fc(torch.relu(self.conv2(a)).flatten(1))
+        return torch.cat([y, a.flatten(1)], 1) if self.out_relu else y
+
+
+@pytest.mark.parametrize("case", ["wsquare_reads", "output_reads"])
+def test_gamma_keeps_both_pullbacks_where_relevance_may_sit_below_zero(case, monkeypatch):
+    """Not proved, and so not marked: conv1's ReLU output read by a w^2 rule (relevance regardless of the input's
+    value) or seeded directly as a model output (zeros included). In relevance form (the gradient form's R -> G
+    conversion at a ReLU drops what reaches its zeros) the relevance is the general path's, and differs from what
+    the one-pullback form gives when conv1 is marked anyway (the proof matters)."""
+    from dynlrp_fx.explainer import Explainer
+    from dynlrp_fx.passes import nonnegative
+    from dynlrp_fx.program import Analysis
+    from dynlrp_fx.rules import Gamma, Pass, WSquare, default_class_rules
+
+    torch.manual_seed(0)
+    model = _ReluReaders(out_relu=case == "output_reads").double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    by_path = {"conv0": Gamma(0.25), "conv1": Gamma(0.25), "conv2": WSquare() if case == "wsquare_reads" else Gamma(0.25)}
+    seed = torch.zeros(2, 3 + 6 * 6 * 6 if case == "output_reads" else 3, dtype=torch.float64)
+    seed[:, 1] = 1.0
+    if case == "output_reads":
+        seed[:, 3:] = -1.0  # relevance seeded at ReLU outputs, also where they are zero
+    # Pass on the ReLUs, as Zennit's composites: relevance reaching a ReLU output where it is zero goes on to z <= 0
+    rules = dynlrp.Composite(class_rules={**default_class_rules(), "identity": Pass()}, by_path=by_path)
+    traced = dynlrp.compile(model, x, rules=rules, backend="eager").traced
+
+    def relevance(proof=None):
+        with monkeypatch.context() as m:
+            if proof is not None:
+                m.setattr(nonnegative, "relevance_only_where_positive", proof)
+            ex = Explainer(model, traced, rules, analysis=Analysis(traced, rules, gradient_form=False))
+            return ex(x, seed=seed).relevance, _marked(ex)
+
+    r, marked = relevance()
+    assert "conv0" in marked and "conv1" not in marked
+    assert torch.allclose(r, relevance(lambda gm: set())[0], rtol=1e-9, atol=1e-12)
+    # marking conv1 anyway drops relevance the general rule keeps
+    forced, _ = relevance(
+        lambda gm: {n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("dynlrp") is not None
+                    and n.meta["dynlrp"].module_path in ("conv0", "conv1") and "convolution" in str(n.target)},
+    )
+    assert not torch.allclose(r, forced, rtol=1e-6, atol=1e-9)

@@ -67,7 +67,9 @@ def assign_rules(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.Grap
     collected in ``ctx.uncovered`` (op -> module paths) and, when ``ctx.strict``, raised.
 
     Also records ``ann.extra["nonneg_slots"]``: the data operands that are provably ``>= 0``
-    (:func:`~dynlrp_fx.passes.nonnegative.nonnegative_nodes`), which rules read as ``ctx.meta["nonneg_slots"]``.
+    (:func:`~dynlrp_fx.passes.nonnegative.nonnegative_nodes`), which rules read as ``ctx.meta["nonneg_slots"]``, and
+    ``ann.extra["relevance_where_positive"]`` on nodes whose relevance is provably zero wherever their value is
+    ``<= 0`` (:func:`~dynlrp_fx.passes.nonnegative.relevance_only_where_positive`).
 
     Raises
     ------
@@ -98,6 +100,8 @@ def assign_rules(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.Grap
         ann.extra["nonneg_slots"] = tuple(s for s in ann.slots if slot_nodes.get(s) in nonneg)
         info = NodeInfo(node.name, node.target, ann.rule_class, ann.module_path, _module_types(root, node), ann.first_layer)
         ann.rule = composite.rule_for(info, used)
+    for node in nonnegative.relevance_only_where_positive(gm):
+        node.meta["dynlrp"].extra["relevance_where_positive"] = True
     ctx.uncovered = uncovered
     if getattr(composite, "check_matches", False) and ctx.strict:
         _check_matches(gm, composite, used)

@@ -232,11 +232,15 @@ class Rule:
     operands always sums to the relevance of the output (so the conservation ledger can skip the op).
     ``classes`` lists the rule classes (``"linear"``, ``"route"``...) a rule may be assigned to, so that a rule
     chosen for a module (e.g. gamma for ``nn.Conv2d``) only applies to the ops of that module it fits.
+    ``input_proportional = True`` declares that the relevance a data operand receives is that operand times a finite
+    factor (``R_x = x * c``), so it is zero wherever the operand is zero; the passes read it to prove where an op's
+    output relevance vanishes (:func:`~dynlrp_fx.passes.nonnegative.relevance_only_where_positive`).
     """
 
     name: str = "rule"
     conservative: bool = False
     classes: frozenset = frozenset()
+    input_proportional: bool = False
 
     def relevance(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         raise NotImplementedError

@@ -69,6 +69,7 @@ class Epsilon(Rule):
     name = "epsilon"
     conservative = False
     classes = LINEAR
+    input_proportional = True  # R_k = x_k * J_k^T (R / stab(z)) / m_k
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = nonnegative_number(epsilon, f"{type(self).__name__}: epsilon")
