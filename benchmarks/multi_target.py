@@ -1,5 +1,8 @@
 """K targets per sample: ``python -m benchmarks.multi_target [--models resnet50,gpt2_small] [--ks 8,32] [--md F]``.
 
+``--matrix --models gpt2_small``: the whole each_token matrix of a 128-token text, with and without the causal
+prefixes (:func:`matrix`).
+
 For each model and K, a fresh worker process (so its peak memory is its own) builds the model as its library
 builds it by default (random weights, eager backend, the default ``epsilon`` rules, batch 2) and times
 
@@ -142,6 +145,40 @@ def _autograd(bm, args: tuple, kwargs: dict, flat):
     return rel
 
 
+def matrix(name: str, batch: int, reps: int) -> dict[str, Any]:
+    """``each_token()`` over every position of a 128-token text (the whole source x target matrix, K = 127), with
+    the causal prefixes (the default) and on the whole sequence (``prefixes=False``), interleaved in this process."""
+    import torch
+
+    import dynlrp_fx as dynlrp
+    from benchmarks.models import build
+    from dynlrp_fx.runtime import prefix_groups
+
+    bm = build(name, torch.device("cpu"), {"res": 224, "vit_res": 224, "seq": 128})
+    bm.model.requires_grad_(False)
+    args, kwargs = bm.make_inputs(batch)
+    ex = dynlrp.compile(bm.model, args, example_kwargs=kwargs)
+    fns = {
+        "prefixes": lambda: ex(*args, target=dynlrp.targets.each_token(), **kwargs),
+        "whole": lambda: ex(*args, target=dynlrp.targets.each_token(prefixes=False), **kwargs),
+    }
+    first = {k: f().inputs["input_ids"] for k, f in fns.items()}  # also the warm-up
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    length = int(kwargs["input_ids"].shape[1])
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    return {
+        "model": name, "batch": batch, "length": length, "k": length - 1,
+        "groups": [[p, len(c)] for p, c in prefix_groups(list(range(length - 1)), length)],
+        "prefixes_s": med["prefixes"], "whole_s": med["whole"], "ratio": med["prefixes"] / med["whole"],
+        "max_rel_diff": float((first["prefixes"] - first["whole"]).abs().max() / first["whole"].abs().max()),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,gpt2_small")
@@ -150,7 +187,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--md", default=str(RESULTS / "multi_target.md"))
     ap.add_argument("--json", default=str(RESULTS / "multi_target.json"))
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "WHAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--matrix", action="store_true",
+                    help="instead: each_token() over all 127 positions of GPT-2 small (--models, batch 1), with the "
+                         "causal prefixes vs on the whole sequence; writes results/each_token_matrix.json")
     a = ap.parse_args(argv)
+    if a.matrix:
+        rows = [matrix(name, 1, a.reps) for name in a.models.split(",")]
+        (RESULTS / "each_token_matrix.json").write_text(json.dumps({"date": datetime.date.today().isoformat(),
+                                                                   "rows": rows}, indent=1))
+        for r in rows:
+            print(f"| {r['model']} | {r['batch']} | {r['length']} | {r['k']} | {r['prefixes_s']:.2f} | "
+                  f"{r['whole_s']:.2f} | **{r['ratio']:.2f}** | {r['max_rel_diff']:.1e} | {r['groups']} |")
+        return
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker[0], int(a.worker[1]), a.reps, a.worker[2])), flush=True)
         return

@@ -504,6 +504,9 @@ class CallPath:
         rule = target if hasattr(target, "resolve") and callable(target.resolve) else None
         if rule is not None:  # a targets.TargetRule, e.g. each_token()
             target = self.resolve_target(rule, tensors)
+            plan = self.prefix_plan(rule, tensors, target) if seed is None and condition is None else None
+            if plan is not None:
+                return rule.combine(self.explain_prefixes(tensors, target, plan, sweep_batch))
         k = self.targets_per_sample(target, seed)
         if condition is not None and k is None:  # one target per sample: the K = 1 path, without the target axis
             return _drop_target_axis(self.explain_targets(tensors, _with_axis(target), _with_axis(seed), 1,
@@ -532,6 +535,69 @@ class CallPath:
             return rule.resolve({s.name: x for s, x in zip(self.spec.inputs, tensors)}, shape)
         except ValueError as e:
             raise DynlrpInputError(str(e)) from None
+
+    def prefix_plan(self, rule: Any, tensors: list[torch.Tensor], target: torch.Tensor) -> tuple | None:
+        """For a causal-LM target rule that allows it (``each_token(prefixes=True)``): ``(symbol, groups)``, the
+        sequence dimension's symbol and groups of target columns, each with the prefix length it is explained on
+        (the last group: the whole sequence), where that is estimated to cost less than the whole sequence for
+        every target; else ``None``. Needs the rule's input to be ``(batch, length)`` with a dynamic length that
+        the explained ``(batch, length, vocab)`` output shares, and the same positions in every sample."""
+        names = [s.name for s in self.spec.inputs]
+        out = self.spec.output_shape
+        if not getattr(rule, "prefixes", False) or getattr(rule, "input", None) not in names or out is None:
+            return None
+        i = names.index(rule.input)
+        shape = self.spec.inputs[i].shape
+        if len(shape) != 2 or not is_symbol(shape[1]) or shape[1] == shape[0] or len(out) != 3 or out[1] != shape[1]:
+            return None
+        vocab = self._expected_shape(out, tensors)[2]
+        if vocab is None or target.ndim != 2 or target.shape[1] < 2:
+            return None
+        pos = target // vocab  # the position of each target (the tokens differ between samples)
+        if not bool((pos == pos[:1]).all()):
+            return None
+        lo = (self.spec.ranges.get(shape[1]) or (None, None))[0]
+        groups = prefix_groups(pos[0].tolist(), int(tensors[i].shape[1]), max(2, lo or 2))
+        return (shape[1], groups) if len(groups) > 1 else None
+
+    def explain_prefixes(self, tensors: list[torch.Tensor], target: torch.Tensor, plan: tuple,
+                         sweep_batch: int | None) -> Explanation:
+        """Explain the ``(B, K)`` targets of a causal LM group by group (:meth:`prefix_plan`), each group on its
+        prefix of the sequence with its relevance padded with zeros, and put the groups back in target order. The
+        last group runs on the whole sequence and gives the output. A group whose prefix logits differ from the
+        whole sequence's (a model that is not causal) and every group after it, or every group when the program
+        also returns captured, conditioned or parameter relevance, is explained on the whole sequence."""
+        symbol, groups = plan
+        seq_dims = {s.name: [d for d, size in enumerate(s.shape) if size == symbol] for s in self.spec.inputs}
+        length = next(int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d in seq_dims[s.name])
+        parts: list[tuple[list[int], Explanation]] = []
+        whole: Explanation | None = None
+        for plen, cols in reversed(groups):  # the whole sequence first: its output checks the prefixes
+            sub = target[:, torch.tensor(cols, device=target.device)]
+            e = None
+            if whole is not None and plen < length:  # (length -1: prefixes ruled out)
+                short = list(tensors)
+                for j, s in enumerate(self.spec.inputs):
+                    for d in seq_dims[s.name]:
+                        short[j] = short[j].narrow(d, 0, plen)
+                e = self.explain_targets(short, sub, None, len(cols), sweep_batch)
+                ref = whole.output.narrow(1, 0, plen)
+                if torch.allclose(e.output, ref, rtol=0, atol=1e-4 * float(ref.abs().max())):
+                    for name, r in e.inputs.items():  # (B, k, *x.shape[1:]): sequence dim d is at d + 1
+                        for d in seq_dims.get(name, ()):
+                            pad = [0, 0] * (r.ndim - d - 2) + [0, length - plen]
+                            r = torch.nn.functional.pad(r, pad)
+                        e.inputs[name] = r
+                else:  # not causal: the prefix's logits are not the sequence's; no other prefix is tried
+                    e, length = None, -1
+            if e is None:  # on the whole sequence
+                e = self.explain_targets(tensors, sub, None, len(cols), sweep_batch)
+            if whole is None:
+                whole = e
+                if e.captured or e.params or e.conditioned:
+                    length = -1  # every group on the whole sequence: those have no zero padding
+            parts.append((cols, e))
+        return _merge_target_groups(whole, parts, target.shape[1])
 
     def targets_per_sample(self, target: Any, seed: Any) -> int | None:
         """``K`` when ``target=`` (shape ``(B, K)``) or ``seed=`` (a target axis after the batch) asks for several
@@ -667,6 +733,56 @@ class CallPath:
             captured=dict(zip(names.capture_names, rest[n_in + n_par : n_in + n_par + n_cap])),
             conditioned=dict(zip(cond_names, rest[n_in + n_par + n_cap :])),
         )
+
+
+def prefix_groups(positions: list[int], length: int, shortest: int = 2, most: int = 8) -> list[tuple[int, list[int]]]:
+    """Target columns grouped by position for :meth:`CallPath.explain_prefixes`: ``[(prefix length, columns)]`` in
+    increasing order, the last group with the whole ``length``. Tries 1 to ``most`` groups of about equal numbers of
+    targets (a position is never split) and keeps the cheapest by ``sum(prefix * (1 + targets))``: one forward pass
+    and one sweep per target, each costing about the same per token (GPT-2 small on a CPU, 128 tokens, batch 2:
+    0.59 s forward, 0.52 s per sweep). ``most`` bounds the prefix lengths a compiled program sees."""
+    order = sorted(range(len(positions)), key=lambda c: positions[c])
+    best: tuple[float, list] | None = None
+    for n in range(1, min(most, len(order)) + 1):
+        groups: list[list[int]] = []
+        for j, c in enumerate(order):
+            # a new group starts after each n-th of the targets, unless it would split a position
+            if not groups or (len(groups) < n and j >= len(groups) * len(order) / n
+                              and positions[c] != positions[groups[-1][-1]]):
+                groups.append([])
+            groups[-1].append(c)
+        plan = [(max(shortest, positions[g[-1]] + 1), g) for g in groups[:-1]] + [(length, groups[-1])]
+        cost = sum(p * (1 + len(g)) for p, g in plan)
+        if best is None or cost < best[0]:
+            best = (cost, plan)
+    return best[1] if best is not None else []
+
+
+def _merge_target_groups(whole: Explanation, parts: list[tuple[list[int], Explanation]], k: int) -> Explanation:
+    """One ``K``-target explanation from explanations of groups of its target columns (``parts``: columns and
+    explanation), in column order; ``whole``'s output."""
+    cols = torch.tensor([c for cs, _ in parts for c in cs])
+    inv = torch.empty(k, dtype=torch.long)
+    inv[cols] = torch.arange(k)
+
+    def rows(get: Callable[[Explanation], torch.Tensor], dim: int = 1) -> torch.Tensor:
+        t = torch.cat([get(e) for _, e in parts], dim)
+        return t.index_select(dim, inv.to(t.device))
+
+    inputs = {n: rows(lambda e, n=n: e.inputs[n]) for n in whole.inputs}
+    first = next((n for n, r in whole.inputs.items() if r is whole.relevance), None)
+    c = [rows(lambda e, f=f: getattr(e.conservation, f)) for f in ("seed", "inputs", "absorbed")]
+    return Explanation(
+        output=whole.output,
+        relevance=inputs.get(first) if first is not None else None,
+        inputs=inputs,
+        absorbed=rows(lambda e: e.absorbed),
+        conservation=Conservation(*c),
+        params={n: rows(lambda e, n=n: e.params[n], 0) for n in whole.params},
+        captured={n: rows(lambda e, n=n: e.captured[n]) for n in whole.captured},
+        targets=None if whole.targets is None else rows(lambda e: e.targets),
+        conditioned={n: rows(lambda e, n=n: e.conditioned[n]) for n in whole.conditioned},
+    )
 
 
 def _with_axis(value: Any) -> Any:

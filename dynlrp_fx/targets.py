@@ -200,14 +200,17 @@ class TargetRule:
 
 
 class _EachToken(TargetRule):
-    def __init__(self, positions: Any, input: str, alternative: Any = None):
+    def __init__(self, positions: Any, input: str, alternative: Any = None, prefixes: bool = True):
         self.positions = positions
         self.input = input
         self.alternative = alternative
+        #: the call path may explain early positions on prefixes of the sequence (see :func:`each_token`)
+        self.prefixes = bool(prefixes)
 
     def __repr__(self) -> str:
         alt = "" if self.alternative is None else f", alternative={self.alternative!r}"
-        return f"dynlrp.targets.each_token(positions={self.positions!r}, input={self.input!r}{alt})"
+        pre = "" if self.prefixes else ", prefixes=False"
+        return f"dynlrp.targets.each_token(positions={self.positions!r}, input={self.input!r}{alt}{pre})"
 
     def combine(self, expl: Any) -> Any:
         """With ``alternative=``: the first K targets' explanation minus the last K's (LRP is linear in the seed),
@@ -262,7 +265,8 @@ class _EachToken(TargetRule):
         return torch.cat([targets, t * vocab + alt[:, t + 1].long()], 1)
 
 
-def each_token(positions: Any = None, *, input: str = "input_ids", alternative: Any = None) -> TargetRule:
+def each_token(positions: Any = None, *, input: str = "input_ids", alternative: Any = None,
+               prefixes: bool = True) -> TargetRule:
     """``target=`` for a causal LM: at each position ``t`` (default: every position but the last), the logit of the
     token the input holds at ``t + 1`` (teacher forcing: pass the prompt and the generated ids). One forward pass and
     one batched relevance sweep explain them all; ``inputs[input]`` of the explanation is the ``(B, K, L)`` matrix
@@ -278,8 +282,18 @@ def each_token(positions: Any = None, *, input: str = "input_ids", alternative: 
     ``alternative=`` (one token id, or ids shaped like the input: the alternative to the token at each position)
     makes it contrastive: each row explains ``logit(token) - logit(alternative)``, computed as 2K targets in the
     same sweep and subtracted (LRP is linear in the seed).
+
+    ``prefixes=True`` (default) exploits the causal mask: nothing after position ``t`` can matter to the logit at
+    ``t``, so where it saves work (many early positions, as in the whole matrix of a generation) the targets are
+    split into groups by position and each group is explained on the prefix of the sequence that ends at its last
+    position, its relevance padded with zeros; the group with the last positions runs on the whole sequence and
+    gives the output. A group's prefix logits must equal the whole sequence's (to ``1e-4`` of their largest
+    magnitude), else the model is not causal and the group is explained on the whole sequence instead. This needs
+    a sequence length the program accepts at any size (the default trace; not a program specialised to one
+    length, nor ``condition=``, ``capture=`` or ``params=``, which are explained on the whole sequence).
+    ``prefixes=False`` always uses the whole sequence.
     """
-    return _EachToken(None if positions is None else list(positions), input, alternative)
+    return _EachToken(None if positions is None else list(positions), input, alternative, prefixes)
 
 
 class Features:

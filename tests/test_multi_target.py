@@ -226,6 +226,67 @@ def test_each_token_rows_equal_single_targets_of_the_same_explainer():
         assert not matrix[:, t, t + 1 :].any()
 
 
+def _lengths_seen(monkeypatch) -> list[int]:
+    """The sequence lengths the call path explains targets on (a spy on our own CallPath)."""
+    from dynlrp_fx.runtime import CallPath
+
+    seen: list[int] = []
+    inner = CallPath.explain_targets
+
+    def spy(self, tensors, *a, **k):
+        seen.append(int(tensors[0].shape[1]))
+        return inner(self, tensors, *a, **k)
+
+    monkeypatch.setattr(CallPath, "explain_targets", spy)
+    return seen
+
+
+def test_each_token_on_prefixes_equals_the_whole_sequence(monkeypatch):
+    """each_token() explains early positions on prefixes of the sequence (causal mask: nothing after t can matter
+    to the logit at t): the same matrix, ledger and targets as on the whole sequence (prefixes=False), plain and
+    contrastive, with the groups on shorter prefixes."""
+    from dynlrp_fx.runtime import prefix_groups
+
+    torch.manual_seed(2)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval().double()  # the library's defaults (use_cache and all)
+    ids = torch.randint(0, 40, (2, 14))
+    ex = dynlrp.compile(model, example_kwargs={"input_ids": ids}, backend="eager")
+    alt = torch.randint(0, 40, (2, 14))
+    groups = prefix_groups(list(range(13)), 14)
+    assert len(groups) > 2 and groups[-1][0] == 14
+    for kw in ({}, {"alternative": alt}):
+        seen = _lengths_seen(monkeypatch)
+        a = ex(input_ids=ids, target=targets.each_token(**kw))
+        assert seen[0] == 14 and min(seen) < 14 and len(seen) > 2  # the whole sequence first, then prefixes
+        b = ex(input_ids=ids, target=targets.each_token(prefixes=False, **kw))
+        assert seen[len(seen) - 1] == 14 and len(seen) == len(set(seen)) + 1  # one more call, on the whole sequence
+        assert a.inputs["input_ids"].shape == (2, 13, 14)
+        torch.testing.assert_close(a.inputs["input_ids"], b.inputs["input_ids"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.output, b.output, rtol=0, atol=0)
+        for f in ("seed", "inputs", "absorbed"):
+            torch.testing.assert_close(getattr(a.conservation, f), getattr(b.conservation, f), rtol=1e-10, atol=1e-12)
+        if not kw:
+            assert torch.equal(a.targets, b.targets)
+        monkeypatch.undo()
+
+
+def test_each_token_on_a_model_that_is_not_causal_uses_the_whole_sequence(monkeypatch):
+    """A masked LM has (B, L, V) logits too, but every position sees the whole sequence: its prefix logits differ,
+    so after the first group's the groups are explained on the whole sequence and the matrix is the prefixes=False
+    one (later tokens do matter here)."""
+    torch.manual_seed(3)
+    model = tiny_bert("BertForMaskedLM", vocab_size=40).double()
+    ids = torch.randint(0, 40, (2, 14))
+    ex = dynlrp.compile(model, example_kwargs={"input_ids": ids}, backend="eager")
+    seen = _lengths_seen(monkeypatch)
+    a = ex(input_ids=ids, target=targets.each_token())
+    assert min(seen) < 14 and seen.count(14) == len(seen) - 1  # one prefix tried, then only the whole sequence
+    b = ex(input_ids=ids, target=targets.each_token(prefixes=False))
+    torch.testing.assert_close(a.inputs["input_ids"], b.inputs["input_ids"], rtol=1e-10, atol=1e-12)
+    assert a.inputs["input_ids"][:, 0, 2:].abs().sum() > 0  # tokens after position 0 carry relevance
+
+
 def test_each_token_needs_next_token_logits():
     model, x = _cnn()
     ex = dynlrp.compile(model, x, rules="epsilon", backend="eager")
