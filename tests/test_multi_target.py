@@ -271,6 +271,7 @@ def test_each_token_on_prefixes_equals_the_whole_sequence(monkeypatch):
         monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_each_token_on_a_model_that_is_not_causal_uses_the_whole_sequence(monkeypatch):
     """A masked LM has (B, L, V) logits too, but every position sees the whole sequence: its prefix logits differ,
     so after the first group's the groups are explained on the whole sequence and the matrix is the prefixes=False

@@ -194,6 +194,7 @@ def _marked(explainer) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # the default run's Zennit comparisons (VGG11, ResNet-18) go through the same fast path
 def test_gamma_before_relu_takes_one_pullback(monkeypatch):
     """A gamma convolution whose output only feeds a ReLU (whose readers give relevance in proportion to it) gets
     no relevance where its output is <= 0, so u^- vanishes: one pullback instead of two, the same relevance as
@@ -231,7 +232,7 @@ class _ReluReaders(nn.Module):
         return torch.cat([y, a.flatten(1)], 1) if self.out_relu else y
 
 
-@pytest.mark.parametrize("case", ["wsquare_reads", "output_reads"])
+@pytest.mark.parametrize("case", ["wsquare_reads", pytest.param("output_reads", marks=pytest.mark.slow)])
 def test_gamma_keeps_both_pullbacks_where_relevance_may_sit_below_zero(case, monkeypatch):
     """Not proved, and so not marked: conv1's ReLU output read by a w^2 rule (relevance regardless of the input's
     value) or seeded directly as a model output (zeros included). In relevance form (the gradient form's R -> G
