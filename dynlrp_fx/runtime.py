@@ -579,7 +579,7 @@ class CallPath:
                 short = list(tensors)
                 for j, s in enumerate(self.spec.inputs):
                     for d in seq_dims[s.name]:
-                        short[j] = short[j].narrow(d, 0, plen)
+                        short[j] = short[j].narrow(d, 0, plen).contiguous()  # strides as a fresh input's
                 e = self.explain_targets(short, sub, None, len(cols), sweep_batch)
                 ref = whole.output.narrow(1, 0, plen)
                 if torch.allclose(e.output, ref, rtol=0, atol=1e-4 * float(ref.abs().max())):

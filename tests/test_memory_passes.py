@@ -298,6 +298,63 @@ def test_broadcast_bmm_becomes_one_matmul():
     torch.testing.assert_close(folded(av, wv), ref, rtol=1e-12, atol=1e-12)
 
 
+class _PackedAttention(nn.Module):
+    """``nn.MultiheadAttention`` (one packed ``(3E, E)`` input projection) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x, detach_query_key: bool = False):
+        qk = x.detach() if detach_query_key else x
+        y, _ = self.mha(qk, qk if not detach_query_key else x.detach(), x, need_weights=False)
+        return self.fc(y.mean(1))
+
+
+def test_packed_projection_pulls_back_only_the_value_block():
+    """CP-LRP sends no relevance through query and key, so the packed input projection's cotangent is zero outside
+    the value's columns: its pullback multiplies those 16 columns, not all 48, and the relevance is still LXT's
+    CP-LRP (LRP-0 with query and key detached), i.e. gradient x input of the model with query and key detached."""
+    torch.manual_seed(0)
+    model = _PackedAttention().double().eval()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    ex = dynlrp.compile(model, (x[:2],), rules="cp_lrp", backend="eager")
+    mms = [[tuple(a.meta["val"].shape) for a in n.args] for n in ex.graph().graph.nodes if n.target is aten.mm.default]
+    assert not any(w == (48, 16) for _, w in mms)  # no pullback through the whole packed weight
+    assert any(w == (16, 48) for _, w in mms) and sum(w == (16, 16) for _, w in mms) >= 2  # forward; value block
+    xr = x.clone().requires_grad_(True)
+    y = model(xr, detach_query_key=True)
+    (g,) = torch.autograd.grad(y[torch.arange(3), 1].sum(), xr)
+    torch.testing.assert_close(ex(x, target=1).relevance, xr.detach() * g, rtol=1e-9, atol=1e-12)
+
+
+def test_split_projection_pulls_back_only_the_value_block(monkeypatch):
+    """GPT-2's ``c_attn`` is split into query, key and value; under CP-LRP the split's pullback is a ``cat`` of
+    zeros and the value's cotangent, and the projection's pullback multiplies only the value's columns: the same
+    relevance (float64) as the program without the pass, which multiplies all of them."""
+    import transformers
+
+    from dynlrp_fx.passes import PIPELINE
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval().double()
+    ids = torch.randint(0, 40, (2, 7))
+
+    def run():
+        ex = dynlrp.compile(model, example_kwargs={"input_ids": ids}, rules="cp_lrp", backend="eager", cache=False)
+        ws = [tuple(n.args[1].meta["val"].shape) for n in ex.graph().graph.nodes if n.target is aten.mm.default]
+        return ex(input_ids=ids, target=5).inputs["input_ids"], ws
+
+    r, ws = run()
+    assert (48, 16) not in ws and ws.count((16, 16)) >= 2  # per layer: the value block, not the packed weight
+    monkeypatch.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "narrow_block_matmuls"))
+    r_all, ws_all = run()
+    assert ws_all.count((48, 16)) == 2
+    torch.testing.assert_close(r, r_all, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.slow  # ~30 s (two BERT compiles): in CI's slow step (test-slow-ci)
 def test_recompute_rematerialises_layer_norm(monkeypatch):
     """Under ``recompute`` a LayerNorm output (a linear layer's input, the LayerNorm rule's ``y``) is recomputed

@@ -57,7 +57,6 @@ def nonnegative_nodes(gm: torch.fx.GraphModule) -> set:
     return nonneg
 
 
-
 _aten = torch.ops.aten
 #: elementwise ops with ``f(v) = 0`` wherever ``v <= 0`` (and ``f(0) = 0``)
 _RELU = frozenset({_aten.relu.default})
