@@ -535,6 +535,7 @@ def _qwen3_moe():
     return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
 
+@pytest.mark.slow  # ~20 s: in CI's slow step (test-slow-ci)
 def test_qwen3_moe_gradient_preset_equals_autograd():
     """Qwen3-MoE from its default config (sizes shrunk): the experts' custom op is traced through, and the
     ``gradient`` preset equals autograd's gradient x input with respect to the input embeddings."""

@@ -399,10 +399,9 @@ def _cnn_inputs():
     return pooled_cnn(), (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)),), {}
 
 
-# the BERT cases take ~20 s each: one runs by default, the others in CI's slow step (`make test-slow-ci`)
+# the BERT cases take ~20-26 s each: they run in CI's slow step (`make test-slow-ci`), the CNN ones by default
 _RETRACE_CASES = [
-    pytest.param(build, rules, policy, id=f"{bid}-{rules}-{policy}",
-                 marks=[pytest.mark.slow] if bid == "bert" and (rules, policy) != ("epsilon", "recompute") else [])
+    pytest.param(build, rules, policy, id=f"{bid}-{rules}-{policy}", marks=[pytest.mark.slow] if bid == "bert" else [])
     for bid, build in (("bert", _tiny_bert_inputs), ("cnn", _cnn_inputs))
     for rules in ("epsilon", "attnlrp", "epsilon_gamma_box", "by_path")
     for policy in ("recompute", "keep")

@@ -52,7 +52,8 @@ from dynlrp_fx import zoo
 from tests.helpers import GRADIENT_TOL, gradient_oracle_errors
 
 TOL = GRADIENT_TOL  #: ``2**13 * eps`` of float32, see the module doc
-DEFAULT = {"gpt2", "roberta", "siglip2", "wav2vec2", "vit_b_16"}
+#: (siglip2, the -inf attention-mask regression guard, ~32 s, runs in CI's slow step with the rest)
+DEFAULT = {"gpt2", "roberta", "wav2vec2", "vit_b_16"}
 #: entries the oracle cannot check today (strict xfail). siglip2 was one until ``GradientTimesInput`` stopped
 #: multiplying the -inf of an additive attention mask by its zero gradient (NaN on every valid patch of a padded image)
 KNOWN_MISMATCHES = {
