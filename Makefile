@@ -32,7 +32,8 @@ test-slow-ci: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -p no:xdist tests/test_export.py tests/test_dataset.py tests/test_demo.py \
 		tests/test_zennit.py tests/test_attnlrp.py tests/test_rules.py tests/test_composite.py \
 		tests/test_zoo_gradient.py tests/test_op_sweep.py tests/test_masks.py tests/test_hf_defaults.py tests/test_multi_target.py tests/test_concepts.py tests/test_compile.py \
-		tests/test_gradient_form.py tests/test_memory_passes.py tests/test_pipeline.py --durations=10
+		tests/test_gradient_form.py tests/test_memory_passes.py tests/test_pipeline.py tests/test_outputs.py \
+		tests/test_targets.py --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

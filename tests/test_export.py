@@ -119,7 +119,8 @@ def test_cnn_fresh_process_matches_explainer(cnn, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "modes", [("target",), pytest.param(("target", "seed"), marks=pytest.mark.slow)], ids=["target", "target+seed"]
+    "modes", [pytest.param(m, marks=pytest.mark.slow) for m in (("target",), ("target", "seed"))],
+    ids=["target", "target+seed"],  # ~22-32 s each: in CI's slow step (test-slow-ci)
 )
 def test_bert_fresh_process_dynamic_batch_and_seq(tmp_path, modes):
     """input_ids + attention_mask keywords; batch and sequence length dynamic (the default for token inputs). The

@@ -329,6 +329,7 @@ def test_packed_projection_pulls_back_only_the_value_block():
     torch.testing.assert_close(ex(x, target=1).relevance, xr.detach() * g, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # ~20 s (two GPT-2 compiles): in CI's slow step; the MHA test covers the pass by default
 def test_split_projection_pulls_back_only_the_value_block(monkeypatch):
     """GPT-2's ``c_attn`` is split into query, key and value; under CP-LRP the split's pullback is a ``cat`` of
     zeros and the value's cotangent, and the projection's pullback multiplies only the value's columns: the same

@@ -206,6 +206,7 @@ def test_two_outputs_export_and_load(two_heads, tmp_path):
             torch.testing.assert_close(got.conservation.seed, live.conservation.seed, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # ~28 s: in CI's slow step (test-slow-ci)
 def test_question_answering_start_and_end_in_one_run():
     """DynamicLRP's SQuAD setting: start and end logits of a BERT QA head seeded together, each at its argmax."""
     torch.manual_seed(0)

@@ -41,6 +41,7 @@ def test_sequence_logit_with_a_label_equals_that_target():
     assert "sequence_logit(label=2" in repr(targets.sequence_logit(label=2))
 
 
+@pytest.mark.slow  # ~24 s: in CI's slow step (test-slow-ci)
 def test_next_token_on_gpt2_equals_a_seed_at_the_last_position():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
