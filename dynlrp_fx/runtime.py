@@ -572,10 +572,11 @@ class CallPath:
         length = next(int(x.shape[d]) for x, s in zip(tensors, self.spec.inputs) for d in seq_dims[s.name])
         parts: list[tuple[list[int], Explanation]] = []
         whole: Explanation | None = None
+        prefixes = True  # ruled out by a non-causal model or by relevance the padding does not cover
         for plen, cols in reversed(groups):  # the whole sequence first: its output checks the prefixes
             sub = target[:, torch.tensor(cols, device=target.device)]
             e = None
-            if whole is not None and plen < length:  # (length -1: prefixes ruled out)
+            if whole is not None and prefixes and plen < length:
                 short = list(tensors)
                 for j, s in enumerate(self.spec.inputs):
                     for d in seq_dims[s.name]:
@@ -589,13 +590,13 @@ class CallPath:
                             r = torch.nn.functional.pad(r, pad)
                         e.inputs[name] = r
                 else:  # not causal: the prefix's logits are not the sequence's; no other prefix is tried
-                    e, length = None, -1
+                    e, prefixes = None, False
             if e is None:  # on the whole sequence
                 e = self.explain_targets(tensors, sub, None, len(cols), sweep_batch)
             if whole is None:
                 whole = e
-                if e.captured or e.params or e.conditioned:
-                    length = -1  # every group on the whole sequence: those have no zero padding
+                # every group on the whole sequence: captured/param/conditioned relevance has no zero padding
+                prefixes = not (e.captured or e.params or e.conditioned)
             parts.append((cols, e))
         return _merge_target_groups(whole, parts, target.shape[1])
 
