@@ -198,6 +198,52 @@ def test_ledger_records_bias_and_epsilon_shares():
         torch.testing.assert_close(a.absorbed, b.absorbed, rtol=1e-9, atol=1e-12)
 
 
+class _PostNorm(nn.Module):
+    """A residual stream of post-LayerNorm blocks, ``x = LN(x + gelu(W x))`` (BERT's layout), then a GroupNorm'd
+    1-d convolution and a linear head: every norm with a bias."""
+
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.conv = nn.Conv1d(width, width, 1)
+        self.gn = nn.GroupNorm(2, width)
+        self.head = nn.Linear(width, 3)
+        with torch.no_grad():
+            for m in [*self.norms, self.gn]:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):  # (B, T, width)
+        for fc, norm in zip(self.fcs, self.norms):
+            x = norm(x + torch.nn.functional.gelu(fc(x)))
+        x = self.gn(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("rules", ["attnlrp", "epsilon"])
+def test_norm_ledger_is_read_from_the_output_side(rules):
+    """AttnLRP's LayerNorm / GroupNorm rule in gradient form records what it absorbs (the bias's share ``b * u``,
+    and ``eps * t * y`` with a stabiliser) from the output side: per sample equal to what the relevance form
+    measures (``sum R_y - sum R_x``). Without a stabiliser the program then reads only the norms' ``rstd``, which is
+    held: no LayerNorm or GroupNorm is recomputed (before, the ledger read each norm's input and output, and along
+    the residual stream each recomputation recomputed the norms before it)."""
+    torch.manual_seed(0)
+    model = _PostNorm().to(D).eval()
+    x = torch.randn(3, 5, 16, dtype=D)
+    ex, ref = _pair(model, (x,), rules=rules)
+    a, b = ex(x), ref(x)
+    _close(a.relevance, b.relevance)
+    assert float(b.absorbed.abs().min()) > 1e-6  # the norms' biases absorb something in every sample
+    torch.testing.assert_close(a.absorbed, b.absorbed, rtol=1e-9, atol=1e-12)
+    assert float(a.conservation.error.max()) < 1e-10
+    if rules == "attnlrp":
+        nodes = ex.graph("target").graph.nodes
+        norms = [n for n in nodes if n.op == "call_function"
+                 and n.target in (torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_group_norm.default)]
+        assert len(norms) == 4, [n.name for n in norms]
+
+
 def test_model_untouched_and_params_keep_relevance_form():
     """``params=`` needs relevance at each parameter's op, so that program keeps the relevance form; its results
     equal the relevance-form reference."""

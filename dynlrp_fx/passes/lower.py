@@ -252,6 +252,7 @@ class _Lowering:
         self.g = fx.Graph()
         self.root = torch.nn.Module()
         self.env: dict[fx.Node, Any] = {}
+        self.by_name = {n.name: n for n in gm.graph.nodes}
         self.traces = traces
         self.sizes: dict[Any, fx.Node] = {}  # size expression -> the first node computing it
         self.items: dict[tuple[fx.Node, int], fx.Node] = {}  # (multi-output node, index) -> its getitem node
@@ -288,7 +289,10 @@ class _Lowering:
         new = self.g.call_function(n.target, args, kwargs)
         new.meta = _meta(val, n.meta)
         if "dynlrp_recomputed_from" in n.meta:  # the multi-target split keeps rematerialised values with relevance
-            new.meta["dynlrp_recomputed_from"] = n.meta["dynlrp_recomputed_from"]
+            # the original's name in the new graph (hold_small_outputs reads it; nodes may be renamed here)
+            orig = self.env.get(self.by_name.get(n.meta["dynlrp_recomputed_from"]))
+            new.meta["dynlrp_recomputed_from"] = (orig.name if isinstance(orig, fx.Node)
+                                                  else n.meta["dynlrp_recomputed_from"])
         if isinstance(val, torch.SymInt):
             self.sizes[val.node.expr] = new
         if n.target is operator.getitem and isinstance(args[0], fx.Node) and isinstance(args[1], int):

@@ -208,9 +208,12 @@ def _per_sample(t: torch.Tensor, bdim: Any, B) -> torch.Tensor:
     if bdim is None:
         return (t.sum() / B).expand(B).clone()  # a tensor of its own (ledger sums may be updated in place)
     d, outer = bdim if isinstance(bdim, tuple) else (bdim, 1)
-    t = t.movedim(d, 0)
     if outer == 1:
-        return t.reshape(B, -1).sum(1)
+        # the other dims summed first, where the value lies (a reshape of the whole value to (B, -1) would copy a
+        # permuted one: attention's q/k/v are (B, heads, T, d) views of (B, T, E)); the batch dim may hold B*T rows
+        dims = [i for i in range(t.ndim) if i != d]
+        return (t.sum(dims) if dims else t).reshape(B, -1).sum(1)
+    t = t.movedim(d, 0)
     return t.reshape(outer, B, -1).sum((0, 2))
 
 
@@ -235,11 +238,6 @@ class LedgerOp:
             t = _per_sample(_ledger_term(r), d, B).to(ref.dtype)
             total = -t if total is None else total - t
         return torch.zeros_like(ref) if total is None else total
-
-
-def _epsilon_form(rule: Any) -> bool:
-    """Whether ``rule`` runs :class:`Epsilon`'s own gradient form (LRP-0 included)."""
-    return isinstance(rule, Epsilon) and type(rule).gradient is Epsilon.gradient
 
 
 def _is_float(v: Any) -> bool:
@@ -813,8 +811,8 @@ class _Pairing:
         r_arg, g_arg = (self.incoming(store.pop(n, None), n) for store in (R, self.G))
         extra = self.extra(n)
         slot_nodes = dict(tensor_slots(n))
-        # the epsilon rule in gradient form on one output: its ledger entry is read from the output side (see
-        # Epsilon.gradient_and_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
+        # the epsilon rule (and AttnLRP's LayerNorm rule) in gradient form on one output: its ledger entry is read
+        # from the output side (see Rule.absorbed_form, Epsilon.gradient_and_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
         # (not for float16/bfloat16 outputs: the identity needs z == f(x) to float32 precision, and a half-precision
         # z is rounded, so those ops measure both sides)
         # (and not when relevance arrived as well: converting it to G drops it where z == 0, e.g. exp(0) = 1 at
@@ -822,8 +820,8 @@ class _Pairing:
         # (a multi-output op counts when one output carries relevance: batch norm's normalised output)
         live = [i for i, g in enumerate(g_arg) if g is not None] if isinstance(g_arg, tuple) else None
         out_val = _val(n) if live is None else (_val(n)[live[0]] if len(live) == 1 else None)
-        analytic = (use_g and r_arg is None and _epsilon_form(ann.rule) and isinstance(out_val, torch.Tensor)
-                    and out_val.dtype not in _LOW)
+        analytic = (use_g and r_arg is None and ann.rule.absorbed_form(n.target)
+                    and isinstance(out_val, torch.Tensor) and out_val.dtype not in _LOW)
         spec = facts(n.target)
         bias = spec.bias
         # a float operand that receives no relevance adds a constant, unless it multiplies the data (a convolution's

@@ -241,6 +241,7 @@ PIPELINE = Pipeline(
         Pass("pair", pair.pair, "synthesis"),
         Pass("resolve_promises", resolve_promises.resolve_promises, "synthesis"),
         Pass("lower", lower.lower, "synthesis"),
+        Pass("hold_small_outputs", resolve_promises.hold_small_outputs, "synthesis"),
         Pass("unify_batch", unify_batch.unify_batch, "synthesis"),
         Pass("transpose_convolution_pullbacks", transpose_convolution_pullbacks.transpose_convolution_pullbacks,
              "synthesis"),

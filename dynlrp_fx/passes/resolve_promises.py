@@ -39,13 +39,14 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
 
 from ..rules.table import recompute_cost
 from .nodes import is_cheap, tensor_inputs
 from .pair import promise
 
-__all__ = ["resolve_promises", "count_promises", "POLICIES", "DEFAULT_POLICY"]
+__all__ = ["resolve_promises", "hold_small_outputs", "count_promises", "POLICIES", "DEFAULT_POLICY"]
 
 if TYPE_CHECKING:
     from .pipeline import CompileContext
@@ -55,7 +56,36 @@ _MAX_DEPTH = 4  # cheap intermediates (not promised) a recomputation may pass th
 # ops one private recomputation may run (views count 0, a LayerNorm 4: rules.table's recompute_cost); bounds the
 # chains along residual streams of cheap ops, so long streams are held every few layers instead
 _MAX_COST = 32
+_SMALL = 8  # a promised value this many times smaller than its op's largest input is held, never recomputed
 DEFAULT_POLICY = "recompute"
+
+
+def _numel_hint(v: fx.Node) -> int | None:
+    """Elements of ``v``'s value at the example sizes (``None``: not a tensor, or a size without a hint)."""
+    val = v.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    n = 1
+    for size in val.shape:
+        if isinstance(size, torch.SymInt):
+            hint = getattr(size.node, "hint", None)
+            if hint is None:
+                return None
+            size = hint
+        n *= int(size)
+    return n
+
+
+def _small(v: fx.Node) -> bool:
+    """Whether ``v`` is at most ``1 / _SMALL`` the size of the largest tensor its op reads (a LayerNorm's
+    ``rstd``, a reduction): recomputing it would re-read (and, along a residual stream, recompute) a value
+    ``_SMALL`` times its size to save its own few bytes, so it is held instead."""
+    src = v.args[0] if v.target is operator.getitem else v
+    if not isinstance(src, fx.Node) or src.op != "call_function":
+        return False
+    own = _numel_hint(v)
+    read = [_numel_hint(u) for u in tensor_inputs(src)]
+    return own is not None and any(r is not None and own * _SMALL <= r for r in read)
 
 
 def count_promises(gm: fx.GraphModule) -> int:
@@ -114,6 +144,8 @@ def resolve_promises(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             return size[v]
 
         for v in sorted(promised, key=order.__getitem__):  # topological: inputs are decided first
+            if _small(v):
+                continue  # a LayerNorm's rstd, a reduction: holding it costs less than re-reading its input
             if recomputable(v):
                 recompute.add(v)
                 if cost(v) > _MAX_COST:  # a long chain (a residual stream of cheap ops): keep this one
@@ -145,3 +177,43 @@ def resolve_promises(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         g.erase_node(p)
     gm.recompile()
     return gm
+
+
+def hold_small_outputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Read small outputs of recomputed multi-output ops from the forward op instead (after ``lower``).
+
+    ``resolve_promises`` decides per promised *node*, before the rules are lowered, so a LayerNorm whose rule reads
+    only its ``rstd`` (AttnLRP's, in gradient form) is promised whole and recomputed: from its input, which along a
+    residual stream is itself recomputed from the LayerNorm before it (up to the chain bound), every layer. Once
+    the rules are ATen ops the outputs read are known; an output that is small (at most ``1 / _SMALL`` of the
+    largest tensor its op reads: ``rstd`` and ``mean`` of a LayerNorm are one value per row) is then taken from
+    the forward op, where holding it costs a few bytes, and the recomputation, now unread, is left to
+    ``eliminate_dead_code``. Returns ``gm``."""
+    del ctx
+    g = gm.graph
+    nodes = list(g.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    by_name = {n.name: n for n in nodes}
+    changed = False
+    for c in nodes:
+        v = by_name.get(c.meta.get("dynlrp_recomputed_from", ""))
+        if v is None or v is c or "dynlrp_recomputed_from" in v.meta or not isinstance(
+                c.meta.get("val"), (tuple, list)):
+            continue
+        for u in list(c.users):
+            if not (u.target is operator.getitem and isinstance(u.args[1], int) and _small(u)):
+                continue
+            i = u.args[1]
+            fwd = next((w for w in v.users if w.op == "call_function" and w.target is operator.getitem
+                        and w.args[1] == i and order.get(w, len(order)) < order[c]), None)
+            if fwd is None:
+                with g.inserting_after(v):
+                    fwd = g.call_function(operator.getitem, (v, i))
+                fwd.meta = dict(u.meta)
+            u.replace_all_uses_with(fwd)
+            g.erase_node(u)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+

@@ -259,6 +259,19 @@ class Rule:
         ReLUs is then exactly the gradient (``docs/design.md``, section 6, "Gradient form")."""
         raise NotImplementedError
 
+    def absorbed_form(self, op: Any) -> bool:
+        """Whether :meth:`gradient_and_absorbed` computes what an application of ``op`` absorbs from the output side
+        (``G`` and the op's constants), so that the conservation ledger needs neither the operands nor ``R_out``
+        there: the ledger then costs a reduction the sweep reads anyway instead of keeping (or recomputing) the
+        op's input and output. ``False`` (the default): ``pair`` measures ``sum R_out - sum R_in``."""
+        del op
+        return False
+
+    def gradient_and_absorbed(self, ctx: RuleContext) -> tuple[list, torch.Tensor]:
+        """:meth:`gradient` and what the application absorbed, per output element or, with
+        ``ctx.meta["batch_dim"]``, summed over every other dim (see :meth:`absorbed_form`)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"

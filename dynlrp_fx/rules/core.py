@@ -6,6 +6,7 @@ Each docstring gives the formula. ``x_k`` are the data operands, ``z`` the outpu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -94,6 +95,11 @@ class Epsilon(Rule):
         LRP-0's safe division sends nothing back and this form sends ``J^T G``; the relevance there is
         ``z * G = 0`` either way, so both forms agree except in how an exact cancellation inside ``z`` is split."""
         return self._pullback(ctx, [scaled(g, z, self.epsilon) for g, z in zip(ctx.relevances, ctx.outputs)])
+
+    def absorbed_form(self, op: Any) -> bool:
+        # this class's own gradient form only: a subclass that changes it (gamma's modified weights) is measured
+        del op
+        return type(self).gradient is Epsilon.gradient
 
     def gradient_and_absorbed(self, ctx: RuleContext) -> tuple[list, torch.Tensor]:
         """:meth:`gradient` of a single-output application, and what it absorbed: ``G * z - s * (z - c)`` with
@@ -568,35 +574,75 @@ class NormEpsilon(Rule):
         standard deviation held constant (LXT's), for ``eps = 0``."""
         return self._propagate(ctx, True)
 
+    def absorbed_form(self, op: Any) -> bool:
+        return op._opname in ("native_layer_norm", "native_group_norm")
+
+    def gradient_and_absorbed(self, ctx: RuleContext) -> tuple[list, torch.Tensor]:
+        r""":meth:`gradient` and what it absorbed, from the output side: with ``u = G * y / stab(y)``,
+        ``sum R_x = sum x * (s - mean(s)) = sum (x - mean(x)) * s = sum (y - b) * u`` (the mean of ``s - mean(s)``
+        is zero, and ``(x - mean) * rstd * w = y - b``), so ``sum R_y - sum R_x = sum (G - u) * y + sum b * u``:
+        ``eps * t * y`` with ``t = G / (|y| + eps)``, plus the bias's share, as :meth:`Epsilon.gradient_and_absorbed`.
+        The ledger then needs neither ``x`` nor (for ``eps = 0``) ``y``: along a residual stream of LayerNorms
+        neither has to be kept or recomputed for it."""
+        g = ctx.relevances[0]
+        y = ctx.out[0].to(g.dtype)
+        u, t = scaled_parts(g, y, self.epsilon)
+        keep = ctx.meta.get("batch_dim")
+        parts = []
+        if t is not None:
+            parts.append(_dot(t, y, keep, self.epsilon))
+        b = self._bias(ctx, y.ndim) if ctx.meta.get("additive", True) else None
+        if b is not None:
+            parts.append(_dot(u, b.to(u.dtype), keep))
+        if not parts:
+            parts.append(torch.zeros_like(u) if keep is None else u.new_zeros((u.shape[keep],)))
+        absorbed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        res: list = [None] * len(ctx.slots)
+        res[0] = self._pullback(ctx, u)
+        return res, absorbed
+
+    @staticmethod
+    def _bias(ctx: RuleContext, ndim: int) -> torch.Tensor | None:
+        """The op's bias, shaped to broadcast against its output (GroupNorm's is per channel, dim 1)."""
+        if ctx.op._opname == "native_layer_norm":
+            return ctx.args[3] if len(ctx.args) > 3 else None
+        b = ctx.args[2]
+        return None if b is None else b.reshape((-1,) + (1,) * (ndim - 2))
+
     def _propagate(self, ctx: RuleContext, grad: bool):
         """:meth:`relevance` (``grad=False``: ``R_x = x * (s - mean(s))``) or :meth:`gradient` (``grad=True``)."""
-        opname = ctx.op._opname
         r = ctx.relevances[0]
-        x = ctx.value((0,)).to(r.dtype)
-        y, rstd = ctx.out[0].to(r.dtype), ctx.out[2].to(r.dtype)
+        y = ctx.out[0].to(r.dtype)
         u = scaled(r, y, self.epsilon) if grad else safe_divide(r, y, self.epsilon)
+        g = self._pullback(ctx, u)
         res: list = [None] * len(ctx.slots)
-        if opname == "native_layer_norm":
+        res[0] = g if grad else ctx.value((0,)).to(r.dtype) * g
+        return res
+
+    @staticmethod
+    def _pullback(ctx: RuleContext, u: torch.Tensor) -> torch.Tensor:
+        """``s - mean(s)`` with ``s = w * rstd * u``, the mean over the normalised elements: the pullback of
+        ``w * (x - mean(x)) * rstd + b`` with ``rstd`` held constant."""
+        x = ctx.value((0,))
+        rstd = ctx.out[2].to(u.dtype)
+        if ctx.op._opname == "native_layer_norm":
             # native_layer_norm(x, normalized_shape, weight, bias, eps) -> (y, mean, rstd)
             k = len(ctx.args[1])
             w = ctx.args[2] if len(ctx.args) > 2 else None
             if w is not None:
-                u = u * w.to(r.dtype)
+                u = u * w.to(u.dtype)
             if rstd.ndim != x.ndim:  # the stats keep the normalised dims as size-1 dims
                 rstd = rstd.reshape(tuple(x.shape[: x.ndim - k]) + (1,) * k)
             s = u * rstd
             dims = tuple(range(x.ndim - k, x.ndim))
-            g = s - s.mean(dims, keepdim=True)
-        else:
-            # native_group_norm(x, weight, bias, N, C, HxW, group, eps) -> (y, mean, rstd), stats (N, group)
-            w = ctx.args[1]
-            if w is not None:
-                u = u * w.to(r.dtype).reshape((-1,) + (1,) * (x.ndim - 2))
-            n, gr = rstd.shape[0], rstd.shape[1]
-            s = u.reshape(n, gr, -1) * rstd.reshape(n, gr, 1)
-            g = (s - s.mean(-1, keepdim=True)).reshape(x.shape)
-        res[0] = g if grad else x * g
-        return res
+            return s - s.mean(dims, keepdim=True)
+        # native_group_norm(x, weight, bias, N, C, HxW, group, eps) -> (y, mean, rstd), stats (N, group)
+        w = ctx.args[1]
+        if w is not None:
+            u = u * w.to(u.dtype).reshape((-1,) + (1,) * (x.ndim - 2))
+        n, gr = rstd.shape[0], rstd.shape[1]
+        s = u.reshape(n, gr, -1) * rstd.reshape(n, gr, 1)
+        return (s - s.mean(-1, keepdim=True)).reshape(x.shape)
 
 
 class NormalizerIdentity(Rule):
