@@ -76,3 +76,19 @@ def test_unknown_policy_is_rejected():
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
     with pytest.raises(ValueError, match="unknown promise policy 'minimal'"):
         run_pass("resolve_promises", gm, promise_policy="minimal")
+
+
+def test_one_recomputation_per_batch_norm_output():
+    """Under ``epsilon`` a batch norm's output is read by its own rule (the op's tuple: ``|y|`` of the stabiliser)
+    and by the ReLU's after it (one output of the tuple): both read one recomputation, so the program runs each
+    batch norm twice (forward and once for the relevance), not three times; relevance as with ``keep``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ex = dynlrp.compile(model, (x,), rules="epsilon", backend="eager")
+    norms = [n for n in ex.graph("target").graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+    assert len(norms) == 4, [n.name for n in norms]
+    kept = dynlrp.compile(model, (x,), rules="epsilon", backend="eager", promise_policy="keep")
+    torch.testing.assert_close(ex(x, target=1).relevance, kept(x, target=1).relevance, rtol=1e-12, atol=1e-14)

@@ -162,7 +162,10 @@ def resolve_promises(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             return v
         if share and v in copies:
             return copies[v]
-        inputs = {u: materialize(u, before, False) for u in tensor_inputs(v)}
+        # one output of a multi-output op shares the op's copy (a batch norm whose output a ReLU's rule reads
+        # and whose tuple its own rule reads: one recomputation, not a private one and a shared one)
+        tup = share and v.target is operator.getitem
+        inputs = {u: materialize(u, before, tup) for u in tensor_inputs(v)}
         with g.inserting_before(before):
             c = g.node_copy(v, lambda a: inputs.get(a, a))
         c.meta = dict(v.meta)

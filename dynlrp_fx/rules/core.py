@@ -459,8 +459,10 @@ class AttnLRPAttention(Rule):
         # a query whose every key is masked (a padded row: left padding under a causal mask, a sample with no
         # tokens) has softmax 0/0 = NaN; SDPA outputs 0 there (torch's safe softmax), and so does this rule, so
         # such rows pass no relevance and the NaN never reaches the relevance of kept rows
-        dead = torch.isneginf(s).all(-1, keepdim=True)
-        p = torch.where(dead, 0.0, torch.softmax(s, -1))
+        # (no mask and no causal mask: every score is finite, and the check is three passes over the scores saved)
+        p = torch.softmax(s, -1)
+        if mask is not None or is_causal:
+            p = torch.where(torch.isneginf(s).all(-1, keepdim=True), 0.0, p)
         # the op's own output is p @ v (0 in dead rows too): read it rather than multiply again
         o = ctx.outputs[0].to(dt) if not ctx.multi else out_fn(p, v)
         R = ctx.relevances[0].to(dt)
