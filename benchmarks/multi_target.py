@@ -51,9 +51,10 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def worker(name: str, k: int, reps: int, what: str) -> dict[str, Any]:
+def worker(name: str, k: int, reps: int, what: str, rules: str | None = None, lxt: bool = False) -> dict[str, Any]:
     """One measurement in this process: ``what`` is ``"one"`` (K targets in one call), ``"single"`` (one target
-    per call, ours and autograd)."""
+    per call, ours and autograd; with ``lxt``, also LXT's one forward + K backward passes, and its relevance
+    against our one call's)."""
     import torch
 
     import dynlrp_fx as dynlrp
@@ -65,7 +66,7 @@ def worker(name: str, k: int, reps: int, what: str) -> dict[str, Any]:
         p.requires_grad_(False)
     args, kwargs = bm.make_inputs(2)
     t0 = time.perf_counter()
-    ex = dynlrp.compile(bm.model, args, example_kwargs=kwargs)
+    ex = dynlrp.compile(bm.model, args, example_kwargs=kwargs, **({"rules": rules} if rules else {}))
     compile_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(k)
     with torch.no_grad():
@@ -120,19 +121,35 @@ def worker(name: str, k: int, reps: int, what: str) -> dict[str, Any]:
         out["ours_single_s"] = _median_time(lambda: ex(*args, target=flat[:, 0], **kwargs), reps)
         out["autograd_single_s"] = _median_time(lambda: _autograd(bm, args, kwargs, flat[:, :1]), reps)
         out["autograd_retain_s"] = _median_time(lambda: _autograd(bm, args, kwargs, flat), max(1, reps - 1))
+        if lxt and bm.kind == "transformer":
+            from benchmarks.peers import _lxt_model
+
+            patched = _lxt_model(bm)
+            out["lxt_retain_s"] = _median_time(lambda: _autograd(bm, args, kwargs, flat, patched), max(1, reps - 1))
+            theirs = torch.stack(_autograd(bm, args, kwargs, flat, patched), 1).double()  # (2, K, L)
+            ours = ex(*args, target=target, **kwargs).inputs["input_ids"].double()
+            out["lxt_rel_diff"] = float((theirs - ours).norm() / ours.norm().clamp_min(1e-30))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def _autograd(bm, args: tuple, kwargs: dict, flat):
+def _autograd(bm, args: tuple, kwargs: dict, flat, lxt: tuple | None = None):
     """Gradient x input for each column of ``flat`` (flat indices into each sample's output): one forward pass,
-    one ``autograd.grad`` per target."""
+    one ``autograd.grad`` per target. ``lxt``: ``(model, module, patch_map)`` of ``benchmarks.peers._lxt_model``,
+    LXT's efficient AttnLRP (its patches applied around the forward pass only)."""
     import torch
 
     if bm.kind == "transformer":
         emb, fwd = bm.embed(args, kwargs)
         x = emb.detach().requires_grad_(True)
-        y = fwd(x)
+        if lxt is None:
+            y = fwd(x)
+        else:
+            from benchmarks.peers import _lxt_patched
+
+            kw = {k: v for k, v in kwargs.items() if k != "input_ids"}
+            with _lxt_patched(lxt[1], lxt[2]):
+                y = lxt[0](inputs_embeds=x, **kw).logits
     else:
         x = args[0].detach().requires_grad_(True)
         y = bm.model(x)
@@ -143,6 +160,22 @@ def _autograd(bm, args: tuple, kwargs: dict, flat):
         r = g * x
         rel.append(r.sum(-1) if bm.kind == "transformer" else r)
     return rel
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "-"
+
+
+def _lxt_cells(r: dict) -> str:
+    if r["lxt_k_backward_s"] is None:
+        return " - | - | - |"
+    diff = "-" if r["lxt_rel_diff"] is None else f"{r['lxt_rel_diff']:.1e}"
+    return f" {r['lxt_k_backward_s']:.2f} | **{r['lxt_k_backward_s'] / r['one_call_s']:.2f}** | {diff} |"
 
 
 def matrix(name: str, batch: int, reps: int) -> dict[str, Any]:
@@ -186,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--md", default=str(RESULTS / "multi_target.md"))
     ap.add_argument("--json", default=str(RESULTS / "multi_target.json"))
+    ap.add_argument("--rules", default=None, help="rules preset (default: compile's default, epsilon)")
+    ap.add_argument("--lxt", action="store_true",
+                    help="also LXT's one forward + K backward passes on the text models (run in the venv of "
+                         "benchmarks/lxt_env.sh; use --rules attnlrp, LXT's rule, for the relevance cross-check)")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--matrix", action="store_true",
                     help="instead: each_token() over all 127 positions of GPT-2 small (--models, batch 1), with the "
@@ -200,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['whole_s']:.2f} | **{r['ratio']:.2f}** | {r['max_rel_diff']:.1e} | {r['groups']} |")
         return
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.worker[0], int(a.worker[1]), a.reps, a.worker[2])), flush=True)
+        print("RESULT " + json.dumps(worker(a.worker[0], int(a.worker[1]), a.reps, a.worker[2], a.rules, a.lxt)),
+              flush=True)
         return
     import torch
 
@@ -211,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.models.split(","):
         res = {}
         for k, what in [(ks[0], "single"), *((k, "one") for k in ks)]:
-            cmd = [sys.executable, "-m", "benchmarks.multi_target", "--reps", str(a.reps), "--worker", name, str(k), what]
+            cmd = [sys.executable, "-m", "benchmarks.multi_target", "--reps", str(a.reps), "--worker", name, str(k), what,
+                   *(["--rules", a.rules] if a.rules else []), *(["--lxt"] if a.lxt else [])]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -229,26 +268,33 @@ def main(argv: list[str] | None = None) -> None:
                 "targets_per_sweep": one["targets_per_sweep"], "batched": one["batched"],
                 "peak_rss_one_mb": one["peak_rss_mb"], "peak_rss_single_mb": single["peak_rss_mb"],
                 "max_ledger_error": one["max_ledger_error"],
+                "lxt_k_backward_s": single["lxt_retain_s"] * k / ks[0] if "lxt_retain_s" in single else None,
+                "lxt_rel_diff": single.get("lxt_rel_diff") if k == ks[0] else None,
             })
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "batch": 2}
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "batch": 2,
+            "rules": a.rules or "epsilon (default)", "transformers": _version("transformers"), "lxt": _version("lxt")}
+    with_lxt = any(r["lxt_k_backward_s"] is not None for r in rows)
     Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# K targets per sample in one call (CPU)",
         "",
-        f"{meta['date']}, torch {meta['torch']}, {meta['threads']} threads, batch 2, eager backend, default epsilon "
-        "rules, models as their libraries build them (random weights). `python -m benchmarks.multi_target`.",
+        f"{meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads, "
+        f"batch 2, eager backend, rules: {meta['rules']}, models as their libraries build them (random weights). "
+        f"`python -m benchmarks.multi_target {' '.join(argv if argv is not None else sys.argv[1:])}`.",
         "ResNet-50 224x224: K classes per image; GPT-2 small, 128 tokens: `each_token` over the last K positions.",
         "",
         "| model | K | ours, one call (s) | ours, K calls (s) | one / K calls | autograd gxi, 1 fwd + K bwd (s) | "
-        "autograd gxi, K calls (s) | targets per sweep | peak RSS one call / single (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "autograd gxi, K calls (s) | targets per sweep | peak RSS one call / single (MB) |"
+        + (" LXT, 1 fwd + K bwd (s) | LXT / ours one call | rel diff LXT vs ours |" if with_lxt else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_lxt else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['k']} | {r['one_call_s']:.2f} | {r['k_calls_s']:.2f} | **{r['ratio']:.2f}** | "
             f"{r['autograd_k_backward_s']:.2f} | {r['autograd_k_calls_s']:.2f} | {r['targets_per_sweep']}"
             f"{'' if r['batched'] else ' (one at a time)'} | {r['peak_rss_one_mb']:.0f} / {r['peak_rss_single_mb']:.0f} |"
+            + (_lxt_cells(r) if with_lxt else "")
         )
     lines += ["", "Target: one / K calls <= 0.5 on CPU. "
               + ", ".join(f"{r['model']} K={r['k']}: {'met' if r['ratio'] <= 0.5 else 'NOT met'} ({r['ratio']:.2f})"
