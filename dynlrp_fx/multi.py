@@ -224,8 +224,9 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
     model_set = {r for r in model_outs if isinstance(r, fx.Node)}
     rel_side = {n for n in nodes if n.op == "call_function" and n not in fwd}
     for n in reversed(nodes):
+        # (not an output of a multi-output op: the op's tuple would become the cut; a LayerNorm's rstd is cut)
         if (n in fwd and n.op == "call_function" and n not in model_set and n.users and is_cheap(n)
-                and all(u in rel_side for u in n.users)):
+                and n.target is not operator.getitem and all(u in rel_side for u in n.users)):
             fwd.discard(n)
             rel_side.add(n)
     rel = [n for n in nodes if n in rel_side]

@@ -130,8 +130,7 @@ class Epsilon(Rule):
                 parts.append(_reduce(torch.where(s == 0, 0.0, s * c), keep))
         if not parts:  # nothing absorbed (pair asks only where something may be): zeros of the entry's shape
             parts.append(torch.zeros_like(s) if keep is None else s.new_zeros((s.shape[keep],)))
-        absorbed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        return self._pullback(ctx, [s]), absorbed
+        return self._pullback(ctx, [s]), _sum_parts(parts, s.ndim)
 
     def _pullback(self, ctx: RuleContext, s: list) -> list:
         grads = ctx.vjp(ctx.slots, s)
@@ -160,10 +159,27 @@ def _static(size) -> int | None:
     return size if type(size) is int else None
 
 
+def _sum_parts(parts: list, ndim: int) -> torch.Tensor:
+    """The sum of a ledger entry's parts; a part :func:`_dot` summed per row (one dim fewer than the relevance,
+    ``ndim``) sums the others over their last dim as well."""
+    if len(parts) > 1 and any(p.ndim == ndim - 1 for p in parts):
+        parts = [p.sum(-1) if p.ndim == ndim else p for p in parts]
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
 def _dot(s: torch.Tensor, c: torch.Tensor, keep: int | None, scale: float = 1.0) -> torch.Tensor:
     """``scale * s * c`` (``c`` broadcasts against ``s``) summed as :func:`_reduce` does; ``s`` is first reduced over
-    the dims ``c`` broadcasts along (a bias is per channel), so no product of ``s``'s size is made for it."""
+    the dims ``c`` broadcasts along (a bias is per channel), so no product of ``s``'s size is made for it. Without
+    ``keep``, a bias along the last dim is summed per row (``s @ c``) rather than multiplied out."""
     if keep is None:
+        if (c.ndim == 1 and s.ndim >= 2 and scale == 1.0 and s.dtype == c.dtype and _static(c.shape[0]) is not None
+                and _static(s.shape[-1]) == c.shape[0]):
+            # a bias along the last dim of (rows, features): one matrix-vector product sums each row, instead
+            # of a product of s's size and a sum (the ledger only reads sums; it finds the batch in the rows)
+            return torch.matmul(s, c)
         return s * c * scale if scale != 1.0 else s * c
     c = c.reshape((1,) * (s.ndim - c.ndim) + tuple(c.shape))
     # only static sizes of 1 are read (a symbolic size compared with 1 would specialise it)
@@ -446,23 +462,28 @@ class AttnLRPAttention(Rule):
         scores, pb_scores = torch.func.vjp(scores_fn, q, k)
         L, S = scores.size(-2), scores.size(-1)
         s = scores
+        # where scores are masked, as a boolean of the masks' own (broadcastable) shape when every mask is
+        # boolean: the scores of finite q and k are finite, so the masks say it without passes over (B, H, L, S)
+        off = None
         if is_causal:
-            cm = _attn_mask_bool(L, S, q.device, True)
-            s = s.masked_fill(~cm, float("-inf"))
+            off = ~_attn_mask_bool(L, S, q.device, True)
+            s = s.masked_fill(off, float("-inf"))
         float_mask = None
         if mask is not None:
             if mask.dtype == torch.bool:
                 s = s.masked_fill(~mask, float("-inf"))
+                off = ~mask if off is None else off | ~mask
             else:
                 float_mask = mask.to(dt)
                 s = s + float_mask
         # a query whose every key is masked (a padded row: left padding under a causal mask, a sample with no
         # tokens) has softmax 0/0 = NaN; SDPA outputs 0 there (torch's safe softmax), and so does this rule, so
-        # such rows pass no relevance and the NaN never reaches the relevance of kept rows
-        # (no mask and no causal mask: every score is finite, and the check is three passes over the scores saved)
+        # such rows pass no relevance and the NaN never reaches the relevance of kept rows (no mask: nothing to do)
         p = torch.softmax(s, -1)
-        if mask is not None or is_causal:
+        if float_mask is not None:
             p = torch.where(torch.isneginf(s).all(-1, keepdim=True), 0.0, p)
+        elif off is not None:
+            p = torch.where(off.all(-1, keepdim=True), 0.0, p)
         # the op's own output is p @ v (0 in dead rows too): read it rather than multiply again
         o = ctx.outputs[0].to(dt) if not ctx.multi else out_fn(p, v)
         R = ctx.relevances[0].to(dt)
@@ -487,14 +508,14 @@ class AttnLRPAttention(Rule):
             result["value"] = times(v, gv)
             rp = p * gp
             term = rp - p * rp.sum(-1, keepdim=True)  # the softmax's gradient form: R_s = s * term
-            masked = _masked_scores(s, mask.dtype if float_mask is not None else dt)
+            masked = _masked_scores(s, mask.dtype) if float_mask is not None else off
             if grad:
-                rs = torch.where(masked, 0.0, term)
+                rs = term if masked is None else torch.where(masked, 0.0, term)
                 if float_mask is not None:
                     rs = scaled(rs, scores + float_mask, eps)
                 sq = scaled(rs, scores, eps)
             else:
-                rs = torch.where(masked | (term == 0), 0.0, s * term)
+                rs = s * term if masked is None else torch.where(masked | (term == 0), 0.0, s * term)
                 if float_mask is not None:
                     rs = scores * safe_divide(rs, scores + float_mask, eps)
                     rs = torch.where(torch.isfinite(rs), rs, 0.0)
@@ -598,10 +619,9 @@ class NormEpsilon(Rule):
             parts.append(_dot(u, b.to(u.dtype), keep))
         if not parts:
             parts.append(torch.zeros_like(u) if keep is None else u.new_zeros((u.shape[keep],)))
-        absorbed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         res: list = [None] * len(ctx.slots)
         res[0] = self._pullback(ctx, u)
-        return res, absorbed
+        return res, _sum_parts(parts, u.ndim)
 
     @staticmethod
     def _bias(ctx: RuleContext, ndim: int) -> torch.Tensor | None:
