@@ -812,7 +812,8 @@ class _Pairing:
         extra = self.extra(n)
         slot_nodes = dict(tensor_slots(n))
         # the epsilon rule (and AttnLRP's LayerNorm rule) in gradient form on one output: its ledger entry is read
-        # from the output side (see Rule.absorbed_form, Epsilon.gradient_and_absorbed); LRP-0 at an op without additive constants absorbs nothing and gets none
+        # from the output side (see Rule.absorbed_form, Epsilon.gradient_and_absorbed); LRP-0 at an op without
+        # additive constants absorbs nothing and gets none
         # (not for float16/bfloat16 outputs: the identity needs z == f(x) to float32 precision, and a half-precision
         # z is rounded, so those ops measure both sides)
         # (and not when relevance arrived as well: converting it to G drops it where z == 0, e.g. exp(0) = 1 at

@@ -111,26 +111,9 @@ class Epsilon(Rule):
         g = ctx.relevances[0]
         z = ctx.outputs[0].to(g.dtype)
         s, t = scaled_parts(g, z, self.epsilon)
-        keep = ctx.meta.get("batch_dim")
-        eps = self.epsilon
-        parts = []
-        if eps != 0:
-            # (G - s) * z = eps * t * z with t = G / (|z| + eps): at ops with finite outputs; elsewhere written
-            # eps * sign(z) * s, finite also at z = -inf (a masked score, where G = 0)
-            parts.append(_dot(t, z, keep, eps) if _finite_op(ctx.op) else _reduce(s * torch.sign(z) * eps, keep))
         c = additive_constant(ctx) if ctx.meta.get("additive", True) else None
-        if c is not None:
-            c = c.to(s.dtype)
-            if _finite_op(ctx.op):  # a bias or a batch norm's shift: finite
-                parts.append(_dot(s, c, keep))
-            else:
-                # an additive constant of an affine op may be a mask of -inf: no share where nothing arrives
-                # (s = 0), instead of 0 * inf = NaN (decided by the op, not by comparing sizes, which would
-                # specialise them)
-                parts.append(_reduce(torch.where(s == 0, 0.0, s * c), keep))
-        if not parts:  # nothing absorbed (pair asks only where something may be): zeros of the entry's shape
-            parts.append(torch.zeros_like(s) if keep is None else s.new_zeros((s.shape[keep],)))
-        return self._pullback(ctx, [s]), _sum_parts(parts, s.ndim)
+        absorbed = _absorbed(s, t, z, c, ctx.meta.get("batch_dim"), self.epsilon, _finite_op(ctx.op))
+        return self._pullback(ctx, [s]), absorbed
 
     def _pullback(self, ctx: RuleContext, s: list) -> list:
         grads = ctx.vjp(ctx.slots, s)
@@ -159,11 +142,25 @@ def _static(size) -> int | None:
     return size if type(size) is int else None
 
 
-def _sum_parts(parts: list, ndim: int) -> torch.Tensor:
-    """The sum of a ledger entry's parts; a part :func:`_dot` summed per row (one dim fewer than the relevance,
-    ``ndim``) sums the others over their last dim as well."""
-    if len(parts) > 1 and any(p.ndim == ndim - 1 for p in parts):
-        parts = [p.sum(-1) if p.ndim == ndim else p for p in parts]
+def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch.Tensor | None, keep: int | None,
+              eps: float, finite: bool = True) -> torch.Tensor:
+    """What a linear map in gradient form absorbed (:meth:`Epsilon.gradient_and_absorbed`): ``eps * t * z`` (the
+    stabiliser's share, ``t = G / (|z| + eps)``; ``t`` is ``None`` without one) plus ``s * c`` (the additive
+    constant's; ``c`` may be ``None``), per output element or summed as :func:`_dot` sums (``keep``; a part summed
+    per row makes the others sum their last dim too). ``finite = False``: the op's output or constant may hold
+    ``-inf`` (a masked score), so the stabiliser's share is written ``eps * sign(z) * s`` and the constant's share is
+    0 where nothing arrives (``s = 0``) rather than ``0 * inf = NaN`` (decided by the op, not by comparing sizes,
+    which would specialise them). Zeros of the entry's shape when there is no part."""
+    parts = []
+    if t is not None:
+        parts.append(_dot(t, z, keep, eps) if finite else _reduce(s * torch.sign(z) * eps, keep))
+    if c is not None:
+        c = c.to(s.dtype)
+        parts.append(_dot(s, c, keep) if finite else _reduce(torch.where(s == 0, 0.0, s * c), keep))
+    if not parts:  # nothing absorbed (pair asks only where something may be)
+        return torch.zeros_like(s) if keep is None else s.new_zeros((s.shape[keep],))
+    if any(p.ndim == s.ndim - 1 for p in parts):
+        parts = [p.sum(-1) if p.ndim == s.ndim else p for p in parts]
     total = parts[0]
     for p in parts[1:]:
         total = total + p
@@ -610,18 +607,10 @@ class NormEpsilon(Rule):
         g = ctx.relevances[0]
         y = ctx.out[0].to(g.dtype)
         u, t = scaled_parts(g, y, self.epsilon)
-        keep = ctx.meta.get("batch_dim")
-        parts = []
-        if t is not None:
-            parts.append(_dot(t, y, keep, self.epsilon))
         b = self._bias(ctx, y.ndim) if ctx.meta.get("additive", True) else None
-        if b is not None:
-            parts.append(_dot(u, b.to(u.dtype), keep))
-        if not parts:
-            parts.append(torch.zeros_like(u) if keep is None else u.new_zeros((u.shape[keep],)))
         res: list = [None] * len(ctx.slots)
         res[0] = self._pullback(ctx, u)
-        return res, _sum_parts(parts, u.ndim)
+        return res, _absorbed(u, t, y, b, ctx.meta.get("batch_dim"), self.epsilon)
 
     @staticmethod
     def _bias(ctx: RuleContext, ndim: int) -> torch.Tensor | None:
