@@ -6,7 +6,10 @@ GroupNorm only the division by the standard deviation as identity, the mean subt
 :class:`~dynlrp_fx.rules.NormEpsilon`, as AttnLRP's implementation LXT and Ali et al. 2022; the native op and a
 decomposed ``xc * rsqrt(mean(xc * xc) + eps)`` with ``xc = x - mean(x)`` give the same relevance).
 
-``epsilon``: LRP-epsilon (eps=1e-6, Zennit's default) on linear ops, identity through activations.
+``epsilon``: LRP-epsilon (eps=1e-6, Zennit's default) on linear ops, identity through activations; an eval-mode
+batch norm right after a convolution or ``nn.Linear`` counts as one linear map with it, as if folded (Zennit's
+``SequentialMergeBatchNorm``): one stabiliser at the batch norm's output, LRP-0 at the producer, weights untouched
+(the ``merge_batchnorm`` canonizer; the same relevance as folding, without a per-call weight product).
 ``lrp0``: the same with eps = 0 (equals gradient x input on piecewise-linear networks).
 
 Zennit's composites, same names and defaults (``zennit.composites``): convolutions get the named rule, ``nn.Linear``
@@ -69,8 +72,10 @@ IMAGENET_HIGH = tuple((1.0 - m) / s for m, s in zip(_IMAGENET_MEAN, _IMAGENET_ST
 
 
 def epsilon(eps: float = 1e-6) -> Composite:
-    """LRP-epsilon everywhere linear (AttnLRP for attention); see module doc."""
-    return Composite(default_class_rules(eps), name=f"epsilon(eps={eps:g})" if eps != 1e-6 else "epsilon")
+    """LRP-epsilon everywhere linear (AttnLRP for attention), a batch norm merged with the convolution or linear op
+    before it (one stabiliser at the merged output, as Zennit's canonizers do); see module doc."""
+    return Composite(default_class_rules(eps), name=f"epsilon(eps={eps:g})" if eps != 1e-6 else "epsilon",
+                     canonizers=("merge_batchnorm",))
 
 
 def lrp0() -> Composite:

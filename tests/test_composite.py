@@ -100,6 +100,8 @@ def test_presets_by_name(name):
     assert isinstance(comp, Composite) and comp.name == name
     zennit_like = name.startswith("epsilon_")
     assert ("fold_batchnorm" in comp.canonizers) == zennit_like
+    # attnlrp is epsilon(0) (nothing to merge at eps = 0; its epsilon variant merges as epsilon does)
+    assert ("merge_batchnorm" in comp.canonizers) == (name in ("epsilon", "attnlrp"))
     if zennit_like:
         assert comp.by_module_type[nn.Linear] == Epsilon(1e-6)
         assert comp.by_module_type[nn.BatchNorm2d] == Pass()

@@ -14,6 +14,7 @@ from dynlrp_fx.explainer import Explainer
 from dynlrp_fx.passes.memory import peak_live_bytes
 from dynlrp_fx.passes.reuse_buffers import inplace_variant, out_variant
 from dynlrp_fx.program import Analysis
+from dynlrp_fx.rules.composite import Composite, default_class_rules
 from tests.helpers import call_args, grad_x_input, pooled_cnn, run_pass, tiny_bert
 
 aten = torch.ops.aten
@@ -225,23 +226,27 @@ def test_eager_program_reuses_buffers_and_equals_the_functional_graph(which):
         assert torch.equal(v, state[k]), k
 
 
-def _policy_run(model, args, kwargs, policy, counted):
+def _policy_run(model, args, kwargs, policy, counted, rules=None):
     """``(ops counted, peak_live_bytes, relevance)`` of the eager explainer of ``model`` under a promise policy;
     ``counted(node)`` picks the ops to count in its lowered program."""
-    ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager", promise_policy=policy)
+    ex = dynlrp.compile(model, args, example_kwargs=kwargs, backend="eager", promise_policy=policy, rules=rules)
     peak, _ = peak_live_bytes(ex.graph(), *call_args(ex, args, kwargs))
     return sum(map(counted, ex.graph().graph.nodes)), peak, ex(*args, **kwargs).relevance
 
 
 def test_recompute_rematerialises_batch_norm():
     """Under ``recompute`` an inference batch norm is recomputed from the convolution output that the relevance
-    half holds anyway (one activation fewer per conv-bn layer), with the same relevance as ``keep``."""
+    half holds anyway (one activation fewer per conv-bn layer), with the same relevance as ``keep``. The
+    convolution's own rule reads that output here: epsilon without ``merge_batchnorm`` (the ``epsilon`` preset
+    gives the convolution LRP-0, which reads nothing, and then holds the batch norm's output instead:
+    ``tests/test_memory_policy.py``)."""
     torch.manual_seed(0)
     layers = [m for c in (3, 8, 8) for m in (nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 16 * 16, 5)).eval()
     x = torch.randn(4, 3, 16, 16)
+    unmerged = Composite(default_class_rules(1e-6))
     res = {
-        policy: _policy_run(model, (x,), {}, policy, lambda n: "batch_norm" in str(n.target))
+        policy: _policy_run(model, (x,), {}, policy, lambda n: "batch_norm" in str(n.target), rules=unmerged)
         for policy in ("keep", "recompute")
     }
     assert res["recompute"][0] >= res["keep"][0] + 3  # each forward batch norm recomputed

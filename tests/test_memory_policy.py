@@ -78,17 +78,43 @@ def test_unknown_policy_is_rejected():
         run_pass("resolve_promises", gm, promise_policy="minimal")
 
 
-def test_one_recomputation_per_batch_norm_output():
+class _ConvBN(nn.Module):
+    """conv -> BN -> ReLU twice; ``skip``: the second convolution's output is also added after its ReLU, so it is
+    read by more than its batch norm."""
+
+    def __init__(self, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        z = self.c2(h)
+        h = torch.relu(self.b2(z))
+        if self.skip:
+            h = h + z
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["bn_input_read_once", "bn_input_read_twice"])
+def test_batch_norm_output_held_or_recomputed_once(skip):
     """Under ``epsilon`` a batch norm's output is read by its own rule (the op's tuple: ``|y|`` of the stabiliser)
-    and by the ReLU's after it (one output of the tuple): both read one recomputation, so the program runs each
-    batch norm twice (forward and once for the relevance), not three times; relevance as with ``keep``."""
+    and by the ReLU's after it. Where the batch norm's input serves nothing else once the pullback is a per-channel
+    scale, the output is held instead of the input (``hold_outputs_not_inputs``, the same bytes): the program runs
+    each batch norm once, in the forward pass (twice before). Where the input is read elsewhere (``skip``: the
+    second convolution's output is added to the ReLU's), the first batch norm's output is still held and the second's
+    is recomputed: inside the recomputation of the sum (a private copy) and once for both its own rule and the
+    ReLU's (not a copy each). Relevance as with ``keep``."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval().double()
+    model = _ConvBN(skip).eval().double()
+    for bn in (model.b1, model.b2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     ex = dynlrp.compile(model, (x,), rules="epsilon", backend="eager")
     norms = [n for n in ex.graph("target").graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
-    assert len(norms) == 4, [n.name for n in norms]
+    assert len(norms) == (4 if skip else 2), [n.name for n in norms]
     kept = dynlrp.compile(model, (x,), rules="epsilon", backend="eager", promise_policy="keep")
     torch.testing.assert_close(ex(x, target=1).relevance, kept(x, target=1).relevance, rtol=1e-12, atol=1e-14)

@@ -24,6 +24,8 @@ from zennit.torchvision import ResNetCanonizer
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx import presets
+from dynlrp_fx.rules import Epsilon
+from dynlrp_fx.rules.composite import Composite, default_class_rules
 
 LOW, HIGH = -3.0, 3.0
 
@@ -137,6 +139,37 @@ def test_fold_batchnorm_keeps_forward_and_follows_live_parameters():
     plain = dynlrp.compile(model, x, rules=presets.epsilon_plus_flat(canonize=False), backend="eager")
     ops = [str(n.target) for n in plain.analysed_graph.graph.nodes if n.op == "call_function"]
     assert sum("batch_norm" in op for op in ops) == 2
+
+
+@pytest.mark.parametrize("arch", ["conv_bn", "resnet18"])
+def test_epsilon_merges_batch_norm_as_folding_does(arch):
+    """The ``epsilon`` preset's ``merge_batchnorm``: LRP-0 at a convolution or linear op and its epsilon rule at the
+    batch norm after it equals epsilon on the folded layer (``fold_batchnorm``, whose folding Zennit's canonizers
+    match: the tests above), float64, without folding weights: the forward pass is the model's own ops, bit for bit.
+    Epsilon at both ops (no merging) differs."""
+    torch.manual_seed(0)
+    if arch == "resnet18":
+        model = torchvision.models.resnet18(num_classes=10).eval().double()
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    else:
+        model = _ConvBN().eval().double()
+        model.conv.bias = nn.Parameter(torch.randn(4, dtype=torch.float64))  # a producer bias is merged too
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _randomize_bn(model)
+    eps = 0.05  # large enough that one stabiliser more or less shows
+    target = torch.tensor([1, 3])
+    merged = dynlrp.compile(model, x, rules=presets.epsilon(eps), backend="eager")
+    folded = dynlrp.compile(model, x, rules=Composite(default_class_rules(eps), canonizers=("fold_batchnorm",)),
+                            backend="eager")
+    unmerged = dynlrp.compile(model, x, rules=Composite(default_class_rules(eps)), backend="eager")
+    rm, rf, ru = (e(x, target=target).relevance for e in (merged, folded, unmerged))
+    scale = rf.abs().max().item()
+    assert (rm - rf).abs().max().item() <= 1e-10 * scale
+    assert (ru - rf).abs().max().item() > 1e-4 * scale
+    with torch.no_grad():
+        assert torch.equal(merged(x, target=target).output, model(x))
+    rules = {r["rule"] for r in merged.rule_table() if r["rule_class"] == "linear"}
+    assert repr(Epsilon(0.0)) in rules and repr(Epsilon(eps)) in rules
 
 
 def _conv_ops(explainer) -> int:

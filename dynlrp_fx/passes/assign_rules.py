@@ -13,6 +13,7 @@ from ..errors import DynlrpInputError, DynlrpUnsupportedOpError
 from ..rules.composite import NodeInfo
 from ..rules.table import classify, lookup
 from . import nonnegative
+from .fold_batchnorm import merge_batchnorm_rules
 from .nodes import tensor_slots
 
 __all__ = ["assign_rules"]
@@ -100,6 +101,8 @@ def assign_rules(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.Grap
         ann.extra["nonneg_slots"] = tuple(s for s in ann.slots if slot_nodes.get(s) in nonneg)
         info = NodeInfo(node.name, node.target, ann.rule_class, ann.module_path, _module_types(root, node), ann.first_layer)
         ann.rule = composite.rule_for(info, used)
+    if "merge_batchnorm" in getattr(composite, "canonizers", ()):
+        merge_batchnorm_rules(gm, ctx)  # after every rule is known: it rewrites the rules of conv/BN pairs
     for node in nonnegative.relevance_only_where_positive(gm):
         node.meta["dynlrp"].extra["relevance_where_positive"] = True
     ctx.uncovered = uncovered

@@ -24,7 +24,7 @@ import torch.fx as fx
 if TYPE_CHECKING:
     from .pipeline import CompileContext
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "foldable_pair", "merge_batchnorm_rules", "model_input_names"]
 
 aten = torch.ops.aten
 _BN = aten._native_batch_norm_legit_no_training.default
@@ -43,6 +43,58 @@ def _depends_on(node: fx.Node, inputs: set[str], memo: dict) -> bool:
     return res
 
 
+def model_input_names(graph: fx.Graph, ctx: CompileContext) -> set[str]:
+    """Placeholder names of the model's inputs: those of ``ctx.traced.user_inputs``, or without a trace every
+    placeholder whose name does not start with ``p_``/``b_``/``c_`` (the export naming of parameters, buffers and
+    constants)."""
+    if ctx.traced is not None:
+        return {u.placeholder for u in ctx.traced.user_inputs}
+    return {n.name for n in graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_"))}
+
+
+def foldable_pair(bn: fx.Node, user_inputs: set[str], memo: dict) -> tuple | None:
+    """``(producer, x, w, b, w_dim)`` when ``bn`` is an eval-mode batch norm that :func:`fold_batchnorm` folds into
+    its producer, else ``None``: the producer is a convolution (not grouped transposed) or ``nn.Linear``'s
+    ``addmm`` / ``mm`` used by the batch norm alone, the batch norm is read through ``getitem(., 0)`` alone, the
+    weight and bias do not depend on a model input (``user_inputs``: placeholder names; ``memo`` caches that
+    search), and the batch norm's parameters come before the producer (the fold is inserted before it).
+    ``w_dim`` is the weight's output-feature dim."""
+    if bn.op != "call_function" or bn.target is not _BN:
+        return None
+    prod = bn.args[0]
+    if not isinstance(prod, fx.Node) or prod.op != "call_function" or len(prod.users) != 1:
+        return None
+    users = list(bn.users)
+    if not users or any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
+        return None
+    if prod.target in _CONV:
+        x, w, b = prod.args[0], prod.args[1], prod.args[2]
+        transposed, groups = bool(prod.args[6]), int(prod.args[8])
+        if transposed and groups != 1:
+            return None
+        w_dim = 1 if transposed else 0
+    elif prod.target in _LINEAR:
+        if prod.target is aten.addmm.default:
+            b, x, w = prod.args[0], prod.args[1], prod.args[2]
+            if prod.kwargs.get("beta", 1) != 1 or prod.kwargs.get("alpha", 1) != 1:
+                return None
+        else:
+            b, (x, w) = None, prod.args[:2]
+        w_dim = 1  # (in, out) operand: output features along dim 1
+        if b is not None and getattr(b.meta.get("val"), "ndim", 0) != 1:
+            return None
+    else:
+        return None
+    if not isinstance(w, fx.Node) or _depends_on(w, user_inputs, memo) or w.meta.get("val") is None:
+        return None
+    if isinstance(b, fx.Node) and _depends_on(b, user_inputs, memo):
+        return None
+    order = {n: i for i, n in enumerate(prod.graph.nodes)}
+    if any(isinstance(a, fx.Node) and order[a] > order[prod] for a in bn.args[1:5]):
+        return None  # statistics computed after the producer: cannot insert the fold before it
+    return prod, x, w, b, w_dim
+
+
 def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Fold every foldable eval-mode batch norm into its producer (see module doc); returns ``gm``.
 
@@ -52,51 +104,19 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    user_inputs = {u.placeholder for u in ctx.traced.user_inputs} if ctx.traced is not None else None
-    if user_inputs is None:
-        user_inputs = {n.name for n in placeholders if not n.name.startswith(("p_", "b_", "c_"))}
+    user_inputs = model_input_names(graph, ctx)
     fake_mode = torch._guards.detect_fake_mode([n.meta["val"] for n in placeholders if "val" in n.meta])
     memo: dict = {}
     changed = False
     for bn in list(graph.nodes):
-        if bn.op != "call_function" or bn.target is not _BN:
+        pair = foldable_pair(bn, user_inputs, memo)
+        if pair is None:
             continue
-        prod = bn.args[0]
-        if not isinstance(prod, fx.Node) or prod.op != "call_function" or len(prod.users) != 1:
-            continue
+        prod, x, w, b, w_dim = pair
         users = list(bn.users)
-        if not users or any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
-            continue
-        if prod.target in _CONV:
-            x, w, b = prod.args[0], prod.args[1], prod.args[2]
-            transposed, groups = bool(prod.args[6]), int(prod.args[8])
-            if transposed and groups != 1:
-                continue
-            w_dim = 1 if transposed else 0
-        elif prod.target in _LINEAR:
-            if prod.target is aten.addmm.default:
-                b, x, w = prod.args[0], prod.args[1], prod.args[2]
-                if prod.kwargs.get("beta", 1) != 1 or prod.kwargs.get("alpha", 1) != 1:
-                    continue
-            else:
-                b, (x, w) = None, prod.args[:2]
-            w_dim = 1  # (in, out) operand: output features along dim 1
-            if b is not None and getattr(b.meta.get("val"), "ndim", 0) != 1:
-                continue
-        else:
-            continue
-        if not isinstance(w, fx.Node) or _depends_on(w, user_inputs, memo):
-            continue
-        if isinstance(b, fx.Node) and _depends_on(b, user_inputs, memo):
-            continue
         bn_w, bn_b, mean, var = bn.args[1:5]
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        if any(isinstance(a, fx.Node) and order[a] > order[prod] for a in (bn_w, bn_b, mean, var)):
-            continue  # statistics computed after the producer: cannot insert the fold before it
         eps = float(bn.args[6])
-        wval = w.meta.get("val")
-        if wval is None:
-            continue
+        wval = w.meta["val"]
 
         def emit(target, *args, _meta=prod.meta):
             node = graph.call_function(target, tuple(args))
@@ -136,3 +156,35 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         graph.lint()
         gm.recompile()
     return gm
+
+
+def merge_batchnorm_rules(gm: fx.GraphModule, ctx: CompileContext) -> int:
+    """The ``merge_batchnorm`` canonizer (run by ``assign_rules`` once every node has its rule); returns how many
+    pairs it merged.
+
+    Folding a batch norm into its producer (:func:`fold_batchnorm`) gives the epsilon rule one stabiliser, at the
+    merged output ``y = s * (W x + b - mean) + beta``. Without touching the weights the same relevance comes from
+    LRP-0 at the producer and the producer's epsilon rule at the batch norm: the batch norm sends ``s * R /
+    stab(y)`` per channel to ``z = W x + b``, and LRP-0 there gives ``x * W^T (R_z / z) = x * W^T (s * R /
+    stab(y))``, the merged layer's relevance; the producer's bias and the shift are absorbed at their own ops, in
+    the same total. So for every pair that :func:`fold_batchnorm` would fold and where both ops have the plain
+    :class:`~dynlrp_fx.rules.Epsilon` rule, the batch norm takes the producer's rule and the producer gets
+    ``Epsilon(0)``: one stabiliser per pair instead of two, and no per-call weight product (a rule that modifies
+    weights, gamma or z+, needs the folded weights: ``fold_batchnorm``)."""
+    from ..rules.core import Epsilon
+
+    user_inputs = model_input_names(gm.graph, ctx)
+    memo: dict = {}
+    merged = 0
+    for bn in gm.graph.nodes:
+        pair = foldable_pair(bn, user_inputs, memo)
+        if pair is None:
+            continue
+        p_ann, b_ann = pair[0].meta.get("dynlrp"), bn.meta.get("dynlrp")
+        if p_ann is None or b_ann is None or type(p_ann.rule) is not Epsilon or type(b_ann.rule) is not Epsilon:
+            continue
+        if p_ann.rule.epsilon == 0 and b_ann.rule.epsilon == 0:
+            continue  # LRP-0 on both: nothing to merge
+        b_ann.rule, p_ann.rule = p_ann.rule, Epsilon(0.0)
+        merged += 1
+    return merged

@@ -251,6 +251,7 @@ PIPELINE = Pipeline(
         Pass("eliminate_common_subexpressions", eliminate_common_subexpressions.eliminate_common_subexpressions,
              "synthesis"),
         Pass("eliminate_dead_code", eliminate_dead_code.eliminate_dead_code, "synthesis"),
+        Pass("hold_outputs_not_inputs", resolve_promises.hold_outputs_not_inputs, "synthesis"),
         Pass("sink_cheap_ops", sink_cheap_ops.sink_cheap_ops, "synthesis"),
         Pass("reuse_buffers", reuse_buffers.reuse_buffers, "backend", _eager, 'backend="eager" only, on a copy'),
     ]

@@ -46,7 +46,7 @@ from ..rules.table import recompute_cost
 from .nodes import is_cheap, tensor_inputs
 from .pair import promise
 
-__all__ = ["resolve_promises", "hold_small_outputs", "count_promises", "POLICIES", "DEFAULT_POLICY"]
+__all__ = ["resolve_promises", "hold_small_outputs", "hold_outputs_not_inputs", "count_promises", "POLICIES", "DEFAULT_POLICY"]
 
 if TYPE_CHECKING:
     from .pipeline import CompileContext
@@ -60,9 +60,8 @@ _SMALL = 8  # a promised value this many times smaller than its op's largest inp
 DEFAULT_POLICY = "recompute"
 
 
-def _numel_hint(v: fx.Node) -> int | None:
-    """Elements of ``v``'s value at the example sizes (``None``: not a tensor, or a size without a hint)."""
-    val = v.meta.get("val")
+def _numel_of(val) -> int | None:
+    """Elements of a tensor value at the example sizes (``None``: not a tensor, or a size without a hint)."""
     if not isinstance(val, torch.Tensor):
         return None
     n = 1
@@ -74,6 +73,19 @@ def _numel_hint(v: fx.Node) -> int | None:
             size = hint
         n *= int(size)
     return n
+
+
+def _numel_hint(v: fx.Node) -> int | None:
+    """Elements of ``v``'s value at the example sizes (``None``: not a tensor, or a size without a hint)."""
+    return _numel_of(v.meta.get("val"))
+
+
+def _bytes_of(val) -> int | None:
+    """Bytes of a tensor value at the example sizes (``None``: unknown; ``0`` for no value)."""
+    if val is None:
+        return 0
+    n = _numel_of(val)
+    return None if n is None else n * val.element_size()
 
 
 def _small(v: fx.Node) -> bool:
@@ -217,6 +229,71 @@ def hold_small_outputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModul
             g.erase_node(u)
             changed = True
     if changed:
+        gm.recompile()
+    return gm
+
+
+
+def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Hold a recomputed value instead of the inputs it is recomputed from, where they serve nothing else (after
+    the lowered program is simplified and its dead code removed).
+
+    ``resolve_promises`` decides before lowering, when a batch norm's rule still pulls back with the batch norm's
+    VJP, which reads its input ``z``: ``z`` is then held and the output ``y = bn(z)`` that the stabiliser and the
+    ReLU's rule read is recomputed from it, once per reader (and once more inside each residual-stream
+    recomputation). ``scale_batch_norm_pullbacks`` later turns the pullback into a per-channel scale, and ``z`` is
+    read only to recompute ``y``. Holding ``y`` instead costs the same bytes and no recomputation. A forward op
+    ``v`` qualifies when each of its copies (``dynlrp_recomputed_from``) reads exactly ``v``'s operands, each
+    operand that is not a graph input is read by ``v`` and its copies alone (so it dies with the forward pass), and
+    the outputs of ``v`` that the copies serve take no more bytes than those operands. Returns ``gm``."""
+    del ctx
+    g = gm.graph
+    by_name = {n.name: n for n in g.nodes}
+    copies: dict[fx.Node, list[fx.Node]] = {}
+    for c in g.nodes:
+        v = by_name.get(c.meta.get("dynlrp_recomputed_from", ""))
+        if v is not None and v is not c and "dynlrp_recomputed_from" not in v.meta and c.target is v.target:
+            copies.setdefault(v, []).append(c)
+    changed = False
+    for v, cs in copies.items():
+        if v.target is operator.getitem:
+            continue  # the tuple's copy decides
+        operands = tensor_inputs(v)
+        if any(tensor_inputs(c) != operands or c.args[1:] != v.args[1:] or c.kwargs != v.kwargs for c in cs):
+            continue
+        freed = [u for u in operands if u.op != "placeholder"]
+        allowed = {v, *cs}
+        if not freed or any(set(u.users) - allowed for u in freed):
+            continue
+        tuple_out = isinstance(v.meta.get("val"), (tuple, list))
+        if tuple_out:
+            read = {u.args[1] for c in cs for u in c.users}
+            if not all(isinstance(i, int) for i in read):
+                continue
+            held = [_bytes_of(v.meta["val"][i]) for i in read]
+        else:
+            held = [_bytes_of(v.meta.get("val"))]
+        need = [_bytes_of(u.meta.get("val")) for u in freed]
+        if any(b is None for b in held + need) or sum(held) > sum(need):
+            continue
+        for c in cs:
+            if tuple_out:
+                for u in list(c.users):
+                    i = u.args[1]
+                    fwd = next((w for w in v.users if w.target is operator.getitem and w.args[1] == i), None)
+                    if fwd is None:
+                        with g.inserting_after(v):
+                            fwd = g.call_function(operator.getitem, (v, i))
+                        fwd.meta = dict(u.meta)
+                        fwd.meta.pop("dynlrp_recomputed_from", None)
+                    u.replace_all_uses_with(fwd)
+                    g.erase_node(u)
+            else:
+                c.replace_all_uses_with(v)
+            g.erase_node(c)
+        changed = True
+    if changed:
+        g.lint()
         gm.recompile()
     return gm
 

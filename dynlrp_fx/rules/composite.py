@@ -32,7 +32,7 @@ from .core import (
 __all__ = ["Composite", "NodeInfo", "default_class_rules", "CANONIZERS"]
 
 #: canonicalisation passes a composite may request (see ``dynlrp_fx.passes``)
-CANONIZERS = ("fold_batchnorm",)
+CANONIZERS = ("fold_batchnorm", "merge_batchnorm")
 
 
 @dataclass
@@ -83,8 +83,13 @@ class Composite:
     first_layer: rule for the first linear/conv op(s) that consume a model input.
     first_layer_types: when given, ``first_layer`` only applies to first-layer ops inside a module of one of these
         types (Zennit's ``first_map``: e.g. only a first ``nn.Conv2d`` gets z^B in ``epsilon_gamma_box``).
-    canonizers: graph canonicalisation passes the explainer runs before assigning rules: ``"fold_batchnorm"``
-        folds eval-mode batch norm into the preceding convolution/linear op (Zennit's ``MergeBatchNorm``).
+    canonizers: graph canonicalisation the explainer runs around assigning rules: ``"fold_batchnorm"``
+        folds eval-mode batch norm into the preceding convolution/linear op (Zennit's ``MergeBatchNorm``: the
+        weights are scaled in the graph at every call, as weight-modifying rules need); ``"merge_batchnorm"`` gives
+        the same relevance for epsilon rules without touching weights: where the producer and the batch norm both
+        have the plain :class:`~dynlrp_fx.rules.Epsilon` rule, the producer gets LRP-0 and the batch norm the
+        producer's rule (one stabiliser at the merged output; see
+        :func:`dynlrp_fx.passes.fold_batchnorm.merge_batchnorm_rules`).
     name: shown in ``rule_table()`` and saved with exported programs.
     check_matches: when compiling, a ``by_path`` glob that matches no module of the model raises
         :class:`~dynlrp_fx.DynlrpInputError` (a typo would make its rule disappear), and ``by_path`` / ``by_op`` /
