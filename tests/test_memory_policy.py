@@ -118,3 +118,28 @@ def test_batch_norm_output_held_or_recomputed_once(skip):
     assert len(norms) == (4 if skip else 2), [n.name for n in norms]
     kept = dynlrp.compile(model, (x,), rules="epsilon", backend="eager", promise_policy="keep")
     torch.testing.assert_close(ex(x, target=1).relevance, kept(x, target=1).relevance, rtol=1e-12, atol=1e-14)
+
+
+def test_strided_max_pool_indices_come_from_the_forward_pass(monkeypatch):
+    """The max-pool rule's VJP re-runs the pool for its indices, on the recomputed activation. A strided pool's
+    result (output and int64 indices: 3/4 of the input's bytes at 3x3, stride 2) is smaller than that activation,
+    so the forward pool's indices are read instead: one pool per explanation, as autograd (two when CSE may not
+    merge it). Relevance as with ``keep``."""
+    from dynlrp_fx.passes import eliminate_common_subexpressions as cse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval().double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+
+    def pools(ex):
+        return sum("max_pool2d_with_indices.default" in str(n.target) for n in ex.graph("target").graph.nodes)
+
+    ex = dynlrp.compile(model, (x,), rules="lrp0", backend="eager")
+    assert pools(ex) == 1
+    kept = dynlrp.compile(model, (x,), rules="lrp0", backend="eager", promise_policy="keep")
+    torch.testing.assert_close(ex(x, target=1).relevance, kept(x, target=1).relevance, rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(cse, "_smaller_than_operands", lambda node: False)
+    assert pools(dynlrp.compile(model, (x,), rules="lrp0", backend="eager", cache=False)) == 2

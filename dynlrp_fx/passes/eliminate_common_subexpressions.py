@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..rules.table import facts
-from .nodes import is_cheap
+from .nodes import bytes_hint, is_cheap, tensor_inputs
 from .values import cse_key as _cse_key
 
 __all__ = ["eliminate_common_subexpressions"]
@@ -15,6 +15,12 @@ __all__ = ["eliminate_common_subexpressions"]
 if TYPE_CHECKING:
     from .pipeline import CompileContext
 
+
+def _smaller_than_operands(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s outputs together take fewer bytes than its largest tensor operand (example sizes)."""
+    own = bytes_hint(node.meta.get("val"))
+    read = [bytes_hint(u.meta.get("val")) for u in tensor_inputs(node)]
+    return own is not None and any(r is not None and own < r for r in read)
 
 
 def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.GraphModule:
@@ -24,8 +30,10 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: CompileContex
     on the very values the forward pass used, and the conservation ledger sums a relevance tensor both as the
     output of one op and as the input of the next. Such repeats are merged. Values are numbered through cheap
     pointwise and view ops without merging those: the ``recompute`` memory policy duplicates them on purpose,
-    and an op that reads a recomputed copy is merged with its forward twin only when it is a reduction (whose
-    small result costs no memory to keep); a max-pool over a recomputed activation is recomputed too.
+    and an op that reads a recomputed copy is merged with its forward twin only when holding the twin's result
+    costs fewer bytes than the largest operand it reads: a reduction, or a strided max-pool (the max-pool rule's
+    VJP re-runs the pool for its indices, on a recomputed activation: ResNet-50's stem pool at 112x112 is ~2% of an
+    explanation at batch 1; its indices take half the activation's bytes).
     """
     del ctx  # reads nothing from the context
     # values that an in-place op writes to stay distinct (two zeros_like() buffers may be filled differently)
@@ -49,7 +57,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: CompileContex
             continue
         same_operands = _cse_key(node, {}) == _cse_key(prev, {})
         reduction = facts(node.target).reduction
-        if is_cheap(node) or not (same_operands or reduction):
+        if is_cheap(node) or not (same_operands or reduction or _smaller_than_operands(node)):
             canon[node] = prev  # the same value, kept as a separate computation
             continue
         node.replace_all_uses_with(prev)

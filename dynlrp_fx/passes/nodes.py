@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..rules import table
 from ..rules.base import Rule
 
-__all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap", "reads_only_first_output", "replace_first_output",
+__all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap", "numel_hint", "bytes_hint", "reads_only_first_output", "replace_first_output",
            "tensor_inputs", "size_key", "lazy_graph_module"]
 
 FLOAT, INDEX, OTHER = "float", "index", "other"
@@ -101,6 +101,33 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     if node.target is operator.getitem:
         return list(node.all_input_nodes)
     return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def numel_hint(val: Any) -> int | None:
+    """Elements of a tensor value at the example sizes (``None``: not a tensor, or a size without a hint)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    n = 1
+    for size in val.shape:
+        if isinstance(size, torch.SymInt):
+            hint = getattr(size.node, "hint", None)
+            if hint is None:
+                return None
+            size = hint
+        n *= int(size)
+    return n
+
+
+def bytes_hint(val: Any) -> int | None:
+    """Bytes of a tensor value at the example sizes (``None``: unknown; ``0`` for no value), summed over a tuple
+    of them (a multi-output op's)."""
+    if val is None:
+        return 0
+    if isinstance(val, (tuple, list)):
+        parts = [bytes_hint(v) for v in val]
+        return None if any(p is None for p in parts) else sum(parts)
+    n = numel_hint(val)
+    return None if n is None else n * val.element_size()
 
 
 def size_key(s: Any) -> Any:

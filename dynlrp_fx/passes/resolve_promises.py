@@ -39,11 +39,10 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING
 
-import torch
 import torch.fx as fx
 
 from ..rules.table import recompute_cost
-from .nodes import is_cheap, tensor_inputs
+from .nodes import bytes_hint, is_cheap, numel_hint, tensor_inputs
 from .pair import promise
 
 __all__ = ["resolve_promises", "hold_small_outputs", "hold_outputs_not_inputs", "count_promises", "POLICIES", "DEFAULT_POLICY"]
@@ -60,34 +59,6 @@ _SMALL = 8  # a promised value this many times smaller than its op's largest inp
 DEFAULT_POLICY = "recompute"
 
 
-def _numel_of(val) -> int | None:
-    """Elements of a tensor value at the example sizes (``None``: not a tensor, or a size without a hint)."""
-    if not isinstance(val, torch.Tensor):
-        return None
-    n = 1
-    for size in val.shape:
-        if isinstance(size, torch.SymInt):
-            hint = getattr(size.node, "hint", None)
-            if hint is None:
-                return None
-            size = hint
-        n *= int(size)
-    return n
-
-
-def _numel_hint(v: fx.Node) -> int | None:
-    """Elements of ``v``'s value at the example sizes (``None``: not a tensor, or a size without a hint)."""
-    return _numel_of(v.meta.get("val"))
-
-
-def _bytes_of(val) -> int | None:
-    """Bytes of a tensor value at the example sizes (``None``: unknown; ``0`` for no value)."""
-    if val is None:
-        return 0
-    n = _numel_of(val)
-    return None if n is None else n * val.element_size()
-
-
 def _small(v: fx.Node) -> bool:
     """Whether ``v`` is at most ``1 / _SMALL`` the size of the largest tensor its op reads (a LayerNorm's
     ``rstd``, a reduction): recomputing it would re-read (and, along a residual stream, recompute) a value
@@ -95,8 +66,8 @@ def _small(v: fx.Node) -> bool:
     src = v.args[0] if v.target is operator.getitem else v
     if not isinstance(src, fx.Node) or src.op != "call_function":
         return False
-    own = _numel_hint(v)
-    read = [_numel_hint(u) for u in tensor_inputs(src)]
+    own = numel_hint(v.meta.get("val"))
+    read = [numel_hint(u.meta.get("val")) for u in tensor_inputs(src)]
     return own is not None and any(r is not None and own * _SMALL <= r for r in read)
 
 
@@ -270,10 +241,10 @@ def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
             read = {u.args[1] for c in cs for u in c.users}
             if not all(isinstance(i, int) for i in read):
                 continue
-            held = [_bytes_of(v.meta["val"][i]) for i in read]
+            held = [bytes_hint(v.meta["val"][i]) for i in read]
         else:
-            held = [_bytes_of(v.meta.get("val"))]
-        need = [_bytes_of(u.meta.get("val")) for u in freed]
+            held = [bytes_hint(v.meta.get("val"))]
+        need = [bytes_hint(u.meta.get("val")) for u in freed]
         if any(b is None for b in held + need) or sum(held) > sum(need):
             continue
         for c in cs:

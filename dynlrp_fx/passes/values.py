@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -56,6 +57,13 @@ def _reshape_key(node: torch.fx.Node, canon: dict) -> Any:
 def cse_key(node: torch.fx.Node, canon: dict) -> Any:
     """A hashable key of a pure ATen call (operands by value number), or ``None`` when it must not be merged."""
     op = node.target
+    if node.op == "call_function" and op is operator.getitem:
+        # one output of a multi-output op, by the op's value number (a recomputed batch norm's output is its
+        # forward twin's)
+        try:
+            return (op, _freeze(node.args, canon))
+        except TypeError:
+            return None
     if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
         return None
     if op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
