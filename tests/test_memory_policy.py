@@ -124,7 +124,7 @@ def test_strided_max_pool_indices_come_from_the_forward_pass(monkeypatch):
     """The max-pool rule's VJP re-runs the pool for its indices, on the recomputed activation. A strided pool's
     result (output and int64 indices: 3/4 of the input's bytes at 3x3, stride 2) is smaller than that activation,
     so the forward pool's indices are read instead: one pool per explanation, as autograd (two when CSE may not
-    merge it). Relevance as with ``keep``."""
+    merge it), the indices held as int32 (half the bytes of autograd's int64). Relevance as with ``keep``."""
     from dynlrp_fx.passes import eliminate_common_subexpressions as cse
 
     torch.manual_seed(0)
@@ -139,6 +139,9 @@ def test_strided_max_pool_indices_come_from_the_forward_pass(monkeypatch):
 
     ex = dynlrp.compile(model, (x,), rules="lrp0", backend="eager")
     assert pools(ex) == 1
+    narrow = [n for n in ex.graph("target").graph.nodes
+              if "_to_copy" in str(n.target) and n.kwargs.get("dtype") == torch.int32]
+    assert len(narrow) == 1 and "max_pool2d_with_indices" in str(narrow[0].args[0].args[0].target)
     kept = dynlrp.compile(model, (x,), rules="lrp0", backend="eager", promise_policy="keep")
     torch.testing.assert_close(ex(x, target=1).relevance, kept(x, target=1).relevance, rtol=1e-12, atol=1e-14)
     monkeypatch.setattr(cse, "_smaller_than_operands", lambda node: False)
