@@ -169,14 +169,15 @@ def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch
 
 def _dot(s: torch.Tensor, c: torch.Tensor, keep: int | None, scale: float = 1.0) -> torch.Tensor:
     """``scale * s * c`` (``c`` broadcasts against ``s``) summed as :func:`_reduce` does; ``s`` is first reduced over
-    the dims ``c`` broadcasts along (a bias is per channel), so no product of ``s``'s size is made for it. Without
-    ``keep``, a bias along the last dim is summed per row (``s @ c``) rather than multiplied out."""
+    the dims ``c`` broadcasts along (a bias is per channel), so no product of ``s``'s size is made for it. A bias
+    along the last dim is summed per row (``s @ c``) rather than multiplied out, unless the last dim is ``keep``."""
+    along_last = (c.ndim == 1 and s.ndim >= 2 and scale == 1.0 and s.dtype == c.dtype
+                  and _static(c.shape[0]) is not None and _static(s.shape[-1]) == c.shape[0])
+    if along_last and (keep is None or keep % s.ndim != s.ndim - 1):
+        # a bias along the last dim of (rows, features): one matrix-vector product sums each row, instead of a
+        # product of s's size and a sum (the ledger only reads sums; it finds the batch in the rows, or `keep`)
+        return _reduce(torch.matmul(s, c), None if keep is None else keep % s.ndim)
     if keep is None:
-        if (c.ndim == 1 and s.ndim >= 2 and scale == 1.0 and s.dtype == c.dtype and _static(c.shape[0]) is not None
-                and _static(s.shape[-1]) == c.shape[0]):
-            # a bias along the last dim of (rows, features): one matrix-vector product sums each row, instead
-            # of a product of s's size and a sum (the ledger only reads sums; it finds the batch in the rows)
-            return torch.matmul(s, c)
         return s * c * scale if scale != 1.0 else s * c
     c = c.reshape((1,) * (s.ndim - c.ndim) + tuple(c.shape))
     # only static sizes of 1 are read (a symbolic size compared with 1 would specialise it)
