@@ -189,20 +189,27 @@ def hold_small_outputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModul
         for u in list(c.users):
             if not (u.target is operator.getitem and isinstance(u.args[1], int) and _small(u)):
                 continue
-            i = u.args[1]
-            fwd = next((w for w in v.users if w.op == "call_function" and w.target is operator.getitem
-                        and w.args[1] == i and order.get(w, len(order)) < order[c]), None)
-            if fwd is None:
-                with g.inserting_after(v):
-                    fwd = g.call_function(operator.getitem, (v, i))
-                fwd.meta = dict(u.meta)
-            u.replace_all_uses_with(fwd)
-            g.erase_node(u)
+            _read_from_forward(g, v, u, order, order[c])
             changed = True
     if changed:
         gm.recompile()
     return gm
 
+
+def _read_from_forward(g: fx.Graph, v: fx.Node, u: fx.Node, order: dict, before: int) -> None:
+    """Point the readers of ``u`` (``getitem`` of a recomputed copy of the multi-output op ``v``) at ``v``'s own
+    output of the same index: a ``getitem`` of ``v`` that comes before position ``before``, else a new one right
+    after ``v``; then erase ``u``."""
+    i = u.args[1]
+    fwd = next((w for w in v.users if w.op == "call_function" and w.target is operator.getitem
+                and w.args[1] == i and order.get(w, len(order)) < before), None)
+    if fwd is None:
+        with g.inserting_after(v):
+            fwd = g.call_function(operator.getitem, (v, i))
+        fwd.meta = dict(u.meta)
+        fwd.meta.pop("dynlrp_recomputed_from", None)
+    u.replace_all_uses_with(fwd)
+    g.erase_node(u)
 
 
 def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -220,6 +227,7 @@ def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
     del ctx
     g = gm.graph
     by_name = {n.name: n for n in g.nodes}
+    order = {n: i for i, n in enumerate(g.nodes)}
     copies: dict[fx.Node, list[fx.Node]] = {}
     for c in g.nodes:
         v = by_name.get(c.meta.get("dynlrp_recomputed_from", ""))
@@ -250,15 +258,7 @@ def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
         for c in cs:
             if tuple_out:
                 for u in list(c.users):
-                    i = u.args[1]
-                    fwd = next((w for w in v.users if w.target is operator.getitem and w.args[1] == i), None)
-                    if fwd is None:
-                        with g.inserting_after(v):
-                            fwd = g.call_function(operator.getitem, (v, i))
-                        fwd.meta = dict(u.meta)
-                        fwd.meta.pop("dynlrp_recomputed_from", None)
-                    u.replace_all_uses_with(fwd)
-                    g.erase_node(u)
+                    _read_from_forward(g, v, u, order, order[c])
             else:
                 c.replace_all_uses_with(v)
             g.erase_node(c)
