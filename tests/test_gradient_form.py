@@ -325,16 +325,17 @@ def test_one_hot_head_rows_with_several_targets_in_one_sweep():
 @pytest.mark.parametrize("shape,keep", [((6, 5), None), ((6, 5), 0), ((2, 3, 5), 0), ((2, 3, 5), 1), ((4, 5), 1)])
 def test_bias_ledger_sums_with_one_matrix_vector_product(shape, keep):
     """What a bias along the last dim absorbed, ``sum s * b`` per row or per ``keep`` index, is one ``s @ b``
-    (no product of ``s``'s size): the same sums as multiplying out, and a ``mv`` in a linear layer's program."""
+    (no product of ``s``'s size) unless the kept dim is the bias's: the same sums as multiplying out."""
     from dynlrp_fx.rules.core import _dot, _reduce
 
     g = torch.Generator().manual_seed(0)
     s, c = torch.randn(shape, generator=g, dtype=D), torch.randn(5, generator=g, dtype=D)
-    want = _reduce(s * c, keep) if keep is not None else (s * c).sum(-1)
-    got = _dot(s, c, keep)
-    if keep is not None and keep % s.ndim == s.ndim - 1:
-        want = _reduce(s * c, keep)  # kept along the bias: multiplied out
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want = (s * c).sum(-1) if keep is None else _reduce(s * c, keep)
+    torch.testing.assert_close(_dot(s, c, keep), want, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_layer_bias_ledger_is_a_matrix_vector_product():
+    """A linear layer over (batch, tokens, features) rows: its bias share in the program is an ``mv``."""
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(D).eval()
     ex = dynlrp.compile(model, torch.randn(2, 4, 5, dtype=D), rules="lrp0", backend="eager")
     assert any("aten.mv" in str(n.target) for n in ex.graph("target").graph.nodes)

@@ -61,12 +61,11 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: CompileContex
             continue
         same_operands = _cse_key(node, {}) == _cse_key(prev, {})
         reduction = facts(node.target).reduction
-        smaller = not (same_operands or reduction) and _smaller_than_operands(node)
-        if is_cheap(node) or not (same_operands or reduction or smaller):
+        if is_cheap(node) or not (same_operands or reduction or _smaller_than_operands(node)):
             canon[node] = prev  # the same value, kept as a separate computation
             continue
-        if smaller:
-            held.append(prev)
+        if not (same_operands or reduction):
+            held.append(prev)  # merged for its smaller result: the relevance half now reads the forward op's
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
     for prev in dict.fromkeys(held):

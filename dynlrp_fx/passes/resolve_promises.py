@@ -208,6 +208,7 @@ def _read_from_forward(g: fx.Graph, v: fx.Node, u: fx.Node, order: dict, before:
             fwd = g.call_function(operator.getitem, (v, i))
         fwd.meta = dict(u.meta)
         fwd.meta.pop("dynlrp_recomputed_from", None)
+        order[fwd] = order[v]  # right after v: the next reader of this output reuses it
     u.replace_all_uses_with(fwd)
     g.erase_node(u)
 
