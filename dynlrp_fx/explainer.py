@@ -34,6 +34,7 @@ from .rules.composite import Composite
 from .runtime import CallPath, CallSpec, Conservation, Explanation, explain_first_that_fits
 from .targets import Features
 from .trace import TracedProgram, _OutputWrapper, trace
+from .weight_cache import WeightCache, split_state
 
 __all__ = ["compile", "Explainer", "Explanation", "Conservation", "resolve_backend", "BACKENDS"]
 
@@ -71,7 +72,7 @@ class Explainer(nn.Module):
     def __init__(self, model: nn.Module, traced: TracedProgram | None, composite: Composite, backend: str = "auto",
                  dynamic: bool = True, params: Any = None, capture: Any = None, mode: str | None = None,
                  promise_policy: str = DEFAULT_POLICY, *, analysis: Analysis | None = None,
-                 cached: _CacheLink | None = None):
+                 cached: _CacheLink | None = None, cache_weights: bool = True):
         super().__init__()
         self._model_ref = [model]  # not a submodule: .to()/.eval() on the explainer never touch the model
         self.composite = composite
@@ -79,6 +80,9 @@ class Explainer(nn.Module):
         self.dynamic = dynamic
         self.mode = mode  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
         self.promise_policy = promise_policy  # passes.resolve_promises.POLICIES
+        #: compute what depends on the weights alone once per weight change (:mod:`dynlrp_fx.weight_cache`)
+        self.cache_weights = bool(cache_weights)
+        self._runners: dict[str, tuple[Program, Any]] = {}  # seed mode -> (program, what runs it)
         self._params_arg, self._capture_arg = params, capture
         self._traced, self._analysis = traced, analysis
         #: the compile cache entry this explainer reads and writes its programs through (``None``: no cache)
@@ -211,10 +215,11 @@ class Explainer(nn.Module):
         self._report.records.append(PassRecord("cache", f"cache[{mode}]", "load", True, seconds, 0,
                                                len(runnable.graph.nodes)))
         return Program(mode, None, fn, outputs, seconds, from_cache=True,
-                       make_graph=lambda: self.analysis.lowered(mode, self.promise_policy)[0])
+                       make_graph=lambda: self.analysis.lowered(mode, self.promise_policy)[0], runnable=runnable)
 
     def recompile(
-        self, *, backend: Any = None, mode: Any = "unchanged", promise_policy: str | None = None
+        self, *, backend: Any = None, mode: Any = "unchanged", promise_policy: str | None = None,
+        cache_weights: bool | None = None,
     ) -> Explainer:
         """A new explainer for the same model, rules and inputs with another backend, ``torch.compile`` mode or
         memory policy, built without tracing or analysing the model again (the analysis is shared; with the same
@@ -229,6 +234,7 @@ class Explainer(nn.Module):
         new = Explainer(self.model, self.traced, self.composite, backend=request, dynamic=self.dynamic,
                         params=self._params_arg, capture=self._capture_arg, mode=new_mode, promise_policy=policy,
                         analysis=self.analysis,
+                        cache_weights=self.cache_weights if cache_weights is None else cache_weights,
                         cached=self._cache.with_options(resolve_backend(request, self._device(), new_mode), policy)
                         if self._cache else None)
         new._rebuild = self._rebuild
@@ -333,12 +339,37 @@ class Explainer(nn.Module):
         graphs = self.backend != "eager" and self.mode in ("reduce-overhead", "max-autotune")
         if graphs:  # CUDA graphs: a new step, so the previous call's static outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
+        run = self._runner(mode, prog)
         with torch.no_grad(), _oblivious():
-            outs = prog.fn(*state, *tensors, extra)
+            outs = run(*state, *tensors, extra)
         if graphs:  # the next replay overwrites the graph's output buffers: an Explanation owns its tensors
             outs = [o.clone() for o in outs]
         prog.calls += 1
         return outs, prog.outputs
+
+    def _runner(self, mode: str, prog: Program) -> Any:
+        """What runs ``prog``: its compiled form, or with ``cache_weights`` a :class:`~dynlrp_fx.weight_cache.
+        WeightCache` over its cut into a prologue (the values that depend on the weights alone) and the rest.
+        CUDA-graph modes keep the whole program (their replays copy every non-parameter input)."""
+        entry = self._runners.get(mode)
+        if entry is not None and entry[0] is prog:
+            return entry[1]
+        run = prog.fn
+        graphs = self.backend != "eager" and self.mode in ("reduce-overhead", "max-autotune")
+        if self.cache_weights and prog.runnable is not None and not graphs:
+            split = split_state(prog.runnable, len(self._state_plan))
+            if split is not None:
+                main = split.main if self.backend == "eager" else compiled(split.main, self.backend, self.dynamic,
+                                                                           self.mode)
+                run = WeightCache(split, main)
+        self._runners[mode] = (prog, run)
+        return run
+
+    @property
+    def weight_cache_bytes(self) -> int:
+        """Bytes held between calls by the values this explainer computed from the weights alone (batch-norm
+        folds, modified weights; see :mod:`dynlrp_fx.weight_cache`); 0 with ``cache_weights=False``."""
+        return sum(run.nbytes for _, run in self._runners.values() if isinstance(run, WeightCache))
 
     def split(self, mode: str = "target", conditions: tuple = ()) -> SplitProgram:
         """The program of a seed mode cut into a forward and a relevance graph, compiled for this explainer's
@@ -626,6 +657,7 @@ def compile(
     promise_policy: str = DEFAULT_POLICY,
     cache: bool | None = None,
     progress: bool | None = None,
+    cache_weights: bool = True,
 ) -> Explainer:
     """Compile ``model`` into an :class:`Explainer` that returns LRP explanations.
 
@@ -674,6 +706,12 @@ def compile(
         weights are never part of the key (programs read the live parameters). Not used with ``dynamic_shapes=``.
     progress: show a progress bar over the compile's stages (tracing, passes, backend) once it runs longer than
         2 s: ``None`` (default) when standard error is a terminal or ``DYNLRP_PROGRESS=1``; ``True``/``False``.
+    cache_weights: compute what the program derives from the weights alone (a batch norm folded into a
+        convolution, the gamma rule's modified weights) once, and again only after a parameter or buffer changes
+        (written in place, e.g. by an optimiser step or ``load_state_dict``, or replaced); default ``True``. The
+        values stay in memory between calls (:attr:`Explainer.weight_cache_bytes`; up to about twice the
+        model's weights under ``epsilon_gamma_box``); ``False`` recomputes them at every call. See
+        :mod:`dynlrp_fx.weight_cache`.
 
     Returns
     -------
@@ -693,7 +731,7 @@ def compile(
     composite = resolve(rules)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     options = _Options(composite, output, backend, dynamic, dynamic_shapes, params, capture, mode, promise_policy,
-                       cache)
+                       cache, bool(cache_weights))
     with compile_progress(progress, type(model).__name__):
         return _build(model, args, dict(example_kwargs or {}), options, frozenset())
 
@@ -712,6 +750,7 @@ class _Options:
     mode: str | None
     promise_policy: str
     cache: bool | None
+    cache_weights: bool = True  #: not part of the cache key: it changes how a program runs, not the program
 
     def key_data(self, backend: Any, policy: str, static: frozenset[str]) -> dict[str, Any]:
         """What of these options determines a program (the compile cache key's options part); the backend counts
@@ -735,7 +774,7 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, o: _Options, static: fro
     progress_stage("compile cache")
     link = _CacheLink.open(model, args, kwargs, o, backend, static, trace_now, device)
     common = dict(backend=o.backend, dynamic=o.dynamic, params=o.params, capture=o.capture, mode=o.mode,
-                  promise_policy=o.promise_policy, cached=link)
+                  promise_policy=o.promise_policy, cached=link, cache_weights=o.cache_weights)
     if link is not None and link.entry is not None:
         explainer = Explainer(model, None, o.composite, **common)
     else:

@@ -61,6 +61,9 @@ class Program:
     calls: int = 0
     from_cache: bool = False  #: read from the persistent compile cache (:mod:`dynlrp_fx.cache`)
     make_graph: Any = field(default=None, repr=False)
+    #: the graph ``fn`` runs (before ``torch.compile`` for a compiled backend; ``fn`` itself for eager), which
+    #: :mod:`dynlrp_fx.weight_cache` cuts
+    runnable: fx.GraphModule | None = field(default=None, repr=False)
 
     @property
     def graph(self) -> fx.GraphModule:
@@ -108,6 +111,7 @@ class Analysis:
         """The compile context of one program of this analysis (``conditions``: ``((path, node name, dim), ...)``
         for a program that takes ``condition=`` masks)."""
         return CompileContext(traced=self.traced, composite=self.composite, seed_mode=seed_mode,
+                              state_inputs=len(self.traced.state_specs),
                               gradient_form=self.gradient_form,
                               promise_policy=promise_policy, backend=backend, params=dict(self.params),
                               capture=dict(self.capture), conditions={p: (n, d) for p, n, d in conditions})
@@ -137,7 +141,7 @@ def build_program(analysis: Analysis, seed_mode: str, *, promise_policy: str, ba
     runnable = PIPELINE.run(graph, ctx, stage="backend", report=report, label=f"backend[{seed_mode}, {backend}]")
     # Inductor reuses buffers itself (and would functionalise in-place ops), so only eager runs the rewritten copy
     fn = runnable if backend == "eager" else compiled(runnable, backend, dynamic, mode)
-    return Program(seed_mode, graph, fn, outputs, time.perf_counter() - t0)
+    return Program(seed_mode, graph, fn, outputs, time.perf_counter() - t0, runnable=runnable)
 
 
 def compiled(graph: fx.GraphModule, backend: Any, dynamic: bool, mode: str | None) -> Any:

@@ -84,6 +84,10 @@ class CompileContext:
     #: carry ``G`` (``R = value * G``) through rules that have a gradient form (``pair``); ``False``: relevance
     gradient_form: bool = True
     strict: bool = True
+    #: how many of the program's first placeholders are the model's state (parameters, buffers, constants);
+    #: ``reuse_buffers`` never shares a buffer between a value computed from state alone and any other value, so
+    #: that :mod:`dynlrp_fx.weight_cache` can cut those values out (``None``: no such constraint)
+    state_inputs: int | None = None
     uncovered: dict[str, list[str]] = field(default_factory=dict)
     outputs: Any = None
     buffer_rewrites: int = 0

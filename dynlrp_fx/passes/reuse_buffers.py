@@ -11,6 +11,9 @@ unobservable:
 * this op is the last use of ``a`` *and* of every view of ``a``'s storage (graph outputs count as uses);
 * no other operand of the op reads the same storage;
 * the result has ``a``'s dtype, shape and strides, so later ops see the same tensor layout they were traced with.
+* ``a`` and the result are both computed from the model's state alone, or neither is (``ctx.state_inputs``): values
+  of the first kind are cut out and cached between calls by :mod:`dynlrp_fx.weight_cache`, which needs their
+  buffers to be their own.
 
 The rewrite only changes where results are written, never their values (tested bit for bit against the functional
 graph). It is applied to a copy: the functional graph stays what :meth:`Explainer.graph` returns, exports and
@@ -140,6 +143,14 @@ def reuse_buffers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if o is not None and o is not _ESCAPED:
             last.setdefault(o, idx[n])
 
+    # values computed from the state placeholders alone (see dynlrp_fx.weight_cache)
+    state_only: set[fx.Node] = set()
+    if ctx.state_inputs is not None:
+        state_only.update([n for n in nodes if n.op == "placeholder"][: ctx.state_inputs])
+        for n in nodes:
+            if n.op == "call_function" and n.all_input_nodes and all(a in state_only for a in n.all_input_nodes):
+                state_only.add(n)
+
     rewrites = 0
     redirect: dict[object, object] = {}  # a rewritten node's storage is its first operand's
 
@@ -161,6 +172,8 @@ def reuse_buffers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             if o is _ESCAPED or last.get(o) != idx[n]:
                 continue
             if any(u is not a and find(owner.get(u, _ESCAPED)) is o for u in n.all_input_nodes):
+                continue
+            if (o in state_only) != (n in state_only):
                 continue
             va = a.meta.get("val")
             if not (isinstance(va, torch.Tensor) and _same_layout(va, vn)):
