@@ -339,3 +339,42 @@ def test_linear_layer_bias_ledger_is_a_matrix_vector_product():
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(D).eval()
     ex = dynlrp.compile(model, torch.randn(2, 4, 5, dtype=D), rules="lrp0", backend="eager")
     assert any("aten.mv" in str(n.target) for n in ex.graph("target").graph.nodes)
+
+
+class _GammaNet(nn.Module):
+    """conv -> ReLU -> conv (+ skip) -> ReLU -> pool -> linear: the second convolution feeds an add, so its output
+    relevance may be non-zero where its value is negative (gamma's two-sided path); the first feeds a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.c3 = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c3(h) + self.c2(torch.relu(self.c2(h))))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("rules", ["epsilon_gamma_box", "epsilon_plus"])
+def test_gamma_and_zplus_run_in_gradient_form_on_nonnegative_inputs(rules):
+    """Gamma and z+ on a ReLU output are ``x * c``: in gradient form they hand ``c`` on, so no relevance is turned
+    back into ``G`` by dividing by the ReLU output (``where(x == 0, 0, R / x)``) at their inputs; the relevance is
+    the relevance form's (both of gamma's paths: a convolution before a ReLU and one before an add)."""
+    torch.manual_seed(0)
+    model = _GammaNet().eval().to(D)
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    ex, ref = _pair(model, (x,), rules=rules)
+    t = torch.tensor([0, 2, 3])
+    _same(ex(x, target=t), ref(x, target=t))
+    seed = torch.randn(3, 4, dtype=D)
+    _same(ex(x, seed=seed), ref(x, seed=seed))
+
+    def count(e, op):
+        return sum(1 for n in e.graph("target").graph.nodes if n.target is op)
+
+    # the conversion R -> G at a ReLU output is where(x == 0, 0, R / x); `where` otherwise only in the seed
+    assert count(ex, torch.ops.aten.eq.Scalar) == 0
+    assert count(ex, torch.ops.aten.where.self) <= 2

@@ -131,6 +131,23 @@ class _ModifiedLinear(Rule):
     def _relevance(self, ctx: RuleContext, parts: LinearParts) -> torch.Tensor:
         raise NotImplementedError
 
+    def gradient(self, ctx: RuleContext):
+        """The rule in gradient form (see :meth:`Rule.gradient`), where :meth:`gradient_form` says it has one: a
+        rule whose relevance on a non-negative input is ``x * c`` returns ``c`` (no product with ``x`` here and no
+        division by it at the next op); ops without a weight operand take epsilon's gradient form."""
+        parts = linear_parts(ctx)
+        if parts is None:
+            return Epsilon(self.stabilizer).gradient(ctx)
+        return [self._gradient(ctx, parts)]
+
+    def _gradient(self, ctx: RuleContext, parts: LinearParts) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _nonneg_slot(slots, meta: dict) -> bool:
+    """One data operand, proved non-negative by the passes (``nonneg_slots``)."""
+    return len(slots) == 1 and slots[0] in meta.get("nonneg_slots", ())
+
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(min=0)
@@ -200,6 +217,33 @@ class Gamma(_ModifiedLinear):
         return xp * (pb0(up) + pb2(un)) + xn * (pb1(up) + pb3(un))
 
 
+    def gradient_form(self, op, slots, meta) -> bool:
+        # the non-negative-input paths are x * (...): their G is the (...) (see _ModifiedLinear.gradient)
+        return _nonneg_slot(slots, meta)
+
+    def _gradient(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
+        """``G_x`` with ``R_x = x * G_x`` on a non-negative input, from ``G`` (``R = z * G``): the two fast paths
+        of :meth:`_relevance` without the final product with ``x``."""
+        g = self.gamma
+        x, w, b = p.x, p.w, p.b
+        r = ctx.outputs[0].to(x.dtype) * ctx.relevances[0].to(x.dtype)
+        if ctx.meta.get("relevance_where_positive"):
+            zg, pb = modified(ctx, p, x, w + g * w.clamp(min=0), None if b is None else b + g * b.clamp(min=0))
+            return pb(r / stabilize(zg, self.stabilizer))
+        z, _, pos, pb_pos, pb = _positive_split(ctx, p)
+        # u^+ and u^- live where z > 0 and z < 0, and r = z * G is 0 where z = 0, so one quotient u on one
+        # denominator d serves both: d = z + g * q with q = pos where z > 0 and z - pos where z < 0, i.e.
+        # q = 2 * pos^{z>0} + min(z, 0) - pos; the pullbacks read u * (1 + g [z < 0]) = (1 + g) u - g u^{z>0} and
+        # g (u^{z>0} - u^{z<0}) = -g (u - 2 u^{z>0}). ``t^{z>0}`` (t where z > 0, else 0) is threshold_backward,
+        # a branch-free kernel: on CPU a where() or a comparison on a random sign pattern costs 4-20 times as much
+        # as an add (benchmarks/results/tuning_notes.md)
+        pos_up = torch.ops.aten.threshold_backward(pos, z, 0)
+        q = torch.add(z.clamp(max=0), pos_up, alpha=2) - pos
+        u = r / stabilize(torch.add(z, q, alpha=g), self.stabilizer)
+        u_up = torch.ops.aten.threshold_backward(u, z, 0)
+        return pb(torch.add(u * (1 + g), u_up, alpha=-g)) + pb_pos(torch.add(u, u_up, alpha=-2) * -g)
+
+
 class ZPlus(_ModifiedLinear):
     r"""LRP-z+ (Zennit's ``ZPlus``: alpha=1, beta=0 with negative inputs allowed):
 
@@ -212,6 +256,15 @@ class ZPlus(_ModifiedLinear):
 
     name = "zplus"
     input_proportional = True  # every term is x^+ * (...) or x^- * (...)
+
+    def gradient_form(self, op, slots, meta) -> bool:
+        return _nonneg_slot(slots, meta)
+
+    def _gradient(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
+        """``G_x = W^{+T} (z * G / stab(z^+))`` on a non-negative input."""
+        z0, pb0 = modified(ctx, p, p.x, p.w.clamp(min=0), _pos(p.b))
+        r = ctx.outputs[0].to(z0.dtype) * ctx.relevances[0].to(z0.dtype)
+        return pb0(r / stabilize(z0, self.stabilizer))
 
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         x, w, b = p.x, p.w, p.b
