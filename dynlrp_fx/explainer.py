@@ -354,22 +354,28 @@ class Explainer(nn.Module):
         entry = self._runners.get(mode)
         if entry is not None and entry[0] is prog:
             return entry[1]
-        run = prog.fn
-        graphs = self.backend != "eager" and self.mode in ("reduce-overhead", "max-autotune")
-        if self.cache_weights and prog.runnable is not None and not graphs:
-            split = split_state(prog.runnable, len(self._state_plan))
-            if split is not None:
-                main = split.main if self.backend == "eager" else compiled(split.main, self.backend, self.dynamic,
-                                                                           self.mode)
-                run = WeightCache(split, main)
-        self._runners[mode] = (prog, run)
-        return run
+        run = self._weight_cached(prog.runnable, self.mode) if prog.runnable is not None else None
+        self._runners[mode] = (prog, run or prog.fn)
+        return run or prog.fn
+
+    def _weight_cached(self, runnable: Any, mode: str | None) -> WeightCache | None:
+        """A :class:`~dynlrp_fx.weight_cache.WeightCache` over ``runnable`` (a graph whose first inputs are the
+        model's state), its main part compiled for this explainer's backend in torch.compile ``mode``; ``None``
+        with ``cache_weights=False``, under CUDA graphs, or when nothing depends on the weights alone."""
+        if not self.cache_weights or (self.backend != "eager" and mode in ("reduce-overhead", "max-autotune")):
+            return None
+        split = split_state(runnable, len(self._state_plan))
+        if split is None:
+            return None
+        return WeightCache(split, split.main if self.backend == "eager" else compiled(split.main, self.backend,
+                                                                                      self.dynamic, mode))
 
     @property
     def weight_cache_bytes(self) -> int:
         """Bytes held between calls by the values this explainer computed from the weights alone (batch-norm
         folds, modified weights; see :mod:`dynlrp_fx.weight_cache`); 0 with ``cache_weights=False``."""
-        return sum(run.nbytes for _, run in self._runners.values() if isinstance(run, WeightCache))
+        runs = [run for _, run in self._runners.values()] + [sp.forward for sp in self._splits.values()]
+        return sum(run.nbytes for run in runs if isinstance(run, WeightCache))
 
     def split(self, mode: str = "target", conditions: tuple = ()) -> SplitProgram:
         """The program of a seed mode cut into a forward and a relevance graph, compiled for this explainer's
@@ -393,14 +399,15 @@ class Explainer(nn.Module):
                     break
             sp = split_program(graph, outputs, n_state + len(self.call_spec.inputs), bsym)
             if self.backend == "eager":  # the backend stage (buffer reuse) on each half
-                ctx = CompileContext(backend="eager")
-                sp.forward = PIPELINE.run(sp.forward_graph, ctx, stage="backend", report=self._report,
-                                          label=f"backend[{mode} forward half]")
-                sp.relevance = PIPELINE.run(sp.relevance_graph, ctx, stage="backend", report=self._report,
-                                            label=f"backend[{mode} relevance half]")
+                fwd = PIPELINE.run(sp.forward_graph, CompileContext(backend="eager", state_inputs=n_state),
+                                   stage="backend", report=self._report, label=f"backend[{mode} forward half]")
+                sp.forward = self._weight_cached(fwd, None) or fwd
+                sp.relevance = PIPELINE.run(sp.relevance_graph, CompileContext(backend="eager"), stage="backend",
+                                            report=self._report, label=f"backend[{mode} relevance half]")
             else:  # CUDA-graph modes would replay over the forward values between sweeps: plain compiles
                 mode_ = None if self.mode in ("reduce-overhead", "max-autotune") else self.mode
-                sp.forward = compiled(sp.forward_graph, self.backend, self.dynamic, mode_)
+                sp.forward = (self._weight_cached(sp.forward_graph, mode_)
+                              or compiled(sp.forward_graph, self.backend, self.dynamic, mode_))
                 sp.relevance = compiled(sp.relevance_graph, self.backend, self.dynamic, mode_)
             self._splits[(mode, conditions)] = sp
         return sp

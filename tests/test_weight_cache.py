@@ -177,3 +177,24 @@ def test_main_program_never_writes_a_cached_value():
                 v = n.args[i] if i < len(n.args) and not a.kwarg_only else n.kwargs.get(a.name)
                 if a.alias_info is not None and a.alias_info.is_write:
                     assert v not in cached, n.format_node()
+
+
+def test_several_targets_cache_the_forward_half():
+    """With ``K`` targets per sample the forward half of the split program reads the cached values too: the result
+    equals the uncached explainer's and ``K`` single calls, and the prologue runs once over several calls."""
+    model, x = _model(), _x(2)
+    ex = dynlrp.compile(model, x, rules="epsilon_gamma_box", backend="eager", cache=False)
+    off = ex.recompile(cache_weights=False)
+    t = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    for _ in range(2):
+        got = ex(x, target=t).relevance
+    torch.testing.assert_close(got, off(x, target=t).relevance, rtol=1e-12, atol=1e-14)
+    for j in range(t.shape[1]):
+        torch.testing.assert_close(got[:, j], off(x, target=t[:, j]).relevance, rtol=1e-10, atol=1e-12)
+    fwd = ex.split("target").forward
+    assert isinstance(fwd, WeightCache) and fwd.prologue_runs == 1
+    assert not isinstance(off.split("target").forward, WeightCache)
+    with torch.no_grad():
+        model.conv.weight.mul_(-1.5)
+    torch.testing.assert_close(ex(x, target=t).relevance, off(x, target=t).relevance, rtol=1e-12, atol=1e-14)
+    assert fwd.prologue_runs == 2

@@ -837,8 +837,10 @@ class _Pairing:
             if led_bdim is not None and led_bdim[1] != 1:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
-        want_absorbed = analytic and (additive or ann.rule.epsilon != 0)
-        if analytic and self.sparse_seed_pullback(n, ann, g_arg, vals, want_absorbed):
+        # (a rule without an `epsilon` has a stabiliser of its own: gamma, z+)
+        want_absorbed = analytic and (additive or getattr(ann.rule, "epsilon", None) != 0)
+        if analytic and isinstance(ann.rule, Epsilon) and self.sparse_seed_pullback(n, ann, g_arg, vals,
+                                                                                      want_absorbed):
             return
         op = RelevanceOp(ann.rule, n.target, args_t, kwargs_t, ann.slots, ann.factors, extra, n.name, gradient=use_g,
                          absorbed=want_absorbed, masked=n in self.masked_values)

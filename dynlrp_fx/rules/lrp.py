@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .base import Rule, RuleContext, Slot, batched_matmul, nonnegative_number, safe_divide, stabilize
-from .core import LINEAR, Epsilon, Route, _sum_to, scaled
+from .core import LINEAR, Epsilon, Route, _dot, _sum_to, scaled
 from .table import lookup
 
 __all__ = [
@@ -131,6 +131,21 @@ class _ModifiedLinear(Rule):
     def _relevance(self, ctx: RuleContext, parts: LinearParts) -> torch.Tensor:
         raise NotImplementedError
 
+    def _gradient(self, ctx: RuleContext, parts: LinearParts, ledger: bool) -> tuple[torch.Tensor, Any]:
+        """``(G_x, absorbed)``; ``absorbed`` (``None`` unless ``ledger``) from :meth:`_absorbed`, computed before
+        the pullbacks so that its terms die before them."""
+        raise NotImplementedError
+
+    def _absorbed(self, ctx: RuleContext, u: torch.Tensor, d: torch.Tensor, sd: torch.Tensor, biases: tuple):
+        """The ledger entry ``u * (stab(d) - d) + sum_j a_j * b_j`` (see :meth:`gradient_and_absorbed`) for
+        ``biases`` ``((a_j, b_j), ...)``: the pullback arguments ``a_j`` and the modified biases ``b_j``."""
+        keep = ctx.meta.get("batch_dim")
+        total = _dot(u, sd - d, keep)
+        for a, b in biases:
+            if b is not None:
+                total = total + _dot(a, _bias_shape(ctx, b), keep)
+        return total
+
     def gradient(self, ctx: RuleContext):
         """The rule in gradient form (see :meth:`Rule.gradient`), where :meth:`gradient_form` says it has one: a
         rule whose relevance on a non-negative input is ``x * c`` returns ``c`` (no product with ``x`` here and no
@@ -138,10 +153,32 @@ class _ModifiedLinear(Rule):
         parts = linear_parts(ctx)
         if parts is None:
             return Epsilon(self.stabilizer).gradient(ctx)
-        return [self._gradient(ctx, parts)]
+        return [self._gradient(ctx, parts, False)[0]]
 
-    def _gradient(self, ctx: RuleContext, parts: LinearParts) -> torch.Tensor:
-        raise NotImplementedError
+    def absorbed_form(self, op: Any) -> bool:
+        # asked only where gradient_form holds (pair): the non-negative-input paths, whose terms give the entry
+        del op
+        return True
+
+    def gradient_and_absorbed(self, ctx: RuleContext) -> tuple[list, torch.Tensor]:
+        """:meth:`gradient` and what the application absorbed, read from the output side (as
+        :meth:`Epsilon.gradient_and_absorbed`): the output's relevance is ``r = z * G = u * stab(d)`` and, each
+        modified op being linear in ``x`` plus its bias, the input's is ``sum_j a_j * (z'_j - b_j) = u * d +
+        sum_j a_j * b_j`` (Euler), so the entry is ``u * (stab(d) - d) + sum_j a_j * b_j``: no product with ``x``
+        after the pullbacks, so ``x`` need not outlive them (summed over every dim but ``ctx.meta["batch_dim"]``)."""
+        parts = linear_parts(ctx)
+        if parts is None:
+            return Epsilon(self.stabilizer).gradient_and_absorbed(ctx)
+        gx, absorbed = self._gradient(ctx, parts, True)
+        return [gx], absorbed
+
+
+def _bias_shape(ctx: RuleContext, b: torch.Tensor) -> torch.Tensor:
+    """A bias shaped to broadcast against the op's output (a convolution's is per channel, dim 1)."""
+    z = ctx.outputs[0]
+    if b.ndim == 1 and z.ndim > 2 and "convolution" in ctx.op._opname:
+        return b.reshape((-1,) + (1,) * (z.ndim - 2))
+    return b
 
 
 def _nonneg_slot(slots, meta: dict) -> bool:
@@ -221,15 +258,19 @@ class Gamma(_ModifiedLinear):
         # the non-negative-input paths are x * (...): their G is the (...) (see _ModifiedLinear.gradient)
         return _nonneg_slot(slots, meta)
 
-    def _gradient(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
+    def _gradient(self, ctx: RuleContext, p: LinearParts, ledger: bool) -> tuple[torch.Tensor, Any]:
         """``G_x`` with ``R_x = x * G_x`` on a non-negative input, from ``G`` (``R = z * G``): the two fast paths
-        of :meth:`_relevance` without the final product with ``x``."""
+        of :meth:`_relevance` without the final product with ``x``; and the ledger entry."""
         g = self.gamma
         x, w, b = p.x, p.w, p.b
         r = ctx.outputs[0].to(x.dtype) * ctx.relevances[0].to(x.dtype)
         if ctx.meta.get("relevance_where_positive"):
-            zg, pb = modified(ctx, p, x, w + g * w.clamp(min=0), None if b is None else b + g * b.clamp(min=0))
-            return pb(r / stabilize(zg, self.stabilizer))
+            bg = None if b is None else b + g * b.clamp(min=0)
+            zg, pb = modified(ctx, p, x, w + g * w.clamp(min=0), bg)
+            sd = stabilize(zg, self.stabilizer)
+            u = r / sd
+            absorbed = self._absorbed(ctx, u, zg, sd, ((u, bg),)) if ledger else None
+            return pb(u), absorbed
         z, _, pos, pb_pos, pb = _positive_split(ctx, p)
         # u^+ and u^- live where z > 0 and z < 0, and r = z * G is 0 where z = 0, so one quotient u on one
         # denominator d serves both: d = z + g * q with q = pos where z > 0 and z - pos where z < 0, i.e.
@@ -237,11 +278,16 @@ class Gamma(_ModifiedLinear):
         # g (u^{z>0} - u^{z<0}) = -g (u - 2 u^{z>0}). ``t^{z>0}`` (t where z > 0, else 0) is threshold_backward,
         # a branch-free kernel: on CPU a where() or a comparison on a random sign pattern costs 4-20 times as much
         # as an add (benchmarks/results/tuning_notes.md)
+        # (ledger: a1 * z + a2 * pos = u * d on both sides, so the terms are those of one modified op)
         pos_up = torch.ops.aten.threshold_backward(pos, z, 0)
         q = torch.add(z.clamp(max=0), pos_up, alpha=2) - pos
-        u = r / stabilize(torch.add(z, q, alpha=g), self.stabilizer)
+        d = torch.add(z, q, alpha=g)
+        sd = stabilize(d, self.stabilizer)
+        u = r / sd
         u_up = torch.ops.aten.threshold_backward(u, z, 0)
-        return pb(torch.add(u * (1 + g), u_up, alpha=-g)) + pb_pos(torch.add(u, u_up, alpha=-2) * -g)
+        a1, a2 = torch.add(u * (1 + g), u_up, alpha=-g), torch.add(u, u_up, alpha=-2) * -g
+        absorbed = self._absorbed(ctx, u, d, sd, ((a1, b), (a2, _pos(b)))) if ledger else None
+        return pb(a1) + pb_pos(a2), absorbed
 
 
 class ZPlus(_ModifiedLinear):
@@ -260,11 +306,15 @@ class ZPlus(_ModifiedLinear):
     def gradient_form(self, op, slots, meta) -> bool:
         return _nonneg_slot(slots, meta)
 
-    def _gradient(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
-        """``G_x = W^{+T} (z * G / stab(z^+))`` on a non-negative input."""
-        z0, pb0 = modified(ctx, p, p.x, p.w.clamp(min=0), _pos(p.b))
+    def _gradient(self, ctx: RuleContext, p: LinearParts, ledger: bool) -> tuple[torch.Tensor, Any]:
+        """``G_x = W^{+T} (z * G / stab(z^+))`` on a non-negative input, and the ledger entry."""
+        bp = _pos(p.b)
+        z0, pb0 = modified(ctx, p, p.x, p.w.clamp(min=0), bp)
         r = ctx.outputs[0].to(z0.dtype) * ctx.relevances[0].to(z0.dtype)
-        return pb0(r / stabilize(z0, self.stabilizer))
+        sd = stabilize(z0, self.stabilizer)
+        u = r / sd
+        absorbed = self._absorbed(ctx, u, z0, sd, ((u, bp),)) if ledger else None  # before the pullback
+        return pb0(u), absorbed
 
     def _relevance(self, ctx: RuleContext, p: LinearParts) -> torch.Tensor:
         x, w, b = p.x, p.w, p.b
