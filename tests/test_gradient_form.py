@@ -15,8 +15,8 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.explainer import Explainer
-from dynlrp_fx.program import Analysis
 from dynlrp_fx.passes.memory import peak_live_bytes
+from dynlrp_fx.program import Analysis
 from tests.helpers import call_args, grad_x_input, pooled_cnn, tiny_bert
 
 D = torch.float64
