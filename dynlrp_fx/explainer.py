@@ -588,6 +588,7 @@ class Explainer(nn.Module):
             variant = self._rebuild(args, kwargs, frozenset(self._specialised))
         except DynlrpTraceError as e:
             raise DynlrpShapeError(f"{mismatch}\nTracing the model again at this call's shapes failed: {e}") from e
+        variant.cache_weights = self.cache_weights  # (runners are made at the first call; recompile may change it)
         self._variants.append(variant)
         del self._variants[:-MAX_VARIANTS]  # the least recently used beyond the bound
         return variant

@@ -198,10 +198,7 @@ def additive_constant(ctx: RuleContext) -> torch.Tensor | None:
         b = ctx.args[spec.bias] if spec.bias is not None and spec.bias < len(ctx.args) else None
         if not isinstance(b, torch.Tensor) or (spec.bias,) in ctx.slots:
             return None  # no bias, or a bias that is data (it takes its share)
-        z = ctx.outputs[0]
-        if b.ndim == 1 and z.ndim > 2 and "convolution" in ctx.op._opname:
-            b = b.reshape((-1,) + (1,) * (z.ndim - 2))  # a convolution's bias is per channel (dim 1)
-        return b
+        return bias_like_output(ctx, b)
     if ctx.op is torch.ops.aten._native_batch_norm_legit_no_training.default:
         return _batch_norm_shift(ctx)
     # the op on zeroed data at the smallest shape it accepts (size 1 everywhere, then with the channel dim 1 kept
@@ -217,6 +214,15 @@ def additive_constant(ctx: RuleContext) -> torch.Tensor | None:
         except (RuntimeError, IndexError, ValueError):
             continue
     return ctx.call({slot: torch.zeros_like(ctx.value(slot)) for slot in ctx.slots})[0]
+
+
+def bias_like_output(ctx: RuleContext, b: torch.Tensor) -> torch.Tensor:
+    """A multilinear op's bias ``b`` shaped to broadcast against its output: a convolution's is per channel (dim
+    1), anything else broadcasts as it is."""
+    z = ctx.outputs[0]
+    if b.ndim == 1 and z.ndim > 2 and "convolution" in ctx.op._opname:
+        return b.reshape((-1,) + (1,) * (z.ndim - 2))
+    return b
 
 
 def _batch_norm_shift(ctx: RuleContext) -> torch.Tensor:

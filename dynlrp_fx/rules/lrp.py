@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .base import Rule, RuleContext, Slot, batched_matmul, nonnegative_number, safe_divide, stabilize
-from .core import LINEAR, Epsilon, Route, _dot, _sum_to, scaled
+from .core import LINEAR, Epsilon, Route, _dot, _sum_to, bias_like_output, scaled
 from .table import lookup
 
 __all__ = [
@@ -143,7 +143,7 @@ class _ModifiedLinear(Rule):
         total = _dot(u, sd - d, keep)
         for a, b in biases:
             if b is not None:
-                total = total + _dot(a, _bias_shape(ctx, b), keep)
+                total = total + _dot(a, bias_like_output(ctx, b), keep)
         return total
 
     def gradient(self, ctx: RuleContext):
@@ -171,14 +171,6 @@ class _ModifiedLinear(Rule):
             return Epsilon(self.stabilizer).gradient_and_absorbed(ctx)
         gx, absorbed = self._gradient(ctx, parts, True)
         return [gx], absorbed
-
-
-def _bias_shape(ctx: RuleContext, b: torch.Tensor) -> torch.Tensor:
-    """A bias shaped to broadcast against the op's output (a convolution's is per channel, dim 1)."""
-    z = ctx.outputs[0]
-    if b.ndim == 1 and z.ndim > 2 and "convolution" in ctx.op._opname:
-        return b.reshape((-1,) + (1,) * (z.ndim - 2))
-    return b
 
 
 def _nonneg_slot(slots, meta: dict) -> bool:
@@ -252,7 +244,6 @@ class Gamma(_ModifiedLinear):
         up = (z > 0).to(r.dtype) * r / stabilize(z0 + z1, self.stabilizer)
         un = (z < 0).to(r.dtype) * r / stabilize(z2 + z3, self.stabilizer)
         return xp * (pb0(up) + pb2(un)) + xn * (pb1(up) + pb3(un))
-
 
     def gradient_form(self, op, slots, meta) -> bool:
         # the non-negative-input paths are x * (...): their G is the (...) (see _ModifiedLinear.gradient)
