@@ -12,7 +12,11 @@ builds it by default (random weights, eager backend, the default ``epsilon`` rul
   the one-call timing (so that drift between processes does not skew the ratio);
 * **autograd, K backward passes**: gradient x input with one forward pass and ``K`` ``torch.autograd.grad`` calls
   (``retain_graph``), the loop a Captum-style attribution of K targets runs (timed at the first K, scaled to the
-  others), and ``K x`` one forward+backward.
+  others), and ``K x`` one forward+backward;
+* with ``--captum``, on the text models: **Captum's ``LLMGradientAttribution``** (gradient x embedding activation,
+  Captum's gradient method for LLMs) of the same K tokens, one text at a time, each token's log-probability on its
+  prefix with one forward and one backward pass (:func:`_captum_llm`; a word-per-id tokenizer stands in for GPT-2's,
+  which is not available offline).
 
 ResNet-50 at 224x224 explains K classes per image; GPT-2 small at 128 tokens explains the last K positions'
 next tokens with ``dynlrp.targets.each_token(positions=...)``. The compile cache is on (a private folder), so
@@ -54,7 +58,8 @@ def _median_time(fn, reps: int) -> float:
 def worker(name: str, k: int, reps: int, what: str, rules: str | None = None, lxt: bool = False) -> dict[str, Any]:
     """One measurement in this process: ``what`` is ``"one"`` (K targets in one call), ``"single"`` (one target
     per call, ours and autograd; with ``lxt``, also LXT's one forward + K backward passes, and its relevance
-    against our one call's)."""
+    against our one call's) or ``"captum"`` (Captum's ``LLMGradientAttribution`` of the same K tokens, text models
+    only; see :func:`_captum_llm`)."""
     import torch
 
     import dynlrp_fx as dynlrp
@@ -83,7 +88,11 @@ def worker(name: str, k: int, reps: int, what: str, rules: str | None = None, lx
         flat = torch.stack([torch.randperm(classes, generator=gen)[:k] for _ in range(2)])
         target = flat
     out: dict[str, Any] = {"model": name, "k": k, "what": what, "compile_s": compile_s}
-    if what == "one":
+    if what == "captum":
+        ids = kwargs["input_ids"]
+        out["captum_s"] = _median_time(lambda: _captum_llm(bm.model, ids, k), max(1, reps - 1))
+        out["captum_check"] = _captum_check(bm.model, ids, k)
+    elif what == "one":
         box = {}
 
         def one():
@@ -162,6 +171,64 @@ def _autograd(bm, args: tuple, kwargs: dict, flat, lxt: tuple | None = None):
     return rel
 
 
+class _IdTokenizer:
+    """Token ``i`` <-> the word ``t<i>``: what Captum's LLM attribution needs of a tokenizer (encode, decode,
+    offsets), for a model built from its config with no tokenizer files available offline. The texts are made of
+    these words, so Captum explains exactly the token ids our explainer gets."""
+
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None):
+        import torch
+
+        ids = [int(w[1:]) for w in text.split()]
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+    def decode(self, token_ids) -> str:
+        return " ".join(f"t{int(i)}" for i in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids))
+
+    def convert_ids_to_tokens(self, token_ids):
+        return f"t{int(token_ids)}" if isinstance(token_ids, int) else [f"t{int(i)}" for i in token_ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        return int(tokens[1:]) if isinstance(tokens, str) else [int(t[1:]) for t in tokens]
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False):
+        ids, offsets, pos = [], [], 0
+        for w in text.split(" "):
+            ids.append(int(w[1:]))
+            offsets.append((pos, pos + len(w)))
+            pos += len(w) + 1
+        return {"input_ids": ids, **({"offset_mapping": offsets} if return_offsets_mapping else {})}
+
+
+def _captum_llm(model, ids, k: int) -> list:
+    """Captum's ``LLMGradientAttribution`` with gradient x activation at the token embeddings (its gradient method
+    for LLMs) of the last ``k`` tokens of each text, as our ``each_token(positions=...)`` explains them: for target
+    ``j`` Captum runs the model on the prefix and the targets before ``j`` and back-propagates the log-probability of
+    target ``j`` (one forward and one backward pass per target, one text at a time)."""
+    from captum.attr import LayerGradientXActivation, LLMGradientAttribution, TextTokenInput
+
+    tok = _IdTokenizer()
+    llm = LLMGradientAttribution(LayerGradientXActivation(model, model.get_input_embeddings()), tok)
+    out = []
+    for row in ids:
+        out.append(llm.attribute(TextTokenInput(tok.decode(row[:-k]), tok), target=row[-k:]).token_attr)
+    return out
+
+
+def _captum_check(model, ids, k: int) -> float:
+    """Captum's first target row against gradient x embedding of the same log-probability by autograd (relative
+    max difference): that Captum computed what it says."""
+    import torch
+
+    theirs = _captum_llm(model, ids[:1], k)[0][0]
+    prefix = ids[0, :-k][None]
+    emb = model.get_input_embeddings()(prefix).detach().requires_grad_(True)
+    logp = torch.log_softmax(model(inputs_embeds=emb).logits[0, -1], -1)[ids[0, -k]]
+    (g,) = torch.autograd.grad(logp, emb)
+    ref = (g * emb).sum(-1)[0].detach()
+    return float((theirs - ref).abs().max() / ref.abs().max())
+
+
 def _version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -169,6 +236,12 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "-"
+
+
+def _captum_cells(r: dict) -> str:
+    if r.get("captum_s") is None:
+        return " - | - |"
+    return f" {r['captum_s']:.2f} | **{r['captum_s'] / r['one_call_s']:.2f}** |"
 
 
 def _lxt_cells(r: dict) -> str:
@@ -223,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lxt", action="store_true",
                     help="also LXT's one forward + K backward passes on the text models (run in the venv of "
                          "benchmarks/lxt_env.sh; use --rules attnlrp, LXT's rule, for the relevance cross-check)")
+    ap.add_argument("--captum", action="store_true",
+                    help="also Captum's LLMGradientAttribution (gradient x embedding) of the same K tokens, per K")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--matrix", action="store_true",
                     help="instead: each_token() over all 127 positions of GPT-2 small (--models, batch 1), with the "
@@ -248,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in a.models.split(","):
         res = {}
-        for k, what in [(ks[0], "single"), *((k, "one") for k in ks)]:
+        jobs = [(ks[0], "single"), *((k, "one") for k in ks)]
+        if a.captum and name not in ("resnet50", "vgg16", "vit_b_16"):
+            jobs += [(k, "captum") for k in ks]
+        for k, what in jobs:
             cmd = [sys.executable, "-m", "benchmarks.multi_target", "--reps", str(a.reps), "--worker", name, str(k), what,
                    *(["--rules", a.rules] if a.rules else []), *(["--lxt"] if a.lxt else [])]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
@@ -270,11 +348,14 @@ def main(argv: list[str] | None = None) -> None:
                 "max_ledger_error": one["max_ledger_error"],
                 "lxt_k_backward_s": single["lxt_retain_s"] * k / ks[0] if "lxt_retain_s" in single else None,
                 "lxt_rel_diff": single.get("lxt_rel_diff") if k == ks[0] else None,
+                "captum_s": res[(k, "captum")]["captum_s"] if (k, "captum") in res else None,
+                "captum_check": res[(k, "captum")]["captum_check"] if (k, "captum") in res else None,
             })
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "batch": 2,
             "rules": a.rules or "epsilon (default)", "transformers": _version("transformers"), "lxt": _version("lxt")}
     with_lxt = any(r["lxt_k_backward_s"] is not None for r in rows)
+    with_captum = any(r["captum_s"] is not None for r in rows)
     Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# K targets per sample in one call (CPU)",
@@ -286,19 +367,27 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| model | K | ours, one call (s) | ours, K calls (s) | one / K calls | autograd gxi, 1 fwd + K bwd (s) | "
         "autograd gxi, K calls (s) | targets per sweep | peak RSS one call / single (MB) |"
-        + (" LXT, 1 fwd + K bwd (s) | LXT / ours one call | rel diff LXT vs ours |" if with_lxt else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_lxt else ""),
+        + (" LXT, 1 fwd + K bwd (s) | LXT / ours one call | rel diff LXT vs ours |" if with_lxt else "")
+        + (" Captum LLMGradientAttribution (s) | Captum / ours one call |" if with_captum else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_lxt else "")
+        + ("---|---|" if with_captum else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['k']} | {r['one_call_s']:.2f} | {r['k_calls_s']:.2f} | **{r['ratio']:.2f}** | "
             f"{r['autograd_k_backward_s']:.2f} | {r['autograd_k_calls_s']:.2f} | {r['targets_per_sweep']}"
             f"{'' if r['batched'] else ' (one at a time)'} | {r['peak_rss_one_mb']:.0f} / {r['peak_rss_single_mb']:.0f} |"
-            + (_lxt_cells(r) if with_lxt else "")
+            + (_lxt_cells(r) if with_lxt else "") + (_captum_cells(r) if with_captum else "")
         )
     lines += ["", "Target: one / K calls <= 0.5 on CPU. "
               + ", ".join(f"{r['model']} K={r['k']}: {'met' if r['ratio'] <= 0.5 else 'NOT met'} ({r['ratio']:.2f})"
                           for r in rows) + "."]
+    if with_captum:
+        lines += ["", "Captum (`--captum`): `LLMGradientAttribution(LayerGradientXActivation(model, embeddings))`, one "
+                  "text at a time, the log-probability of each of the K tokens given its prefix (one forward and one "
+                  "backward pass per token). Its first row against autograd's gradient x embedding of that "
+                  "log-probability: " + ", ".join(f"K={r['k']} {r['captum_check']:.1e}" for r in rows
+                                                  if r.get("captum_check") is not None) + "."]
     Path(a.md).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
