@@ -146,3 +146,60 @@ def test_strided_max_pool_indices_come_from_the_forward_pass(monkeypatch):
     torch.testing.assert_close(ex(x, target=1).relevance, kept(x, target=1).relevance, rtol=1e-12, atol=1e-14)
     monkeypatch.setattr(cse, "_smaller_than_operands", lambda node: False)
     assert pools(dynlrp.compile(model, (x,), rules="lrp0", backend="eager", cache=False)) == 2
+
+
+class _PreLN(nn.Module):
+    """A pre-LN residual stack (GPT-2 / ViT / Llama style): ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))``, with
+    the attention replaced by a linear map (the residual stream is what this test is about)."""
+
+    def __init__(self, d: int = 8, layers: int = 6):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln1": nn.LayerNorm(d), "mix": nn.Linear(d, d), "ln2": nn.LayerNorm(d),
+                           "fc1": nn.Linear(d, 4 * d), "fc2": nn.Linear(4 * d, d)}) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = x + b["mix"](b["ln1"](x))
+            x = x + b["fc2"](torch.nn.functional.gelu(b["fc1"](b["ln2"](x))))
+        return self.head(self.ln(x)).mean(1)
+
+
+def test_residual_stream_is_stepped_back_not_recomputed(monkeypatch):
+    """Under ``epsilon`` every layer's rules read the residual stream ``x_l`` (the residual add's stabiliser, the
+    LayerNorm's input). ``recompute`` rebuilds ``x_{l-1}`` as a chain of adds from a held checkpoint, every layer;
+    ``step_back_residual_streams`` reads it back as ``x_l - b_l`` from the ``x_l`` the relevance half has just
+    read: recomputed adds fall from quadratic in the depth to a few, the peak does not rise, and the relevance
+    equals ``keep``'s (the forward values themselves) and the program's without the pass to float64 rounding."""
+    from dynlrp_fx.passes import PIPELINE
+
+    torch.manual_seed(0)
+    model = _PreLN().double().eval()
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+
+    def recomputed_adds(ex):
+        return sum(1 for n in ex.graph().graph.nodes
+                   if n.target is torch.ops.aten.add.Tensor and "dynlrp_recomputed_from" in n.meta)
+
+    def steps(ex):
+        return sum(1 for n in ex.graph().graph.nodes if "dynlrp_stepped_back_from" in n.meta)
+
+    ex = dynlrp.compile(model, (x,), rules="epsilon", backend="eager", cache=False)
+    keep = dynlrp.compile(model, (x,), rules="epsilon", backend="eager", cache=False, promise_policy="keep")
+    with monkeypatch.context() as m:
+        m.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "step_back_residual_streams"))
+        chains = dynlrp.compile(model, (x,), rules="epsilon", backend="eager", cache=False)
+    assert steps(ex) >= 2 * len(model.blocks) - 2 and steps(chains) == 0
+    assert recomputed_adds(chains) > 40 and recomputed_adds(ex) * 4 < recomputed_adds(chains), (
+        recomputed_adds(ex), recomputed_adds(chains))
+    assert _peak(ex, (x,), {})[0] <= _peak(chains, (x,), {})[0]
+    got = ex(x, target=1)
+    for other in (keep, chains):
+        want = other(x, target=1)
+        torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.conservation.absorbed, want.conservation.absorbed, rtol=1e-9, atol=1e-12)
+    assert float(got.conservation.error.max()) < 1e-9

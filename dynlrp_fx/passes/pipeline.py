@@ -256,6 +256,7 @@ PIPELINE = Pipeline(
              "synthesis"),
         Pass("eliminate_dead_code", eliminate_dead_code.eliminate_dead_code, "synthesis"),
         Pass("hold_outputs_not_inputs", resolve_promises.hold_outputs_not_inputs, "synthesis"),
+        Pass("step_back_residual_streams", resolve_promises.step_back_residual_streams, "synthesis"),
         Pass("sink_cheap_ops", sink_cheap_ops.sink_cheap_ops, "synthesis"),
         Pass("reuse_buffers", reuse_buffers.reuse_buffers, "backend", _eager, 'backend="eager" only, on a copy'),
     ]
