@@ -203,3 +203,41 @@ def test_residual_stream_is_stepped_back_not_recomputed(monkeypatch):
         torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got.conservation.absorbed, want.conservation.absorbed, rtol=1e-9, atol=1e-12)
     assert float(got.conservation.error.max()) < 1e-9
+
+
+@pytest.mark.parametrize("rules", ["lrp0", "epsilon"])
+def test_relu_pullbacks_read_their_mask_from_the_relu_input(monkeypatch, rules):
+    """A ReLU's rule is its own VJP, ``threshold_backward(g, relu(z), 0)``, and ``relu(z)`` was recomputed from the
+    held ``z`` for that mask alone (ResNet-18: 17 per explanation). ``mask_relu_pullbacks`` reads the mask from
+    ``z`` (``relu(z) > 0`` exactly where ``z > 0``): no ``threshold_backward`` reads a ReLU made only for it, the
+    peak does not rise, and the relevance equals ``keep``'s and gradient x input (LRP-0) bit for bit in float64."""
+    import torchvision
+
+    from dynlrp_fx.passes import PIPELINE
+    from tests.helpers import grad_x_input
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).eval().double()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def relus(ex):
+        return [n for n in ex.graph().graph.nodes if n.target is torch.ops.aten.relu.default]
+
+    ex = dynlrp.compile(model, (x,), rules=rules, backend="eager", cache=False)
+    with monkeypatch.context() as m:
+        m.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "mask_relu_pullbacks"))
+        before = dynlrp.compile(model, (x,), rules=rules, backend="eager", cache=False)
+    masks = [n for n in ex.graph().graph.nodes if n.target is torch.ops.aten.threshold_backward.default]
+    assert masks and not any(n.args[1].target is torch.ops.aten.relu.default and len(n.args[1].users) == 1
+                             for n in masks)
+    assert len(relus(ex)) == len(relus(before)) - 17, (len(relus(ex)), len(relus(before)))
+    assert _peak(ex, (x,), {})[0] <= _peak(before, (x,), {})[0]
+    keep = dynlrp.compile(model, (x,), rules=rules, backend="eager", cache=False, promise_policy="keep")
+    got = ex(x, target=3).relevance
+    torch.testing.assert_close(got, keep(x, target=3).relevance, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got, before(x, target=3).relevance, rtol=0, atol=0)
+    if rules == "lrp0":
+        torch.testing.assert_close(got, grad_x_input(model, x, 3), rtol=1e-10, atol=1e-13)
