@@ -115,6 +115,23 @@ def test_llama_forms_agree_to_its_float32_casts():
     assert float(a.conservation.error.max()) < 1e-5
 
 
+def test_relevance_form_builds_with_the_empty_key_value_cache():
+    """Llama as transformers builds it (``use_cache`` on) concatenates each layer's keys and values to the empty
+    (0,)-shaped tensors of a fresh ``DynamicCache``. ``narrow_block_matmuls`` read each ``cat`` operand's size
+    along the ``cat`` dim and failed on the 1-D empty operand (an IndexError, without grouped-query attention,
+    where the keys reach a matmul directly); it now treats such a ``cat`` as no block. Regression found by the
+    issue-16 benchmark on the Llama-style model (16 heads, 16 key-value heads)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)
+    model = tf.LlamaForCausalLM(cfg).eval().to(D)
+    kw = {"input_ids": torch.randint(3, 100, (2, 12))}
+    ex, ref = _pair(model, (), kw, "epsilon")
+    _close(ex(**kw, target=4).relevance, ref(**kw, target=4).relevance, rtol=1e-6)
+
+
 def test_several_targets_in_gradient_form():
     torch.manual_seed(0)
     model = pooled_cnn().to(D)

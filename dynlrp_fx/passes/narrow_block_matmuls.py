@@ -97,7 +97,9 @@ def _block(n: Any, memo: dict) -> Block | None:
     elif t is _aten.cat.default and isinstance(val, torch.Tensor):
         # the pullback of a split: zeros for the chunks that carried no relevance, one chunk that did
         d = (args[1] if len(args) > 1 else 0) % val.ndim
-        sizes = [p.meta["val"].shape[d] if isinstance(p, fx.Node) else None for p in args[0]]
+        # an operand of another rank (cat skips empty 1-D tensors, e.g. a rule's zero-size placeholder): no block
+        sizes = [p.meta["val"].shape[d] if isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
+                 and p.meta["val"].ndim == val.ndim else None for p in args[0]]
         live = [i for i, p in enumerate(args[0]) if not _zeros(p)]
         if len(live) == 1 and all(isinstance(z, int) for z in sizes):
             res = (d, sum(sizes[: live[0]]), sizes[live[0]])

@@ -271,7 +271,6 @@ def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
     return gm
 
 
-
 def _is_copy(n: fx.Node) -> bool:
     return "dynlrp_recomputed_from" in n.meta
 
