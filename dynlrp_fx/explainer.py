@@ -39,6 +39,8 @@ from .weight_cache import WeightCache, split_state
 __all__ = ["compile", "Explainer", "Explanation", "Conservation", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "inductor", "eager")
+#: torch.compile modes that capture CUDA graphs: their outputs are static buffers, overwritten by the next replay
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _check_backend(backend: Any) -> None:
@@ -336,7 +338,7 @@ class Explainer(nn.Module):
             if batch > 1 and extra.ndim >= 1 and self.call_spec.output_batched and any(
                     s.batched and isinstance(s.shape[0], str) for s in self.call_spec.inputs):
                 torch._dynamo.mark_dynamic(extra, 0)
-        graphs = self.backend != "eager" and self.mode in ("reduce-overhead", "max-autotune")
+        graphs = self.backend != "eager" and self.mode in _CUDA_GRAPH_MODES
         if graphs:  # CUDA graphs: a new step, so the previous call's static outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         run = self._runner(mode, prog)
@@ -362,7 +364,7 @@ class Explainer(nn.Module):
         """A :class:`~dynlrp_fx.weight_cache.WeightCache` over ``runnable`` (a graph whose first inputs are the
         model's state), its main part compiled for this explainer's backend in torch.compile ``mode``; ``None``
         with ``cache_weights=False``, under CUDA graphs, or when nothing depends on the weights alone."""
-        if not self.cache_weights or (self.backend != "eager" and mode in ("reduce-overhead", "max-autotune")):
+        if not self.cache_weights or (self.backend != "eager" and mode in _CUDA_GRAPH_MODES):
             return None
         split = split_state(runnable, len(self._state_plan))
         if split is None:
@@ -405,7 +407,7 @@ class Explainer(nn.Module):
                 sp.relevance = PIPELINE.run(sp.relevance_graph, CompileContext(backend="eager"), stage="backend",
                                             report=self._report, label=f"backend[{mode} relevance half]")
             else:  # CUDA-graph modes would replay over the forward values between sweeps: plain compiles
-                mode_ = None if self.mode in ("reduce-overhead", "max-autotune") else self.mode
+                mode_ = None if self.mode in _CUDA_GRAPH_MODES else self.mode
                 sp.forward = (self._weight_cached(sp.forward_graph, mode_)
                               or compiled(sp.forward_graph, self.backend, self.dynamic, mode_))
                 sp.relevance = compiled(sp.relevance_graph, self.backend, self.dynamic, mode_)
