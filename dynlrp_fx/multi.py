@@ -32,7 +32,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .passes.nodes import is_cheap
+from .passes.nodes import is_cheap, is_recomputed
 from .passes.pair import ProgramOutputs, _batch_dim
 
 __all__ = ["SplitProgram", "split_program", "expand_batch", "sweep_size", "DEFAULT_SWEEP_BYTES"]
@@ -206,7 +206,7 @@ def split_program(gm: fx.GraphModule, outputs: ProgramOutputs, n_inputs_before_e
             dep.add(n)
     fwd: set[fx.Node] = set()
     stack = [n for n in nodes if n.op != "output" and n not in dep and (
-        n.op == "placeholder" or "dynlrp_recomputed_from" not in n.meta)]
+        n.op == "placeholder" or not is_recomputed(n))]
     stack += [r for r in model_outs if isinstance(r, fx.Node)]
     while stack:  # the forward half is closed under inputs
         n = stack.pop()

@@ -396,3 +396,44 @@ def test_gamma_and_zplus_run_in_gradient_form_on_nonnegative_inputs(rules):
         peak = {k: peak_live_bytes(v.graph("target"), *call_args(v, (x,), {}, t))[0]
                 for k, v in (("g", ex), ("r", ref))}
         assert peak["g"] <= peak["r"], peak
+
+
+def test_divide_zero_at_zero_equals_the_safe_division():
+    from dynlrp_fx.rules.base import divide_zero_at_zero, safe_divide
+
+    # (infinite x differ: f(inf) / inf is NaN, which the safe division keeps and this reads as 0)
+    x = torch.tensor([0.0, -0.0, 1e-300, -1e-300, -2.5, 3.0, 40.0], dtype=D)
+    for f in (torch.nn.functional.gelu, torch.nn.functional.silu, torch.tanh):
+        y = f(x)
+        torch.testing.assert_close(divide_zero_at_zero(y, x), safe_divide(y, x, 0.0), equal_nan=True)
+        assert float(divide_zero_at_zero(y, x)[0]) == 0.0 == float(divide_zero_at_zero(y, x)[1])
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.Tanh()], ids=["gelu", "tanh"])
+def test_identity_rule_ratio_is_zero_at_exact_zeros(act):
+    """The identity rule in gradient form hands on ``G * f(x) / x``, read as 0 where ``x == 0`` (``R_x = R_y = 0``
+    there, and the relevance form's ``R / x`` is 0 by the same convention). The program writes the quotient's
+    ``0 / 0`` as one ``nan_to_num`` pass instead of an ``x == 0`` mask and a ``where``; a unit whose
+    pre-activation is exactly 0 (``x_0 - x_1`` on inputs with ``x_0 == x_1``) then passes nothing back, as in the
+    relevance form: ``f(x) / x`` tends to ``f'(0) != 0`` there, which would hand ``+-G f'(0) x_0`` to the two
+    inputs. (SiLU is traced as ``x * sigmoid(x)``, a product whose gate is detached: its gradient form hands on
+    ``G * sigmoid(x)``, as LXT does.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 3)).eval().to(D)
+    with torch.no_grad():
+        model[0].weight[0] = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=D)
+        model[0].bias[0] = 0.0
+    x = torch.randn(3, 4, dtype=D)
+    x[:, 1] = x[:, 0]
+    ex, ref = _pair(model, (x,), rules="lrp0")
+    with torch.no_grad():
+        assert float(model[0](x)[:, 0].abs().max()) == 0.0
+    got, want = ex(x, target=1), ref(x, target=1)
+    _same(got, want)
+    ops = [n.target for n in ex.graph("target").graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.nan_to_num.default in ops and torch.ops.aten.eq.Scalar not in ops, ops
+    # the unit passes nothing back: the same relevance with its weights zeroed (f(x) / x -> f'(0) at x = 0 would
+    # hand +-G f'(0) x_0 to the two inputs, which zeroing the weights removes)
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+    _close(ex(x, target=1).relevance, got.relevance, rtol=1e-12)

@@ -409,3 +409,70 @@ def test_value_numbers_see_through_reshape_chains():
     assert via_swap not in canon and other not in canon
     out = gm(torch.arange(12.0))
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2]) and not torch.equal(out[0], out[3])
+
+
+def _contiguous_clone(g: fx.Graph, x: fx.Node) -> fx.Node:
+    return g.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+
+
+def test_reshape_of_a_contiguous_clone_reads_the_clone_operand():
+    """``make_fx`` traces a reshape it cannot prove viewable as ``clone(x, contiguous)`` + ``_unsafe_view``:
+    ``elide_reshape_copies`` lets the reshape read ``x`` (a view where the strides allow, one copy where not), and
+    leaves a clone alone where another op reads it or a graph output could alias ``x`` through the reshape."""
+    def build(g, x):
+        t = g.call_function(aten.permute.default, (g.call_function(aten.reshape.default, (x, [4, 4, 4])), [1, 0, 2]))
+        merged = g.call_function(aten._unsafe_view.default, (_contiguous_clone(g, t), [16, 4]))
+        kept = _contiguous_clone(g, t)  # read by a sum too: stays
+        summed = g.call_function(aten.sum.default, (g.call_function(aten.reshape.default, (kept, [64])),))
+        out_alias = g.call_function(aten.reshape.default, (_contiguous_clone(g, t), [64]))  # returned: stays
+        return (g.call_function(aten.mul.Tensor, (merged, 2.0)), g.call_function(aten.add.Tensor, (summed, kept)),
+                out_alias)
+
+    gm = _graph(build)
+    x = torch.randn(64)
+    want = gm(x)
+    new, _ = run_pass("elide_reshape_copies", gm)
+    assert _targets(new).count(aten.clone.default) == 2 and aten._unsafe_view.default not in _targets(new)
+    got = new(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[2].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def test_attention_reshapes_and_recomputed_copies_read_their_operands(monkeypatch):
+    """torchvision's ViT (``nn.MultiheadAttention``): the rules' head merges for ``bmm`` were traced as contiguous
+    clones + views (a copy per call even where a view exists, and a second copy after a reshape that had copied
+    already), and the recomputed q / k / v each copied the packed projection again (``.contiguous()`` in torch's
+    packed in-projection) to select one third of it. After ``elide_reshape_copies`` no clone is read by reshapes
+    alone and no recomputed clone by views alone; the relevance equals the program's without the pass (float64; the
+    matmuls see other strides) and the peak does not rise."""
+    import torchvision
+
+    from dynlrp_fx.passes import PIPELINE
+    from dynlrp_fx.passes.nodes import is_recomputed
+    from dynlrp_fx.rules.table import returns_alias
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=5).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def clones(ex):
+        out = []
+        for n in ex.graph().graph.nodes:
+            if n.target is aten.clone.default and n.kwargs.get("memory_format") is torch.contiguous_format:
+                users = list(n.users)
+                out.append((all(u.target in (aten.reshape.default, aten._unsafe_view.default) for u in users),
+                            is_recomputed(n) and all(returns_alias(u.target) for u in users)))
+        return out
+
+    ex = dynlrp.compile(vit, (x,), rules="attnlrp", backend="eager", cache=False)
+    with monkeypatch.context() as m:
+        m.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "elide_reshape_copies"))
+        before = dynlrp.compile(vit, (x,), rules="attnlrp", backend="eager", cache=False)
+    assert not any(a or b for a, b in clones(ex))
+    assert sum(a for a, _ in clones(before)) >= 4 and sum(b for _, b in clones(before)) >= 4, clones(before)
+    args = call_args(ex, (x,), {})
+    assert peak_live_bytes(ex.graph(), *args)[0] <= peak_live_bytes(before.graph(), *args)[0]
+    got, want = ex(x, target=1), before(x, target=1)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.conservation.absorbed, want.conservation.absorbed, rtol=1e-12, atol=1e-14)

@@ -8,6 +8,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.passes.memory import peak_live_bytes
+from dynlrp_fx.passes.nodes import is_recomputed
 from dynlrp_fx.passes.resolve_promises import POLICIES
 from tests.helpers import call_args, run_pass, tiny_bert
 
@@ -183,7 +184,7 @@ def test_residual_stream_is_stepped_back_not_recomputed(monkeypatch):
 
     def recomputed_adds(ex):
         return sum(1 for n in ex.graph().graph.nodes
-                   if n.target is torch.ops.aten.add.Tensor and "dynlrp_recomputed_from" in n.meta)
+                   if n.target is torch.ops.aten.add.Tensor and is_recomputed(n))
 
     def steps(ex):
         return sum(1 for n in ex.graph().graph.nodes if "dynlrp_stepped_back_from" in n.meta)

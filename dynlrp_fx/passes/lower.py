@@ -33,7 +33,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .canonicalize import views_to_reshape
-from .nodes import lazy_graph_module, size_key
+from .nodes import RECOMPUTED_FROM, is_recomputed, lazy_graph_module, size_key
 
 __all__ = ["lower", "trace_node", "traced_value"]
 
@@ -288,11 +288,10 @@ class _Lowering:
             return self.items[(args[0], args[1])]
         new = self.g.call_function(n.target, args, kwargs)
         new.meta = _meta(val, n.meta)
-        if "dynlrp_recomputed_from" in n.meta:  # the multi-target split keeps rematerialised values with relevance
+        if is_recomputed(n):  # the multi-target split keeps rematerialised values with relevance
             # the original's name in the new graph (hold_small_outputs reads it; nodes may be renamed here)
-            orig = self.env.get(self.by_name.get(n.meta["dynlrp_recomputed_from"]))
-            new.meta["dynlrp_recomputed_from"] = (orig.name if isinstance(orig, fx.Node)
-                                                  else n.meta["dynlrp_recomputed_from"])
+            orig = self.env.get(self.by_name.get(n.meta[RECOMPUTED_FROM]))
+            new.meta[RECOMPUTED_FROM] = orig.name if isinstance(orig, fx.Node) else n.meta[RECOMPUTED_FROM]
         if isinstance(val, torch.SymInt):
             self.sizes[val.node.expr] = new
         if n.target is operator.getitem and isinstance(args[0], fx.Node) and isinstance(args[1], int):

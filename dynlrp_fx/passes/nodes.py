@@ -25,9 +25,12 @@ from ..rules import table
 from ..rules.base import Rule
 
 __all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap", "numel_hint", "bytes_hint", "reads_only_first_output", "replace_first_output",
-           "tensor_inputs", "size_key", "lazy_graph_module"]
+           "tensor_inputs", "size_key", "lazy_graph_module", "RECOMPUTED_FROM", "is_recomputed"]
 
 FLOAT, INDEX, OTHER = "float", "index", "other"
+
+#: meta key of a forward value's copy made by the ``recompute`` memory policy: the name of the value it copies
+RECOMPUTED_FROM = "dynlrp_recomputed_from"
 
 
 @dataclass
@@ -86,6 +89,11 @@ def iter_annotated(gm: torch.fx.GraphModule):
             yield node, ann
 
 
+
+
+def is_recomputed(node: fx.Node) -> bool:
+    """Whether ``node`` is a copy of a forward value made by the ``recompute`` memory policy (not a model op)."""
+    return RECOMPUTED_FROM in node.meta
 
 
 def is_cheap(node: torch.fx.Node) -> bool:

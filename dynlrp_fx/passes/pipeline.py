@@ -32,6 +32,7 @@ from . import (
     assign_rules,
     canonicalize,
     detect_normalizers,
+    elide_reshape_copies,
     eliminate_common_subexpressions,
     eliminate_dead_code,
     fold_batchnorm,
@@ -259,6 +260,7 @@ PIPELINE = Pipeline(
         Pass("eliminate_dead_code", eliminate_dead_code.eliminate_dead_code, "synthesis"),
         Pass("hold_outputs_not_inputs", resolve_promises.hold_outputs_not_inputs, "synthesis"),
         Pass("step_back_residual_streams", resolve_promises.step_back_residual_streams, "synthesis"),
+        Pass("elide_reshape_copies", elide_reshape_copies.elide_reshape_copies, "synthesis"),
         Pass("sink_cheap_ops", sink_cheap_ops.sink_cheap_ops, "synthesis"),
         Pass("reuse_buffers", reuse_buffers.reuse_buffers, "backend", _eager, 'backend="eager" only, on a copy'),
     ]

@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.table import recompute_cost
-from .nodes import bytes_hint, is_cheap, numel_hint, tensor_inputs
+from .nodes import RECOMPUTED_FROM, bytes_hint, is_cheap, is_recomputed, numel_hint, tensor_inputs
 from .pair import promise
 
 __all__ = ["resolve_promises", "hold_small_outputs", "hold_outputs_not_inputs", "step_back_residual_streams", "count_promises", "POLICIES", "DEFAULT_POLICY"]
@@ -153,7 +153,7 @@ def resolve_promises(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         with g.inserting_before(before):
             c = g.node_copy(v, lambda a: inputs.get(a, a))
         c.meta = dict(v.meta)
-        c.meta["dynlrp_recomputed_from"] = v.name
+        c.meta[RECOMPUTED_FROM] = v.name
         if share:
             copies[v] = c
         return c
@@ -183,8 +183,8 @@ def hold_small_outputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModul
     by_name = {n.name: n for n in nodes}
     changed = False
     for c in nodes:
-        v = by_name.get(c.meta.get("dynlrp_recomputed_from", ""))
-        if v is None or v is c or "dynlrp_recomputed_from" in v.meta or not isinstance(
+        v = by_name.get(c.meta.get(RECOMPUTED_FROM, ""))
+        if v is None or v is c or is_recomputed(v) or not isinstance(
                 c.meta.get("val"), (tuple, list)):
             continue
         for u in list(c.users):
@@ -208,7 +208,7 @@ def _read_from_forward(g: fx.Graph, v: fx.Node, u: fx.Node, order: dict, before:
         with g.inserting_after(v):
             fwd = g.call_function(operator.getitem, (v, i))
         fwd.meta = dict(u.meta)
-        fwd.meta.pop("dynlrp_recomputed_from", None)
+        fwd.meta.pop(RECOMPUTED_FROM, None)
         order[fwd] = order[v]  # right after v: the next reader of this output reuses it
     u.replace_all_uses_with(fwd)
     g.erase_node(u)
@@ -232,8 +232,8 @@ def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
     order = {n: i for i, n in enumerate(g.nodes)}
     copies: dict[fx.Node, list[fx.Node]] = {}
     for c in g.nodes:
-        v = by_name.get(c.meta.get("dynlrp_recomputed_from", ""))
-        if v is not None and v is not c and "dynlrp_recomputed_from" not in v.meta and c.target is v.target:
+        v = by_name.get(c.meta.get(RECOMPUTED_FROM, ""))
+        if v is not None and v is not c and not is_recomputed(v) and c.target is v.target:
             copies.setdefault(v, []).append(c)
     changed = False
     for v, cs in copies.items():
@@ -271,14 +271,10 @@ def hold_outputs_not_inputs(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
     return gm
 
 
-def _is_copy(n: fx.Node) -> bool:
-    return "dynlrp_recomputed_from" in n.meta
-
-
 def _free_to_keep(n: fx.Node) -> bool:
     """Whether keeping ``n`` alive longer keeps nothing but views alive: a value the program does not recompute
     (a held forward value), or a recomputed view of one."""
-    if not _is_copy(n):
+    if not is_recomputed(n):
         return True
     return recompute_cost(n.target) == 0 and all(_free_to_keep(u) for u in tensor_inputs(n))
 
@@ -335,10 +331,10 @@ def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
     order = {n: i for i, n in enumerate(g.nodes)}
     changed = False
     for pos, c in enumerate(list(g.nodes)):
-        v = by_name.get(c.meta.get("dynlrp_recomputed_from", ""))
-        if v is None or v is c or _is_copy(v):
+        v = by_name.get(c.meta.get(RECOMPUTED_FROM, ""))
+        if v is None or v is c or is_recomputed(v):
             continue
-        if any(_summand_position(by_name.get(u.meta.get("dynlrp_recomputed_from", ""), u), v) is not None
+        if any(_summand_position(by_name.get(u.meta.get(RECOMPUTED_FROM, ""), u), v) is not None
                for u in c.users):
             continue  # a link of a chain (the copy of x_{l-1} that the copy of x_l adds to): its top decides
         # where the value of v can come from: v made before (reused), or w = v + t made before (v = w - t)
@@ -357,7 +353,7 @@ def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
             with g.inserting_before(c):
                 s = g.call_function(torch.ops.aten.sub.Tensor, (value[w], operands[w][1 - i]),
                                     {"alpha": alpha} if alpha != 1 else {})
-            s.meta = {k: x for k, x in c.meta.items() if k != "dynlrp_recomputed_from"}
+            s.meta = {k: x for k, x in c.meta.items() if k != RECOMPUTED_FROM}
             s.meta["dynlrp_stepped_back_from"] = w.name
             order[s] = pos
             value[v] = s
@@ -375,7 +371,7 @@ def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
                     g.erase_node(n)
         # the copies replaced, and the chains they were the tops of, are unread now
         for n in reversed(list(g.nodes)):
-            if _is_copy(n) and not n.users:
+            if is_recomputed(n) and not n.users:
                 g.erase_node(n)
         gm.recompile()
     return gm

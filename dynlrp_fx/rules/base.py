@@ -24,6 +24,8 @@ __all__ = [
     "Rule",
     "stabilize",
     "safe_divide",
+    "divide_zero_at_zero",
+    "nan_to_zero",
     "batched_matmul",
     "nonnegative_number",
 ]
@@ -65,6 +67,19 @@ def safe_divide(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tenso
         # the quotient is inf/NaN where den == 0 and not selected there (three passes; nothing differentiates it)
         return torch.where(den == 0, 0.0, num / den)
     return num / stabilize(den, eps)
+
+
+def nan_to_zero(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN replaced by 0 and infinities kept (``0 / 0`` or ``0 * inf`` read as 0)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def divide_zero_at_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``den != 0`` and ``0`` elsewhere, for ``num`` that is zero wherever ``den`` is (``f(x) / x``
+    with ``f(0) = 0``): there the quotient is ``0 / 0 = NaN``, and one ``nan_to_num`` pass replaces it. The same
+    values as :func:`safe_divide` with ``eps = 0`` (infinities are kept), without its ``den == 0`` mask and ``where``:
+    on this CPU each of those costs about five times the division (``benchmarks/results/tuning_notes.md``)."""
+    return nan_to_zero(num / den)
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
-from .base import Rule, RuleContext, batched_matmul, nonnegative_number, safe_divide
+from .base import (
+    Rule,
+    RuleContext,
+    batched_matmul,
+    divide_zero_at_zero,
+    nan_to_zero,
+    nonnegative_number,
+    safe_divide,
+)
 from .table import facts, lookup
 
 __all__ = [
@@ -156,7 +164,9 @@ def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch
         parts.append(_dot(t, z, keep, eps) if finite else _reduce(s * torch.sign(z) * eps, keep))
     if c is not None:
         c = c.to(s.dtype)
-        parts.append(_dot(s, c, keep) if finite else _reduce(torch.where(s == 0, 0.0, s * c), keep))
+        # (-inf in c meets s = 0 where a masked score gets no gradient: each such 0 * -inf = NaN is 0, replaced per
+        # element before the sum; one nan_to_num pass instead of an s == 0 mask and a where)
+        parts.append(_dot(s, c, keep) if finite else _reduce(nan_to_zero(s * c), keep))
     if not parts:  # nothing absorbed (pair asks only where something may be)
         return torch.zeros_like(s) if keep is None else s.new_zeros((s.shape[keep],))
     if any(p.ndim == s.ndim - 1 for p in parts):
@@ -317,7 +327,8 @@ class Identity(Rule):
             res[0] = ctx.vjp([slot], ctx.relevances)[0]
             return res
         x = ctx.value(slot).to(ctx.dtype)
-        res[0] = _sum_to(ctx.relevances[0] * safe_divide(ctx.outputs[0].to(ctx.dtype), x, 0.0), x)
+        # f(0) = 0 where this form is used (``gradient_form``), so the quotient is 0 / 0 only where x is 0
+        res[0] = _sum_to(ctx.relevances[0] * divide_zero_at_zero(ctx.outputs[0].to(ctx.dtype), x), x)
         return res
 
 
