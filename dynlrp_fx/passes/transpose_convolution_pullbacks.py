@@ -9,10 +9,19 @@ the final product, and a compiler could fuse it into that product instead of wri
 :func:`transpose_convolution_pullbacks` rewrites such calls into ``convolution(grad, W, transposed=True,
 output_padding=...)`` (what Zennit calls, ``conv_transpose``), with the output padding that restores ``x``'s
 spatial size. Only calls with static spatial sizes are rewritten; the batch may stay symbolic.
+
+A patch embedding (stride equal to a kernel of at least 16 taps, no padding, dilation or groups: ViT's 16x16,
+ConvNeXt's and Swin's 4x4 stems) has non-overlapping windows, so its pullback is one matrix product, ``g`` as
+``(B * patches, C_out)`` times ``W`` as ``(C_out, C_in * taps)``, with the patches laid back in place by a
+permute (and zero rows / columns where the windows did not reach the input's edge). On this CPU that took 1.9 ms
+against the transposed convolution's 11.8 ms for ViT-B/16 at 224x224, batch 1 (10.8 ms against 60 ms at batch 8;
+gradient x input's own ``convolution_backward`` 10.8 / 58 ms); with 4 taps (2x2 stride-2 downsampling) it was
+not faster, so those stay transposed convolutions.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +50,53 @@ def _output_padding(x_size, g_size, w_size, stride, padding, dilation) -> list[i
     return pads
 
 
+def _is_patch_embedding(kernel, stride, padding, dilation, groups) -> bool:
+    """Non-overlapping windows of at least 16 taps that tile the input from its corner (see module doc)."""
+    return (groups == 1 and math.prod(kernel) >= 16 and list(stride) == list(kernel)
+            and all(p == 0 for p in padding) and all(d == 1 for d in dilation))
+
+
+def _patch_pullback(g: fx.Graph, before: fx.Node, grad: fx.Node, w: fx.Node, gv, wv, xv, fake_mode) -> fx.Node:
+    """The input gradient of a patch embedding as one ``mm`` (see module doc), inserted before ``before``: ``grad``
+    ``(B, C_out, *P)`` -> ``(B * prod(P), C_out) @ (C_out, C_in * prod(K))`` -> ``(B, C_in, *(P * K))``, padded
+    with zeros to ``xv``'s spatial size."""
+    n = gv.ndim - 2
+    c_out, c_in, kernel = wv.shape[0], wv.shape[1], list(wv.shape[2:])
+    patches, spatial = list(gv.shape[2:]), list(xv.shape[2:])
+    pad: list[int] = []
+    for p, k, x in reversed(list(zip(patches, kernel, spatial))):  # constant_pad_nd lists the last dim first
+        pad += [0, x - p * k]
+    steps = [  # (op, args after the tensor); B is read from grad at run time
+        (_aten.permute.default, ([0, *range(2, n + 2), 1],)),
+        (_aten.reshape.default, ([-1, c_out],)),
+        (_aten.mm.default, (None,)),  # the weight, reshaped, goes here
+        (_aten.reshape.default, (["B", *patches, c_in, *kernel],)),
+        (_aten.permute.default, ([0, n + 1, *[i for d in range(n) for i in (1 + d, n + 2 + d)]],)),
+        (_aten.reshape.default, (["B", c_in, *[p * k for p, k in zip(patches, kernel)]],)),
+    ]
+    if any(pad):
+        steps.append((_aten.constant_pad_nd.default, (pad, 0.0)))
+    with g.inserting_before(before):
+        batch = g.call_function(_aten.sym_size.int, (grad, 0))
+        batch.meta["val"] = gv.shape[0]
+        w2 = g.call_function(_aten.reshape.default, (w, [c_out, c_in * math.prod(kernel)]))
+        with fake_mode:
+            w2.meta["val"] = wv.reshape(c_out, c_in * math.prod(kernel))
+        cur, val = grad, gv
+        for op, rest in steps:
+            if op is _aten.mm.default:
+                args, fargs = (cur, w2), (val, w2.meta["val"])
+            elif op is _aten.reshape.default and rest[0][0] == "B":
+                args, fargs = (cur, [batch, *rest[0][1:]]), (val, [gv.shape[0], *rest[0][1:]])
+            else:
+                args, fargs = (cur, *rest), (val, *rest)
+            cur = g.call_function(op, args)
+            with fake_mode:
+                val = op(*fargs)
+            cur.meta["val"] = val
+    return cur
+
+
 def transpose_convolution_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Rewrite input-only ``convolution_backward`` calls into transposed convolutions (see module doc); returns ``gm``."""
     del ctx  # reads nothing from the context
@@ -64,8 +120,11 @@ def transpose_convolution_pullbacks(gm: fx.GraphModule, ctx: CompileContext) -> 
         out_pad = _output_padding(*sizes, list(stride), list(padding), list(dilation))
         if out_pad is None or len(out_pad) != ndim:
             continue
-        args = (grad, w, None, list(stride), list(padding), list(dilation), True, out_pad, groups)
         fake_mode = detect_fake_mode([gv, wv])
+        if _is_patch_embedding(sizes[2], stride, padding, dilation, groups):
+            replace_first_output(g, n, _patch_pullback(g, n, grad, w, gv, wv, xv, fake_mode))
+            continue
+        args = (grad, w, None, list(stride), list(padding), list(dilation), True, out_pad, groups)
         with fake_mode:
             val = _aten.convolution.default(gv, wv, None, *args[3:])
         if [str(s) for s in val.shape] != [str(s) for s in xv.shape]:
