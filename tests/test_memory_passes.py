@@ -470,7 +470,7 @@ def test_attention_reshapes_and_recomputed_copies_read_their_operands(monkeypatc
         m.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "elide_reshape_copies"))
         before = dynlrp.compile(vit, (x,), rules="attnlrp", backend="eager", cache=False)
     assert not any(a or b for a, b in clones(ex))
-    assert sum(a for a, _ in clones(before)) >= 4 and sum(b for _, b in clones(before)) >= 4, clones(before)
+    assert sum(a for a, _ in clones(before)) >= 4 and sum(b for _, b in clones(before)) >= 2, clones(before)
     args = call_args(ex, (x,), {})
     assert peak_live_bytes(ex.graph(), *args)[0] <= peak_live_bytes(before.graph(), *args)[0]
     got, want = ex(x, target=1), before(x, target=1)

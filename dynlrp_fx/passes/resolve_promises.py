@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from ..rules.table import recompute_cost
+from ..rules.table import recompute_cost, returns_alias
 from .nodes import RECOMPUTED_FROM, bytes_hint, is_cheap, is_recomputed, numel_hint, tensor_inputs
 from .pair import promise
 
@@ -300,8 +300,14 @@ def _summand_position(w: fx.Node, v: fx.Node) -> int | None:
 
 
 def _read_after(n: fx.Node, pos: int, order: dict) -> bool:
-    """Whether ``n`` is read at or after position ``pos`` (so reading it there too extends no lifetime)."""
-    return any(order[u] >= pos for u in n.users)
+    """Whether ``n``'s storage is read at or after position ``pos``, by ``n`` or a view of it (so reading ``n``
+    there too extends no lifetime): ViT's q, k and v are views of one recomputed packed projection each, read by
+    the attention's rule after the next one is made."""
+    return any(order[u] >= pos or (_is_view_of(u, n) and _read_after(u, pos, order)) for u in n.users)
+
+
+def _is_view_of(u: fx.Node, n: fx.Node) -> bool:
+    return isinstance(u.target, torch._ops.OpOverload) and returns_alias(u.target) and bool(u.args) and u.args[0] is n
 
 
 def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
