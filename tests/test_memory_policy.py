@@ -280,3 +280,37 @@ def test_recomputed_value_is_shared_while_a_view_of_it_is_alive(monkeypatch):
     got, want = ex(x, target=1), keep(x, target=1)
     torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got.conservation.absorbed, want.conservation.absorbed, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rules", ["attnlrp", "epsilon"])
+def test_activation_ratio_is_held_instead_of_its_input(monkeypatch, rules):
+    """The identity rule on GELU hands on ``G * gelu(x) / x``; ``recompute`` held ``x`` (the first FFN projection's
+    output) and re-ran GELU on it in the relevance half. ``hold_activation_ratios`` computes the ratio in the
+    forward pass from the forward's own GELU output and holds it instead of ``x``: GELU runs once per layer (the
+    forward's), the peak does not rise, and the relevance equals the program's without the pass bit for bit and
+    ``keep``'s (float64). Under ``epsilon`` the projection's stabiliser reads ``x`` too, so holding the ratio would
+    hold both: nothing is rewritten."""
+    from dynlrp_fx.passes import PIPELINE
+
+    torch.manual_seed(0)
+    model, args, kwargs = _bert()
+    model = model.double()
+
+    def gelus(ex):
+        return sum(1 for n in ex.graph().graph.nodes if n.target is torch.ops.aten.gelu.default)
+
+    ex = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules, backend="eager", cache=False)
+    keep = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules, backend="eager", cache=False,
+                          promise_policy="keep")
+    with monkeypatch.context() as m:
+        m.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "hold_activation_ratios"))
+        before = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules, backend="eager", cache=False)
+    layers = model.config.num_hidden_layers
+    assert gelus(ex) == (layers if rules == "attnlrp" else 2 * layers) and gelus(before) == 2 * layers, (
+        gelus(ex), gelus(before))
+    assert _peak(ex, args, kwargs)[0] <= _peak(before, args, kwargs)[0]
+    got = ex(**kwargs, target=1)
+    want = before(**kwargs, target=1)
+    assert torch.equal(got.relevance, want.relevance) and torch.equal(got.conservation.absorbed,
+                                                                       want.conservation.absorbed)
+    torch.testing.assert_close(got.relevance, keep(**kwargs, target=1).relevance, rtol=1e-9, atol=1e-12)

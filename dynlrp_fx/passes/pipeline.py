@@ -260,6 +260,7 @@ PIPELINE = Pipeline(
         Pass("eliminate_dead_code", eliminate_dead_code.eliminate_dead_code, "synthesis"),
         Pass("hold_outputs_not_inputs", resolve_promises.hold_outputs_not_inputs, "synthesis"),
         Pass("step_back_residual_streams", resolve_promises.step_back_residual_streams, "synthesis"),
+        Pass("hold_activation_ratios", resolve_promises.hold_activation_ratios, "synthesis"),
         Pass("elide_reshape_copies", elide_reshape_copies.elide_reshape_copies, "synthesis"),
         Pass("sink_cheap_ops", sink_cheap_ops.sink_cheap_ops, "synthesis"),
         Pass("reuse_buffers", reuse_buffers.reuse_buffers, "backend", _eager, 'backend="eager" only, on a copy'),

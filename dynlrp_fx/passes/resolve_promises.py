@@ -46,7 +46,8 @@ from ..rules.table import recompute_cost, returns_alias
 from .nodes import RECOMPUTED_FROM, bytes_hint, is_cheap, is_recomputed, numel_hint, tensor_inputs
 from .pair import promise
 
-__all__ = ["resolve_promises", "hold_small_outputs", "hold_outputs_not_inputs", "step_back_residual_streams", "count_promises", "POLICIES", "DEFAULT_POLICY"]
+__all__ = ["resolve_promises", "hold_small_outputs", "hold_outputs_not_inputs", "step_back_residual_streams",
+           "hold_activation_ratios", "count_promises", "POLICIES", "DEFAULT_POLICY"]
 
 if TYPE_CHECKING:
     from .pipeline import CompileContext
@@ -379,5 +380,85 @@ def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
         for n in reversed(list(g.nodes)):
             if is_recomputed(n) and not n.users:
                 g.erase_node(n)
+        gm.recompile()
+    return gm
+
+
+def _same_value(a: fx.Node, v: fx.Node, by_name: dict) -> bool:
+    """Whether ``a`` is the forward value ``v``: ``v`` itself, a recomputed copy of it, or the same view op with the
+    same arguments on the same value."""
+    if a is v or (is_recomputed(a) and by_name.get(a.meta[RECOMPUTED_FROM]) is v):
+        return True
+    return (isinstance(a.target, torch._ops.OpOverload) and returns_alias(a.target) and a.target is v.target
+            and a.args[1:] == v.args[1:] and a.kwargs == v.kwargs and isinstance(a.args[0], fx.Node)
+            and isinstance(v.args[0], fx.Node) and _same_value(a.args[0], v.args[0], by_name))
+
+
+def _dying_cone(top: list) -> tuple[set, set]:
+    """``(cone, roots)``: the nodes ``top`` and every tensor node that only they (transitively) read, which die
+    with them; and the tensors the cone reads from outside it."""
+    cone = set(top)
+    grew = True
+    while grew:
+        grew = False
+        for m in list(cone):
+            for a in m.all_input_nodes:
+                if (a not in cone and a.op == "call_function" and isinstance(a.meta.get("val"), torch.Tensor)
+                        and all(u in cone for u in a.users)):
+                    cone.add(a)
+                    grew = True
+    roots = {a for m in cone for a in m.all_input_nodes
+             if a not in cone and isinstance(a.meta.get("val"), torch.Tensor)}
+    return cone, roots
+
+
+def hold_activation_ratios(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Compute an identity rule's ratio ``f(x) / x`` in the forward pass and hold it instead of ``x``.
+
+    The identity rule on an activation ``y = f(x)`` (GELU, tanh) hands on ``G * f(x) / x`` in gradient form
+    (:func:`~dynlrp_fx.rules.base.divide_zero_at_zero`: ``nan_to_num(f(x) / x)``). Under ``recompute`` the program
+    held ``x`` (a projection's output, as large as the activation) and re-ran ``f`` on it in the relevance half
+    (BERT-base: 12 GELUs of (B, 128, 3072) per explanation). The forward pass has ``f(x)`` and ``x`` at hand: the
+    ratio is computed there, from the forward's own ``y``, and held instead of ``x``, which then dies with the
+    forward pass. Rewritten only where the ratio's operands serve nothing else after the forward op (so the held
+    bytes do not grow) and ``f`` is a one-operand op recomputed with the forward's arguments. The values are the
+    same bit for bit. Returns ``gm``."""
+    del ctx
+    g = gm.graph
+    by_name = {n.name: n for n in g.nodes}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    changed = False
+    for q in list(g.nodes):
+        if q.target is not torch.ops.aten.nan_to_num.default or not isinstance(q.args[0], fx.Node):
+            continue
+        d = q.args[0]
+        if d.target is not torch.ops.aten.div.Tensor or len(d.users) != 1 or not all(
+                isinstance(a, fx.Node) for a in d.args[:2]):
+            continue
+        c, b = d.args[:2]
+        f = by_name.get(c.meta.get(RECOMPUTED_FROM, "")) if is_recomputed(c) else None
+        if f is None or is_recomputed(f) or f.target is not c.target or len(tensor_inputs(f)) != 1:
+            continue
+        x = f.args[0]
+        if not (isinstance(x, fx.Node) and c.args[1:] == f.args[1:] and c.kwargs == f.kwargs
+                and isinstance(c.args[0], fx.Node) and _same_value(c.args[0], x, by_name) and _same_value(b, x, by_name)):
+            continue
+        cone, roots = _dying_cone([q, d])
+        # the held values the ratio reads must serve nothing after the forward op, so they die with it
+        if any(order[u] > order[f] for r in roots for u in r.users if u not in cone):
+            continue
+        freed, held = [bytes_hint(r.meta.get("val")) for r in roots if r.op != "placeholder"], bytes_hint(q.meta.get("val"))
+        if held is None or any(v is None for v in freed) or held > sum(freed):
+            continue
+        with g.inserting_after(f):
+            fd = g.call_function(torch.ops.aten.div.Tensor, (f, x), dict(d.kwargs))
+        with g.inserting_after(fd):
+            fq = g.call_function(torch.ops.aten.nan_to_num.default, (fd, *q.args[1:]), dict(q.kwargs))
+        fd.meta, fq.meta = dict(d.meta), dict(q.meta)
+        order[fd] = order[fq] = order[f]
+        q.replace_all_uses_with(fq)
+        changed = True
+    if changed:
+        g.eliminate_dead_code()  # the relevance half's ratio and what fed it alone
         gm.recompile()
     return gm
