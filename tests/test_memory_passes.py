@@ -3,6 +3,8 @@ their first user, transposed-convolution pullbacks, and batch-norm recomputation
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.fx as fx
@@ -31,10 +33,16 @@ def _graph(build) -> fx.GraphModule:
 def _with_vals(gm: fx.GraphModule, *args) -> fx.GraphModule:
     """``gm`` with ``val`` metadata (shapes, strides) from a real run on ``args``, as lowering leaves it."""
     ShapeProp(gm).propagate(*args)
+
+    def empty(tm):  # (a TensorMetadata is a named tuple itself)
+        if not hasattr(tm, "shape"):
+            return tuple(empty(t) for t in tm)
+        return torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype)
+
     for n in gm.graph.nodes:
         tm = n.meta.get("tensor_meta")
         if n.op != "output" and tm is not None:
-            n.meta["val"] = torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype)
+            n.meta["val"] = empty(tm)
     return gm
 
 
@@ -85,6 +93,22 @@ def test_reuse_buffers_respects_views_outputs_and_operand_order():
     x = torch.randn(64)
     for a, b in zip(new(x), gm(x)):
         assert torch.equal(a, b)
+
+
+def test_reuse_buffers_sees_one_storage_behind_two_getitems_of_one_output():
+    """Two ``getitem`` s of the same output of a multi-output op (a value reused by a later pass) are one storage:
+    a pointwise op on the first may not write into it while the second is read later."""
+    def build(g, x):
+        t = g.call_function(aten.var_mean.correction, (x,), {"correction": 0})
+        first, second = (g.call_function(operator.getitem, (t, 1)) for _ in range(2))
+        neg = g.call_function(aten.neg.default, (first,))
+        return (neg, g.call_function(aten.add.Tensor, (second, 1.0)))
+
+    gm = _graph(build)
+    new, ctx = run_pass("reuse_buffers", gm, backend="eager")
+    assert aten.neg_.default not in _targets(new)
+    x = torch.randn(64)
+    assert all(torch.equal(a, b) for a, b in zip(new(x), gm(x)))
 
 
 def test_reuse_buffers_knows_unannotated_views():
@@ -502,3 +526,48 @@ def test_patch_embedding_pullback_is_one_matrix_product(dims):
     small(x)
     ex2 = dynlrp.compile(small, (x,), rules="lrp0", backend="eager", cache=False)
     assert any(n.target is aten.convolution.default and n.args[6] is True for n in ex2.graph().graph.nodes)
+
+
+def test_sum_of_select_pullbacks_covering_a_dim_is_a_stack():
+    """``nn.MultiheadAttention``'s packed projection gets its cotangent as the sum of its q / k / v selects' VJPs
+    (zero fills, copies and adds over the packed size); where the indices cover the dim once that sum is one
+    ``stack``, with the same values. Two of three indices are left alone."""
+    def build(g, x, cover):
+        parts = [g.call_function(aten.mul.Tensor, (g.call_function(aten.reshape.default, (x, [4, 16])), float(i)))
+                 for i in range(3)]
+        sb = [g.call_function(aten.select_backward.default, (p, [3, 4, 16], 0, i)) for i, p in enumerate(parts[:cover])]
+        total = sb[0]
+        for t in sb[1:]:
+            total = g.call_function(aten.add.Tensor, (total, t))
+        return (total,)
+
+    x = torch.randn(64)
+    for cover, stacked in ((3, True), (2, False)):
+        gm = _graph(lambda g, x_, c=cover: build(g, x_, c))
+        want = gm(x)
+        new, _ = run_pass("stack_select_pullbacks", gm)
+        new = run_pass("eliminate_dead_code", new)[0]
+        assert (aten.stack.default in _targets(new)) is stacked
+        assert (aten.select_backward.default in _targets(new)) is not stacked
+        assert torch.equal(new(x)[0], want[0])
+
+
+def test_vit_query_key_value_pullbacks_are_stacked(monkeypatch):
+    """torchvision's ViT under ``attnlrp``: the query / key / value ``select_backward`` s become one ``stack`` per
+    layer (the class token's select stays), and the relevance equals the program's without the pass (float64)."""
+    import torchvision
+
+    from dynlrp_fx.passes import PIPELINE
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=5).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ex = dynlrp.compile(vit, (x,), rules="attnlrp", backend="eager", cache=False)
+    with monkeypatch.context() as m:
+        m.setattr(PIPELINE, "passes", tuple(p for p in PIPELINE.passes if p.name != "stack_select_pullbacks"))
+        before = dynlrp.compile(vit, (x,), rules="attnlrp", backend="eager", cache=False)
+    assert _targets(ex.graph()).count(aten.select_backward.default) == 1
+    assert _targets(ex.graph()).count(aten.stack.default) == len(vit.encoder.layers)
+    assert _targets(before.graph()).count(aten.select_backward.default) == 3 * len(vit.encoder.layers) + 1
+    torch.testing.assert_close(ex(x, target=1).relevance, before(x, target=1).relevance, rtol=0, atol=0)

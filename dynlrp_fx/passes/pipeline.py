@@ -46,6 +46,7 @@ from . import (
     reuse_buffers,
     scale_batch_norm_pullbacks,
     sink_cheap_ops,
+    stack_select_pullbacks,
     transpose_convolution_pullbacks,
     unify_batch,
 )
@@ -255,6 +256,7 @@ PIPELINE = Pipeline(
         Pass("mask_relu_pullbacks", mask_relu_pullbacks.mask_relu_pullbacks, "synthesis"),
         Pass("fold_broadcast_bmm", fold_broadcast_bmm.fold_broadcast_bmm, "synthesis"),
         Pass("narrow_block_matmuls", narrow_block_matmuls.narrow_block_matmuls, "synthesis"),
+        Pass("stack_select_pullbacks", stack_select_pullbacks.stack_select_pullbacks, "synthesis"),
         Pass("eliminate_common_subexpressions", eliminate_common_subexpressions.eliminate_common_subexpressions,
              "synthesis"),
         Pass("eliminate_dead_code", eliminate_dead_code.eliminate_dead_code, "synthesis"),

@@ -367,15 +367,7 @@ def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.Gr
         c.replace_all_uses_with(value[v])
         changed = True
     if changed:
-        # a multi-output op reused now has a getitem per former copy: one per output, or reuse_buffers would see
-        # two values where there is one storage
-        first: dict[tuple, fx.Node] = {}
-        for n in list(g.nodes):
-            if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], int):
-                kept = first.setdefault((n.args[0], n.args[1]), n)
-                if kept is not n:
-                    n.replace_all_uses_with(kept)
-                    g.erase_node(n)
+        # (a multi-output op reused may now have two getitems of one output: reuse_buffers keys storage by output)
         # the copies replaced, and the chains they were the tops of, are unread now
         for n in reversed(list(g.nodes)):
             if is_recomputed(n) and not n.users:

@@ -111,6 +111,7 @@ def reuse_buffers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
     # storage owner of every tensor value: the node that allocated it, or _ESCAPED
     owner: dict[fx.Node, object] = {}
+    items: dict[tuple, fx.Node] = {}  # (multi-output op, index) -> the first getitem of that output
     escaped: set = set()  # owners whose storage an opaque callable has seen
     for n in nodes:
         if n.op != "call_function" or not _holds_tensors(n):
@@ -126,7 +127,8 @@ def reuse_buffers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         elif op is operator.getitem and isinstance(n.args[0], fx.Node):
             src = n.args[0]
             fresh = isinstance(src.target, torch._ops.OpOverload) and not returns_alias(src.target)
-            owner[n] = n if fresh else owner.get(src, _ESCAPED)
+            # an output of a fresh multi-output op owns its storage; two getitems of it are one storage
+            owner[n] = owner.get(items.setdefault((src, n.args[1]), n), n) if fresh else owner.get(src, _ESCAPED)
         else:  # sym-int arithmetic or an opaque callable: whatever tensors it sees may be kept by it
             owner[n] = _ESCAPED
             escaped.update(owner.get(a, _ESCAPED) for a in n.all_input_nodes)
