@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.table import returns_alias
-from .nodes import is_recomputed
+from .nodes import is_recomputed, is_view_of
 
 __all__ = ["elide_reshape_copies"]
 
@@ -41,7 +41,7 @@ def _reaches_output(n: fx.Node) -> bool:
         for u in m.users:
             if u.op == "output":
                 return True
-            if isinstance(u.target, torch._ops.OpOverload) and returns_alias(u.target) and u.args and u.args[0] is m:
+            if is_view_of(u, m):
                 todo.append(u)
     return False
 

@@ -25,7 +25,7 @@ from ..rules import table
 from ..rules.base import Rule
 
 __all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap", "numel_hint", "bytes_hint", "reads_only_first_output", "replace_first_output",
-           "tensor_inputs", "size_key", "lazy_graph_module", "RECOMPUTED_FROM", "is_recomputed"]
+           "tensor_inputs", "size_key", "lazy_graph_module", "RECOMPUTED_FROM", "is_recomputed", "is_view_of"]
 
 FLOAT, INDEX, OTHER = "float", "index", "other"
 
@@ -94,6 +94,12 @@ def iter_annotated(gm: torch.fx.GraphModule):
 def is_recomputed(node: fx.Node) -> bool:
     """Whether ``node`` is a copy of a forward value made by the ``recompute`` memory policy (not a model op)."""
     return RECOMPUTED_FROM in node.meta
+
+
+def is_view_of(u: fx.Node, n: fx.Node) -> bool:
+    """Whether ``u`` is an aliasing op (a view, by the op table) whose first operand is ``n``."""
+    return (isinstance(u.target, torch._ops.OpOverload) and table.returns_alias(u.target) and bool(u.args)
+            and u.args[0] is n)
 
 
 def is_cheap(node: torch.fx.Node) -> bool:

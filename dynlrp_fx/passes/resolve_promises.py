@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from ..rules.table import recompute_cost, returns_alias
-from .nodes import RECOMPUTED_FROM, bytes_hint, is_cheap, is_recomputed, numel_hint, tensor_inputs
+from ..rules.table import recompute_cost
+from .nodes import RECOMPUTED_FROM, bytes_hint, is_cheap, is_recomputed, is_view_of, numel_hint, tensor_inputs
 from .pair import promise
 
 __all__ = ["resolve_promises", "hold_small_outputs", "hold_outputs_not_inputs", "step_back_residual_streams",
@@ -304,11 +304,8 @@ def _read_after(n: fx.Node, pos: int, order: dict) -> bool:
     """Whether ``n``'s storage is read at or after position ``pos``, by ``n`` or a view of it (so reading ``n``
     there too extends no lifetime): ViT's q, k and v are views of one recomputed packed projection each, read by
     the attention's rule after the next one is made."""
-    return any(order[u] >= pos or (_is_view_of(u, n) and _read_after(u, pos, order)) for u in n.users)
+    return any(order[u] >= pos or (is_view_of(u, n) and _read_after(u, pos, order)) for u in n.users)
 
-
-def _is_view_of(u: fx.Node, n: fx.Node) -> bool:
-    return isinstance(u.target, torch._ops.OpOverload) and returns_alias(u.target) and bool(u.args) and u.args[0] is n
 
 
 def step_back_residual_streams(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -381,9 +378,9 @@ def _same_value(a: fx.Node, v: fx.Node, by_name: dict) -> bool:
     same arguments on the same value."""
     if a is v or (is_recomputed(a) and by_name.get(a.meta[RECOMPUTED_FROM]) is v):
         return True
-    return (isinstance(a.target, torch._ops.OpOverload) and returns_alias(a.target) and a.target is v.target
-            and a.args[1:] == v.args[1:] and a.kwargs == v.kwargs and isinstance(a.args[0], fx.Node)
-            and isinstance(v.args[0], fx.Node) and _same_value(a.args[0], v.args[0], by_name))
+    src = a.args[0] if a.args else None
+    return (isinstance(src, fx.Node) and is_view_of(a, src) and a.target is v.target and a.args[1:] == v.args[1:]
+            and a.kwargs == v.kwargs and isinstance(v.args[0], fx.Node) and _same_value(src, v.args[0], by_name))
 
 
 def _dying_cone(top: list) -> tuple[set, set]:
