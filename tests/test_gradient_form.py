@@ -437,3 +437,40 @@ def test_identity_rule_ratio_is_zero_at_exact_zeros(act):
     with torch.no_grad():
         model[0].weight[0] = 0.0
     _close(ex(x, target=1).relevance, got.relevance, rtol=1e-12)
+
+
+class _Attention(nn.Module):
+    """One attention layer over a long sequence: q, k, v and output projections around SDPA, whose (B, H, L, L)
+    scores dwarf every other value."""
+
+    def __init__(self, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, e = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, n, e)).mean(1)
+
+
+@pytest.mark.parametrize("rules", ["epsilon", "attnlrp"])
+def test_attention_sweep_holds_two_score_sized_buffers(rules):
+    """AttnLRP's attention rule in gradient form: ``p * (G_p - rowsum(p * G_p))`` scaled by ``q k^T``'s epsilon
+    reads the scores at the end, so scores, probabilities and ``G_p`` were alive at once (three (B, H, L, L)
+    buffers; ViT-B/16's peak under ``epsilon``). It is now ``scaled(p) * (G_p - c)`` with ``c = rowsum(G_o * o)``
+    (the same number: ``p G_p^T = G_o (p v)^T``), ``p`` scaled once the softmax has read the scores: at most two
+    such buffers, on the program as it runs eagerly (in-place ops included). Relevance: the relevance form's (float64;
+    the forms-agree tests above cover masks, GQA and causal attention)."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(1, 256, 16)
+    ex = dynlrp.compile(model, (x,), rules=rules, backend="eager", cache=False)
+    scores = 4 * 256 * 256 * 4  # (B, H, L, L) float32
+    peak, _ = peak_live_bytes(ex.program("target").fn, *call_args(ex, (x,), {}))
+    assert 1.5 * scores < peak <= 2.25 * scores, peak / scores
+    model, x = model.double(), x.double()
+    ex, ref = _pair(model, (x,), rules=rules)
+    _same(ex(x, target=1), ref(x, target=1))

@@ -57,6 +57,8 @@ _MAX_DEPTH = 4  # cheap intermediates (not promised) a recomputation may pass th
 # ops one private recomputation may run (views count 0, a LayerNorm 4: rules.table's recompute_cost); bounds the
 # chains along residual streams of cheap ops, so long streams are held every few layers instead
 _MAX_COST = 32
+# ops whose first operand is a table they read only the returned rows of (not a large input in ``_small``'s sense)
+_LOOKUPS = frozenset({torch.ops.aten.embedding.default, torch.ops.aten.gather.default})
 _SMALL = 8  # a promised value this many times smaller than its op's largest input is held, never recomputed
 DEFAULT_POLICY = "recompute"
 
@@ -69,7 +71,9 @@ def _small(v: fx.Node) -> bool:
     if not isinstance(src, fx.Node) or src.op != "call_function":
         return False
     own = numel_hint(v.meta.get("val"))
-    read = [numel_hint(u.meta.get("val")) for u in tensor_inputs(src)]
+    # a lookup (``embedding``, ``gather``) reads as many elements of its table as it returns, not the table
+    read = [numel_hint(u.meta.get("val")) for u in tensor_inputs(src)
+            if not (src.target in _LOOKUPS and u is src.args[0])]
     return own is not None and any(r is not None and own * _SMALL <= r for r in read)
 
 

@@ -262,13 +262,14 @@ _facts("native_layer_norm", bias=3)
 # an added number is a bias too (the gradient-form ledger records its share): add/sub/rsub's second operand
 _facts("add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Tensor rsub.Scalar", bias=1)
 _facts("native_group_norm", bias=2)
-# cheap to recompute besides pointwise ops: views and copies; inference batch norm is a per-channel affine map
-# recomputed from the convolution output the relevance half holds anyway; a LayerNorm output is recomputed from
-# its input (held for the LayerNorm rule), and counts 4 (it reads its input twice and reduces it), so chains along
-# post-LN residual streams stop every few layers
+# cheap to recompute besides pointwise ops: views and copies; lookups (``embedding``, ``gather``: they read as
+# many table entries as they return, so an embedding is redone from the ids instead of held through the sweep);
+# inference batch norm is a per-channel affine map recomputed from the convolution output the relevance half
+# holds anyway; a LayerNorm output is recomputed from its input (held for the LayerNorm rule), and counts 4 (it
+# reads its input twice and reduces it), so chains along post-LN residual streams stop every few layers
 _facts("""view.default reshape.default _unsafe_view.default permute.default expand.default squeeze.dim squeeze.dims
     unsqueeze.default t.default transpose.int slice.Tensor select.int alias.default _to_copy.default cat.default
-    _native_batch_norm_legit_no_training.default""", cheap=True)
+    _native_batch_norm_legit_no_training.default embedding.default gather.default""", cheap=True)
 _facts("native_layer_norm.default", cheap=True, recompute_cost=4)
 _facts("relu sigmoid _softmax softmax exp abs sqrt hardsigmoid", nonneg="always")
 _facts("clamp clamp_min hardtanh", nonneg="floor")
