@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..rules.table import returns_alias
-from .nodes import is_recomputed, is_view_of
+from .nodes import RESHAPES, is_recomputed, is_view_of
 
 __all__ = ["elide_reshape_copies"]
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from .pipeline import CompileContext
 
 _aten = torch.ops.aten
-_RESHAPES = (_aten.reshape.default, _aten._unsafe_view.default, _aten.view.default)
 
 
 def _reaches_output(n: fx.Node) -> bool:
@@ -58,7 +57,7 @@ def elide_reshape_copies(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
         users = list(c.users)
         if not users or any(u.op != "call_function" or u.args[0] is not c for u in users):
             continue
-        reshapes_only = all(u.target in _RESHAPES for u in users)
+        reshapes_only = all(u.target in RESHAPES for u in users)
         views_only = all(isinstance(u.target, torch._ops.OpOverload) and returns_alias(u.target) for u in users)
         if not (reshapes_only or (views_only and is_recomputed(c))):
             continue
@@ -66,7 +65,7 @@ def elide_reshape_copies(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMod
             continue
         x = c.args[0]
         for u in users:
-            if u.target in _RESHAPES:
+            if u.target in RESHAPES:
                 u.target = _aten.reshape.default  # ``view`` / ``_unsafe_view`` of a non-contiguous x would fail
             u.replace_input_with(c, x)
         gm.graph.erase_node(c)

@@ -22,6 +22,8 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .nodes import RESHAPES
+
 __all__ = ["narrow_block_matmuls"]
 
 if TYPE_CHECKING:
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 
 _aten = torch.ops.aten
 _SAME = (_aten.clone.default, _aten.alias.default)
-_RESHAPES = (_aten.reshape.default, _aten.view.default, _aten._unsafe_view.default)
 
 #: a block: the tensor is zero outside ``[start, start + length)`` of dim ``dim`` (``start``, ``length``: ints)
 Block = tuple[int, int, int]
@@ -120,7 +121,7 @@ def _block(n: Any, memo: dict) -> Block | None:
             elif t is _aten.permute.default:
                 perm = [k % val.ndim for k in args[1]]
                 res = (perm.index(dim), start, length)
-            elif t in _RESHAPES:
+            elif t in RESHAPES:
                 res = _through_reshape(src, args[0].meta["val"], val)
     memo[n] = res
     return res

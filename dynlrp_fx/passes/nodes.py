@@ -25,12 +25,14 @@ from ..rules import table
 from ..rules.base import Rule
 
 __all__ = ["NodeAnn", "FLOAT", "INDEX", "OTHER", "tensor_slots", "module_path", "iter_annotated", "is_float_value", "is_cheap", "numel_hint", "bytes_hint", "reads_only_first_output", "replace_first_output",
-           "tensor_inputs", "size_key", "lazy_graph_module", "RECOMPUTED_FROM", "is_recomputed", "is_view_of"]
+           "tensor_inputs", "size_key", "lazy_graph_module", "RECOMPUTED_FROM", "RESHAPES", "is_recomputed", "is_view_of"]
 
 FLOAT, INDEX, OTHER = "float", "index", "other"
 
 #: meta key of a forward value's copy made by the ``recompute`` memory policy: the name of the value it copies
 RECOMPUTED_FROM = "dynlrp_recomputed_from"
+#: the ATen ops that reshape a tensor to a shape given as an argument (``alias``, a reshape fact too, takes none)
+RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
 @dataclass

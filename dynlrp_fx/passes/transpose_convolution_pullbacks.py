@@ -66,34 +66,32 @@ def _patch_pullback(g: fx.Graph, before: fx.Node, grad: fx.Node, w: fx.Node, gv,
     pad: list[int] = []
     for p, k, x in reversed(list(zip(patches, kernel, spatial))):  # constant_pad_nd lists the last dim first
         pad += [0, x - p * k]
-    steps = [  # (op, args after the tensor); B is read from grad at run time
-        (_aten.permute.default, ([0, *range(2, n + 2), 1],)),
-        (_aten.reshape.default, ([-1, c_out],)),
-        (_aten.mm.default, (None,)),  # the weight, reshaped, goes here
-        (_aten.reshape.default, (["B", *patches, c_in, *kernel],)),
-        (_aten.permute.default, ([0, n + 1, *[i for d in range(n) for i in (1 + d, n + 2 + d)]],)),
-        (_aten.reshape.default, (["B", c_in, *[p * k for p, k in zip(patches, kernel)]],)),
-    ]
-    if any(pad):
-        steps.append((_aten.constant_pad_nd.default, (pad, 0.0)))
     with g.inserting_before(before):
-        batch = g.call_function(_aten.sym_size.int, (grad, 0))
-        batch.meta["val"] = gv.shape[0]
+        batch = g.call_function(_aten.sym_size.int, (grad, 0))  # B, read from grad at run time
+        batch.meta["val"] = b = gv.shape[0]
         w2 = g.call_function(_aten.reshape.default, (w, [c_out, c_in * math.prod(kernel)]))
         with fake_mode:
             w2.meta["val"] = wv.reshape(c_out, c_in * math.prod(kernel))
         cur, val = grad, gv
-        for op, rest in steps:
-            if op is _aten.mm.default:
-                args, fargs = (cur, w2), (val, w2.meta["val"])
-            elif op is _aten.reshape.default and rest[0][0] == "B":
-                args, fargs = (cur, [batch, *rest[0][1:]]), (val, [gv.shape[0], *rest[0][1:]])
-            else:
-                args, fargs = (cur, *rest), (val, *rest)
-            cur = g.call_function(op, args)
+
+        def step(op, *rest, fake: tuple | None = None) -> None:
+            """Append ``op(cur, *rest)`` and make it ``cur``; ``fake``: the arguments after the tensor for its fake
+            value, where they hold nodes (the weight, ``B``)."""
+            nonlocal cur, val
+            cur = g.call_function(op, (cur, *rest))
             with fake_mode:
-                val = op(*fargs)
+                val = op(val, *(rest if fake is None else fake))
             cur.meta["val"] = val
+
+        step(_aten.permute.default, [0, *range(2, n + 2), 1])
+        step(_aten.reshape.default, [-1, c_out])
+        step(_aten.mm.default, w2, fake=(w2.meta["val"],))
+        step(_aten.reshape.default, [batch, *patches, c_in, *kernel], fake=([b, *patches, c_in, *kernel],))
+        step(_aten.permute.default, [0, n + 1, *[i for d in range(n) for i in (1 + d, n + 2 + d)]])
+        out = [c_in, *[p * k for p, k in zip(patches, kernel)]]
+        step(_aten.reshape.default, [batch, *out], fake=([b, *out],))
+        if any(pad):
+            step(_aten.constant_pad_nd.default, pad, 0.0)
     return cur
 
 
