@@ -4,7 +4,8 @@
 once (random weights, frozen), traces one explainer per preset, builds a second explainer on the same trace with every
 rule in relevance form (``Analysis(gradient_form=False)``, the program before issue 16), and times eager gradient x
 input (``benchmarks.peers``), both explainers, interleaved; medians. It checks that both forms give the same
-relevance and writes ``benchmarks/results/gradient_form.{md,json}``.
+relevance and writes ``benchmarks/results/gradient_form.{md,json}``. ``--ledger`` times a third explainer on the same
+trace without the conservation ledger (``Analysis(ledger=False)``) in the same loop: the ledger's share of a call.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _relevance(e) -> torch.Tensor:
 
 
 def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, reference: bool = True,
-          only: set | None = None) -> list[dict]:
+          only: set | None = None, ledger: bool = False) -> list[dict]:
     import dynlrp_fx as dynlrp
     from dynlrp_fx.explainer import Explainer
     from dynlrp_fx.program import Analysis
@@ -57,7 +58,15 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
         fns = {"gxi": gxi, "gradient form": lambda ex=ex: ex(*args, **kwargs)}
         if reference:
             fns["relevance form"] = lambda ref=ref: ref(*args, **kwargs)
+        if ledger:  # the same program without its ledger entries: what the ledger costs
+            bare = Explainer(bm.model, ex.traced, ex.composite, backend="eager",
+                             analysis=Analysis(ex.traced, ex.composite, ledger=False))
+            fns["no ledger"] = lambda bare=bare: bare(*args, **kwargs)
         a = fns["gradient form"]()
+        if ledger:  # the ledger only adds outputs: the relevance must be the same to the bit
+            same = torch.equal(_relevance(a), _relevance(fns["no ledger"]()))
+            if not same:
+                raise AssertionError(f"{name} {rules}: relevance without the ledger differs")
         diff = None
         if reference:
             ra, rb = _relevance(a).double(), _relevance(fns["relevance form"]()).double()
@@ -73,6 +82,7 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
                 times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         rel = med.get("relevance form")
+        bare_ms = med.get("no ledger")
         row = {"model": name, "size": bm.size, "batch": batch, "rules": rules,
                "gxi_ms": med["gxi"] * 1e3, "gradient_ms": med["gradient form"] * 1e3,
                "relevance_ms": rel * 1e3 if rel else None,
@@ -84,13 +94,17 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
                "peak_ratio": peak["gradient form"] / peak["gxi"] if peak["gxi"] else None,
                "conservation_error": float(a.conservation.error.max()),
                # held between calls, outside the per-call peak (dynlrp_fx.weight_cache)
-               "weight_cache_bytes": ex.weight_cache_bytes}
+               "weight_cache_bytes": ex.weight_cache_bytes,
+               # the ledger's share of a call: (with - without) / with, medians of the same loop
+               "no_ledger_ms": bare_ms * 1e3 if bare_ms else None,
+               "ledger_share": (med["gradient form"] - bare_ms) / med["gradient form"] if bare_ms else None}
         row["met"] = row["target"] is not None and row["gradient_ratio"] <= row["target"]
         row["peak_met"] = row["peak_ratio"] is not None and row["peak_ratio"] <= 1.0
         log(f"{name} B={batch} {rules}: gxi {row['gxi_ms']:.0f} ms, gradient form {row['gradient_ms']:.0f} ms "
             f"({row['gradient_ratio']:.2f}x, fastest {row['gradient_ratio_min']:.2f}x), relevance form "
             + (f"{row['relevance_ms']:.0f} ms ({row['relevance_ratio']:.2f}x), diff {diff:.1e}" if rel else "-")
-            + f", peak {row['peak_ratio']:.2f}x of gxi")
+            + f", peak {row['peak_ratio']:.2f}x of gxi"
+            + (f", ledger {100 * row['ledger_share']:.1f}% of the call" if bare_ms else ""))
         rows.append(row)
     return rows
 
@@ -104,13 +118,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"random weights, median of {meta['reps']} interleaved runs after a warm-up",
         "- ratio = time / eager gradient x input (autograd, input gradient only, times the input); relevance form = "
         "the same trace with every rule in relevance form (the program before issue 16); weight cache = what the "
-        "explainer holds between calls (values computed from the weights alone), outside the per-call peak",
+        "explainer holds between calls (values computed from the weights alone), outside the per-call peak; ledger share = "
+        "(gradient form - the same program without the conservation ledger) / gradient form, same loop (`--ledger`)",
         "",
         "| model | size | batch | rules | gxi ms | gradient form ms | ratio | ratio of fastest runs | target | met "
         "| relevance form ms "
         "| ratio | peak extra MiB (gxi / ours) | peak ratio | peak <= gxi | max rel. diff | conservation error "
-        "| weight cache MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| weight cache MiB | ledger share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def opt(v, fmt):
@@ -123,7 +138,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['gradient_ratio']:.2f} | {opt(r.get('gradient_ratio_min'), '.2f')} | <= {r['target']} | {'yes' if r['met'] else '**no**'} | "
             f"{opt(r['relevance_ms'], '.0f')} | {opt(r['relevance_ratio'], '.2f')} | {mib} | "
             f"{opt(r['peak_ratio'], '.2f')} | {'yes' if r['peak_met'] else '**no**'} | {opt(r['max_rel_diff'], '.1e')} | "
-            f"{r['conservation_error']:.1e} | {opt(r.get('weight_cache_bytes') and r['weight_cache_bytes'] / 2**20, '.1f')} |"
+            f"{r['conservation_error']:.1e} | {opt(r.get('weight_cache_bytes') and r['weight_cache_bytes'] / 2**20, '.1f')} | "
+            f"{'-' if r.get('ledger_share') is None else format(100 * r['ledger_share'], '.1f') + '%'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -137,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the relevance-form column (the A/B against the program before issue 16)")
     ap.add_argument("--append", action="store_true", help="add the rows to the existing results (replacing rows of the same model, batch and preset)")
+    ap.add_argument("--ledger", action="store_true",
+                    help="also time each program without its conservation ledger (the ledger's share of a call)")
     ap.add_argument("--smoke", action="store_true", help="64x64 images and 16 tokens (checks the script, not a result)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gradient_form"))
     a = ap.parse_args(argv)
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (int(x) for x in a.batches.split(",")):
             rows += bench(name, b, a.reps, lambda m: print(m, flush=True),
                           {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None, reference=not a.no_reference,
-                          only=set(a.rules.split(",")) if a.rules else None)
+                          only=set(a.rules.split(",")) if a.rules else None, ledger=a.ledger)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": a.reps}
     if a.smoke:

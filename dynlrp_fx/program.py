@@ -84,12 +84,15 @@ class Analysis:
     """
 
     def __init__(self, traced: TracedProgram, composite: Any, *, params: Any = None, capture: Any = None,
-                 strict: bool = True, gradient_form: bool = True):
+                 strict: bool = True, gradient_form: bool = True, ledger: bool = True):
         self.traced = traced
         self.composite = composite
         #: lower rules that have a gradient form that way (``pair``); ``False`` keeps every rule in relevance form
         #: (the reference the tests compare the gradient form with)
         self.gradient_form = bool(gradient_form)
+        #: emit the conservation ledger; ``False`` leaves it out (``absorbed`` reads 0, so the conservation error
+        #: is meaningless): what ``benchmarks.gradient_form --ledger`` times the ledger's cost against
+        self.ledger = bool(ledger)
         self.report = PipelineReport()
         ctx = CompileContext(traced=traced, composite=composite, strict=strict)
         progress_stage("analysis passes")
@@ -112,7 +115,7 @@ class Analysis:
         for a program that takes ``condition=`` masks)."""
         return CompileContext(traced=self.traced, composite=self.composite, seed_mode=seed_mode,
                               state_inputs=len(self.traced.state_specs),
-                              gradient_form=self.gradient_form,
+                              gradient_form=self.gradient_form, ledger=self.ledger,
                               promise_policy=promise_policy, backend=backend, params=dict(self.params),
                               capture=dict(self.capture), conditions={p: (n, d) for p, n, d in conditions})
 

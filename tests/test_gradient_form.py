@@ -205,6 +205,25 @@ def test_ledger_records_bias_and_epsilon_shares():
         torch.testing.assert_close(a.absorbed, b.absorbed, rtol=1e-9, atol=1e-12)
 
 
+def test_program_without_the_ledger_gives_the_same_relevance():
+    """``Analysis(ledger=False)`` (what ``benchmarks.gradient_form --ledger`` times the ledger's cost against) leaves
+    out every ledger entry and nothing else: the relevance is the same to the bit, ``absorbed`` reads 0, and the
+    program has fewer ops."""
+    torch.manual_seed(0)
+    model = pooled_cnn().to(D)
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    ex = dynlrp.compile(model, (x,), rules="epsilon")
+    bare = Explainer(model, ex.traced, ex.composite, analysis=Analysis(ex.traced, ex.composite, ledger=False))
+    a, b = ex(x, target=1), bare(x, target=1)
+    assert torch.equal(a.relevance, b.relevance)
+    assert float(a.absorbed.abs().min()) > 0 and not b.absorbed.any()
+
+    def ops(e):
+        return sum(1 for n in e.graph("target").graph.nodes if n.op == "call_function")
+
+    assert ops(bare) < ops(ex)
+
+
 class _PostNorm(nn.Module):
     """A residual stream of post-LayerNorm blocks, ``x = LN(x + gelu(W x))`` (BERT's layout), then a GroupNorm'd
     1-d convolution and a linear head: every norm with a bias."""

@@ -10,7 +10,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.passes.memory import peak_live_bytes
-from dynlrp_fx.passes.nodes import is_recomputed
+from dynlrp_fx.passes.nodes import RECOMPUTED_FROM, is_recomputed
 from dynlrp_fx.passes.resolve_promises import POLICIES
 from tests.helpers import call_args, run_pass, tiny_bert
 
@@ -342,7 +342,7 @@ def test_embedding_lookups_are_recomputed_not_held(monkeypatch):
         held = compile_()
     nodes = list(ex.graph().graph.nodes)
     forward = [n for n in nodes if n.target is torch.ops.aten.embedding.default and not is_recomputed(n)]
-    copies = {n.meta["dynlrp_recomputed_from"] for n in nodes if n.target is torch.ops.aten.embedding.default
+    copies = {n.meta[RECOMPUTED_FROM] for n in nodes if n.target is torch.ops.aten.embedding.default
               and is_recomputed(n)}
     assert len(forward) == 3 and copies == {n.name for n in forward}, (forward, copies)
     assert _peak(ex, (), kwargs)[0] < _peak(held, (), kwargs)[0]

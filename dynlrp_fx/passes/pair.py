@@ -564,6 +564,8 @@ class _Pairing:
         self.onehot: dict[fx.Node, tuple] = {}
         # params= needs relevance at every op that takes a chosen parameter: the whole program keeps relevance form
         self.gradient_form = bool(getattr(ctx, "gradient_form", True)) and not ctx.params
+        #: ``False``: no ledger entries (measuring the ledger's cost; ``absorbed`` is then 0)
+        self.keep_ledger = bool(getattr(ctx, "ledger", True))
         self._uses_g: dict[fx.Node, bool] = {}
         #: inputs of softmax-class ops: their masked scores are -inf where the softmax's gradient form gives G = 0
         self.softmax_inputs = {
@@ -838,7 +840,7 @@ class _Pairing:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
         # (a rule without an `epsilon` has a stabiliser of its own: gamma, z+)
-        want_absorbed = analytic and (additive or getattr(ann.rule, "epsilon", None) != 0)
+        want_absorbed = analytic and self.keep_ledger and (additive or getattr(ann.rule, "epsilon", None) != 0)
         if analytic and isinstance(ann.rule, Epsilon) and self.sparse_seed_pullback(n, ann, g_arg, vals,
                                                                                       want_absorbed):
             return
@@ -969,6 +971,8 @@ class _Pairing:
     def ledger(self, n: fx.Node, r_arg: Any, r_ins: list, out_bdims: list | None = None) -> None:
         """A ledger entry: what ``n``'s relevance op absorbed, per sample (``out_bdims``: the batch position of each
         output-side entry, when the caller knows it; see :func:`_per_sample`)."""
+        if not self.keep_ledger:
+            return
         routs = [x for x in (r_arg if isinstance(r_arg, tuple) else (r_arg,)) if x is not None]
         if out_bdims is not None:
             out_b, in_b = list(out_bdims), []

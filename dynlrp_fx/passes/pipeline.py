@@ -65,7 +65,7 @@ class CompileContext:
     ``composite`` (the rules), ``seed_mode`` (``"target"`` or ``"seed"``), ``promise_policy``, ``backend`` (the
     resolved backend), ``params`` (parameter placeholder -> public name, ``compile(params=)``), ``capture`` (public
     module path -> node name, ``compile(capture=)``), ``gradient_form`` (``pair`` lowers rules with a gradient form
-    that way), ``strict`` (``assign_rules`` raises for ops without a rule;
+    that way), ``ledger`` (``pair`` emits the conservation ledger), ``strict`` (``assign_rules`` raises for ops without a rule;
     :func:`dynlrp_fx.coverage` clears it to list them instead).
 
     Results: ``uncovered`` (op -> module paths of relevant nodes without a rule), ``outputs`` (the
@@ -86,6 +86,8 @@ class CompileContext:
     conditions: dict[str, tuple[str, int]] = field(default_factory=dict)
     #: carry ``G`` (``R = value * G``) through rules that have a gradient form (``pair``); ``False``: relevance
     gradient_form: bool = True
+    #: emit the conservation ledger (``pair``); ``False`` only to measure what it costs (``absorbed`` reads 0)
+    ledger: bool = True
     strict: bool = True
     #: how many of the program's first placeholders are the model's state (parameters, buffers, constants);
     #: ``reuse_buffers`` never shares a buffer between a value computed from state alone and any other value, so

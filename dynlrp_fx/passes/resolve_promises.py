@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from ..rules.table import recompute_cost
+from ..rules.table import facts, recompute_cost
 from .nodes import RECOMPUTED_FROM, bytes_hint, is_cheap, is_recomputed, is_view_of, numel_hint, tensor_inputs
 from .pair import promise
 
@@ -57,8 +57,6 @@ _MAX_DEPTH = 4  # cheap intermediates (not promised) a recomputation may pass th
 # ops one private recomputation may run (views count 0, a LayerNorm 4: rules.table's recompute_cost); bounds the
 # chains along residual streams of cheap ops, so long streams are held every few layers instead
 _MAX_COST = 32
-# ops whose first operand is a table they read only the returned rows of (not a large input in ``_small``'s sense)
-_LOOKUPS = frozenset({torch.ops.aten.embedding.default, torch.ops.aten.gather.default})
 _SMALL = 8  # a promised value this many times smaller than its op's largest input is held, never recomputed
 DEFAULT_POLICY = "recompute"
 
@@ -72,8 +70,8 @@ def _small(v: fx.Node) -> bool:
         return False
     own = numel_hint(v.meta.get("val"))
     # a lookup (``embedding``, ``gather``) reads as many elements of its table as it returns, not the table
-    read = [numel_hint(u.meta.get("val")) for u in tensor_inputs(src)
-            if not (src.target in _LOOKUPS and u is src.args[0])]
+    lookup = facts(src.target).lookup
+    read = [numel_hint(u.meta.get("val")) for u in tensor_inputs(src) if not (lookup and u is src.args[0])]
     return own is not None and any(r is not None and own * _SMALL <= r for r in read)
 
 

@@ -161,7 +161,9 @@ def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch
     which would specialise them). Zeros of the entry's shape when there is no part."""
     parts = []
     if t is not None:
-        parts.append(_dot(t, z, keep, eps) if finite else _reduce(s * torch.sign(z) * eps, keep))
+        # (eps scales the per-sample sums, not the products, when the entry is summed: one pass less)
+        parts.append(_dot(t, z, keep, eps) if finite
+                     else _reduce(s * torch.sign(z), keep) * eps if keep is not None else s * torch.sign(z) * eps)
     if c is not None:
         c = c.to(s.dtype)
         # (-inf in c meets s = 0 where a masked score gets no gradient: each such 0 * -inf = NaN is 0, replaced per
@@ -515,40 +517,38 @@ class AttnLRPAttention(Rule):
             sv = scaled(R, o, eps) if grad else safe_divide(R, o, eps)
             (gv,) = torch.func.vjp(lambda v_: out_fn(p, v_), v)[1](sv)
             result["value"] = times(v, gv)
-        elif grad:
-            two = 2.0 if want["value"] else 1.0
-            so = scaled(R, o, eps) / two
-            if want["value"]:  # G_v = p^T G_o first: p is then read only by the scaling below, and dies there
-                result["value"] = torch.func.vjp(lambda v_: out_fn(p, v_), v)[1](so)[0]
-            # the softmax's gradient form p * (G_p - rowsum(p * G_p)) with q k^T's epsilon scaling, as
-            # (scaled p) * (G_p - c): rowsum(p * G_p) = rowsum(G_o * (p v)) = rowsum(G_o * o) is c, a dot product per
-            # query row, so no (L, S) product or sum is formed; and p, scaled in place of the scores once the
-            # softmax has read them, is one (L, S) buffer beside G_p instead of scores, p and G_p at once
-            pf = p if float_mask is None else scaled(p, scores + float_mask, eps)
-            pf = scaled(pf, scores, eps)
-            c = (so * o).sum(-1, keepdim=True)
-            (gp,) = torch.func.vjp(lambda p_: out_fn(p_, v), p)[1](so)
-            sq = pf * (gp - c)
-            if float_mask is not None:  # a row masked by finfo.min alone has a uniform softmax: 0, as the rule says
-                sq = torch.where(_masked_scores(s, mask.dtype), 0.0, sq)
-            m = (1.0 if want["query"] else 0.0) + (1.0 if want["key"] else 0.0)
-            gq, gk = pb_scores(sq / max(m, 1.0))
-            result["query"] = gq
-            result["key"] = gk
         else:
-            two = 2.0 if want["value"] else 1.0
-            so = safe_divide(R, o, eps) / two
-            _, pb = torch.func.vjp(out_fn, p, v)
-            gp, gv = pb(so)
-            result["value"] = times(v, gv)
-            rp = p * gp
-            term = rp - p * rp.sum(-1, keepdim=True)  # the softmax's gradient form: R_s = s * term
-            masked = _masked_scores(s, mask.dtype) if float_mask is not None else off
-            rs = s * term if masked is None else torch.where(masked | (term == 0), 0.0, s * term)
-            if float_mask is not None:
-                rs = scores * safe_divide(rs, scores + float_mask, eps)
-                rs = torch.where(torch.isfinite(rs), rs, 0.0)
-            sq = safe_divide(rs, scores, eps)
+            two = 2.0 if want["value"] else 1.0  # the bilinear p v shares R between p and v when both take it
+            if grad:
+                so = scaled(R, o, eps) / two
+                if want["value"]:  # G_v = p^T G_o first: p is then read only by the scaling below, and dies there
+                    result["value"] = torch.func.vjp(lambda v_: out_fn(p, v_), v)[1](so)[0]
+                # the softmax's gradient form p * (G_p - rowsum(p * G_p)) with q k^T's epsilon scaling, as
+                # (scaled p) * (G_p - c): rowsum(p * G_p) = rowsum(G_o * (p v)) = rowsum(G_o * o) is c, a dot product
+                # per query row, so no (L, S) product or sum is formed; and p, scaled in place of the scores once the
+                # softmax has read them, is one (L, S) buffer beside G_p instead of scores, p and G_p at once. A
+                # boolean or causal mask needs no where: p is exactly 0 at its masked scores, so sq is too
+                pf = p if float_mask is None else scaled(p, scores + float_mask, eps)
+                pf = scaled(pf, scores, eps)
+                c = (so * o).sum(-1, keepdim=True)
+                (gp,) = torch.func.vjp(lambda p_: out_fn(p_, v), p)[1](so)
+                sq = pf * (gp - c)
+                if float_mask is not None:  # a row masked by finfo.min alone has a uniform softmax: 0, as the rule says
+                    sq = torch.where(_masked_scores(s, mask.dtype), 0.0, sq)
+            else:
+                so = safe_divide(R, o, eps) / two
+                _, pb = torch.func.vjp(out_fn, p, v)
+                gp, gv = pb(so)
+                result["value"] = times(v, gv)
+                rp = p * gp
+                term = rp - p * rp.sum(-1, keepdim=True)  # the softmax's gradient form: R_s = s * term
+                masked = _masked_scores(s, mask.dtype) if float_mask is not None else off
+                rs = s * term if masked is None else torch.where(masked | (term == 0), 0.0, s * term)
+                if float_mask is not None:
+                    rs = scores * safe_divide(rs, scores + float_mask, eps)
+                    rs = torch.where(torch.isfinite(rs), rs, 0.0)
+                sq = safe_divide(rs, scores, eps)
+            # q k^T is bilinear too: its share is split between the operands that take relevance
             m = (1.0 if want["query"] else 0.0) + (1.0 if want["key"] else 0.0)
             gq, gk = pb_scores(sq / max(m, 1.0))
             result["query"] = times(q, gq)

@@ -77,6 +77,8 @@ class OpSpec:
         homogeneous: an elementwise function with ``f(c x) = c f(x)`` for ``c > 0`` (ReLU, leaky ReLU), so that
             ``f(x) / x`` is its derivative: the identity rule's gradient form is then the op's own gradient.
         reshape: its result is its operand's elements in row-major order under another shape (value numbering).
+        lookup: its first operand is a table it reads only the returned entries of (``embedding``, ``gather``), so
+            the result's size, not the table's, is what recomputing it reads.
         aliases: returns a view of its first operand although its schema does not say so (``_unsafe_view``).
     """
 
@@ -93,6 +95,7 @@ class OpSpec:
     activation: bool = False
     homogeneous: bool = False
     reshape: bool = False
+    lookup: bool = False
     aliases: bool = False
 
     def __post_init__(self):
@@ -106,7 +109,7 @@ class OpSpec:
 NONNEG = (None, "always", "floor", "preserves")
 #: fields of :class:`OpSpec` that are facts for the passes (everything but the relevance fields)
 FACTS = ("bias", "cheap", "recompute_cost", "nonneg", "reduction", "scale", "activation", "homogeneous", "reshape",
-         "aliases")
+         "lookup", "aliases")
 
 OP_TABLE: dict[Any, OpSpec] = {}
 
@@ -269,7 +272,8 @@ _facts("native_group_norm", bias=2)
 # reads its input twice and reduces it), so chains along post-LN residual streams stop every few layers
 _facts("""view.default reshape.default _unsafe_view.default permute.default expand.default squeeze.dim squeeze.dims
     unsqueeze.default t.default transpose.int slice.Tensor select.int alias.default _to_copy.default cat.default
-    _native_batch_norm_legit_no_training.default embedding.default gather.default""", cheap=True)
+    _native_batch_norm_legit_no_training.default""", cheap=True)
+_facts("embedding.default gather.default", cheap=True, lookup=True)
 _facts("native_layer_norm.default", cheap=True, recompute_cost=4)
 _facts("relu sigmoid _softmax softmax exp abs sqrt hardsigmoid", nonneg="always")
 _facts("clamp clamp_min hardtanh", nonneg="floor")
