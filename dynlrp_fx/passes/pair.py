@@ -244,6 +244,11 @@ def _is_float(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
 
 
+def _static_empty(v: Any) -> bool:
+    """Whether ``v`` is a tensor with a static size 0 (a symbolic size is not compared: that would specialise it)."""
+    return isinstance(v, torch.Tensor) and any(type(s) is int and s == 0 for s in v.shape)
+
+
 def _ledger_term(entry: Any) -> torch.Tensor:
     """A ledger entry's relevance: a tensor, or ``(value, index or None, G, masked)`` for gradient-form relevance
     ``value * G`` (``masked``: ``0`` where ``G`` is, so that masked scores of ``-inf`` give ``0``, not NaN)."""
@@ -866,8 +871,12 @@ class _Pairing:
                 self.onehot[gi] = self.onehot[g_arg]  # the same one-hot seed in the operand's shape
             self.add(src, None, gi, gradient=use_g)
         # a conservative rule still drops the share of float operands that are not data (a class token
-        # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too
-        leaky = any(s not in ann.slots and _is_float(_val(a)) for s, a in slot_nodes.items())
+        # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too; not a
+        # factor of a product (it scales, it takes no share) nor an empty operand (a KV cache's first cat)
+        leaky = any(
+            s not in ann.slots and _is_float(_val(a)) and not (s[0] in spec.factors and s[0] != bias)
+            and not _static_empty(_val(a)) for s, a in slot_nodes.items()
+        )
         if analytic:
             if op.absorbed:
                 dens = self.g.call_function(operator.getitem, (rel, len(ann.slots)))
@@ -877,7 +886,9 @@ class _Pairing:
                 else:  # the rule summed over every other dim: per sample already, or (B*T,)
                     exact = self.exact_batch(out_val, led_bdim)
                     self.ledger(n, dens, [], out_bdims=["sample" if exact else (0, 1)])
-        elif not ann.rule.conservative or leaky or len(r_ins) < len(ann.slots):
+        # (a conservative rule may leave a slot without relevance: the others then carry all of it, as the
+        # normaliser identity gives x * g(x) to x alone; only a rule that passed nothing at all is measured)
+        elif not ann.rule.conservative or leaky or not r_ins:
             self.ledger(n, self.ledger_outs(r_arg, g_arg, out_p, n in self.masked_values), r_ins)
         if self.derived:
             prule = _param_rule(ann)
