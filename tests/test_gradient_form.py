@@ -224,6 +224,34 @@ def test_program_without_the_ledger_gives_the_same_relevance():
     assert ops(bare) < ops(ex)
 
 
+class _BiasAdd(nn.Module):
+    """A matmul and a separate bias add on a 3-d input (the layout MultiheadAttention's projections trace to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6))
+        self.b = nn.Parameter(torch.randn(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(x @ self.w + self.b).mean(1))
+
+
+def test_bias_parameter_share_is_summed_without_the_inf_guard():
+    """An ``add`` may add a mask of ``-inf``, so its ledger share is guarded (``nan_to_num`` of a product of the
+    output's size); a parameter added there is finite, and its share is summed like a linear layer's bias (no
+    output-sized product). The ledger equals the relevance form's, measured on both sides."""
+    torch.manual_seed(0)
+    model = _BiasAdd().to(D)
+    x = torch.randn(3, 5, 4, dtype=D)
+    ex, ref = _pair(model, (x,), rules="epsilon")
+    a, b = ex(x, target=1), ref(x, target=1)
+    torch.testing.assert_close(a.absorbed, b.absorbed, rtol=1e-9, atol=1e-12)
+    assert float(a.absorbed.abs().min()) > 1e-6
+    ops = [n.target for n in ex.graph("target").graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.nan_to_num.default not in ops
+
+
 class _PostNorm(nn.Module):
     """A residual stream of post-LayerNorm blocks, ``x = LN(x + gelu(W x))`` (BERT's layout), then a GroupNorm'd
     1-d convolution and a linear head: every norm with a bias."""

@@ -43,6 +43,7 @@ when the reverse sweep reaches them, i.e. after every user has contributed.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -552,6 +553,9 @@ class _Pairing:
             None,
         )
         self.nodes = list(gm.graph.nodes)
+        #: placeholders of the model's parameters: an additive constant read from them is finite (a bias), unlike one
+        #: computed in the graph (a mask of -inf), so its ledger share needs no guard against 0 * inf
+        self.parameters = {name for name, kind, _ in getattr(traced, "state_specs", ()) if kind == "PARAMETER"}
         self.fake_mode = torch._guards.detect_fake_mode(
             [n.meta["val"] for n in self.nodes if n.op == "placeholder" and "val" in n.meta]
         )
@@ -843,7 +847,14 @@ class _Pairing:
             led_bdim = _batch_dim(out_val, self.batch_symbol, n, self.example_batch) if self.batched else None
             if led_bdim is not None and led_bdim[1] != 1:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
-            extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None}
+            # whether every additive constant is a parameter or a finite number (a bias): its share is then summed
+            # without the guard a computed constant (a mask that may hold -inf) needs
+            finite_constant = all(
+                a.op == "placeholder" and a.name in self.parameters
+                for s, a in slot_nodes.items() if s not in ann.slots and _is_float(_val(a))
+            ) and all(math.isfinite(v) for v in n.args if isinstance(v, float))
+            extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None,
+                     "finite_constant": finite_constant}
         # (a rule without an `epsilon` has a stabiliser of its own: gamma, z+)
         want_absorbed = analytic and self.keep_ledger and (additive or getattr(ann.rule, "epsilon", None) != 0)
         if analytic and isinstance(ann.rule, Epsilon) and self.sparse_seed_pullback(n, ann, g_arg, vals,

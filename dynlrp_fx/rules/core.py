@@ -120,7 +120,8 @@ class Epsilon(Rule):
         z = ctx.outputs[0].to(g.dtype)
         s, t = scaled_parts(g, z, self.epsilon)
         c = additive_constant(ctx) if ctx.meta.get("additive", True) else None
-        absorbed = _absorbed(s, t, z, c, ctx.meta.get("batch_dim"), self.epsilon, _finite_op(ctx.op))
+        absorbed = _absorbed(s, t, z, c, ctx.meta.get("batch_dim"), self.epsilon, _finite_op(ctx.op),
+                             ctx.meta.get("finite_constant", False))
         return self._pullback(ctx, [s]), absorbed
 
     def _pullback(self, ctx: RuleContext, s: list) -> list:
@@ -151,14 +152,16 @@ def _static(size) -> int | None:
 
 
 def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch.Tensor | None, keep: int | None,
-              eps: float, finite: bool = True) -> torch.Tensor:
+              eps: float, finite: bool = True, finite_constant: bool = False) -> torch.Tensor:
     """What a linear map in gradient form absorbed (:meth:`Epsilon.gradient_and_absorbed`): ``eps * t * z`` (the
     stabiliser's share, ``t = G / (|z| + eps)``; ``t`` is ``None`` without one) plus ``s * c`` (the additive
     constant's; ``c`` may be ``None``), per output element or summed as :func:`_dot` sums (``keep``; a part summed
     per row makes the others sum their last dim too). ``finite = False``: the op's output or constant may hold
     ``-inf`` (a masked score), so the stabiliser's share is written ``eps * sign(z) * s`` and the constant's share is
     0 where nothing arrives (``s = 0``) rather than ``0 * inf = NaN`` (decided by the op, not by comparing sizes,
-    which would specialise them). Zeros of the entry's shape when there is no part."""
+    which would specialise them). ``finite_constant``: the constant is finite whatever the op (a bias parameter
+    added to a linear map's output), so its share is summed as for a finite op. Zeros of the entry's shape when
+    there is no part."""
     parts = []
     if t is not None:
         # (eps scales the per-sample sums, not the products, when the entry is summed: one pass less)
@@ -168,7 +171,7 @@ def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch
         c = c.to(s.dtype)
         # (-inf in c meets s = 0 where a masked score gets no gradient: each such 0 * -inf = NaN is 0, replaced per
         # element before the sum; one nan_to_num pass instead of an s == 0 mask and a where)
-        parts.append(_dot(s, c, keep) if finite else _reduce(nan_to_zero(s * c), keep))
+        parts.append(_dot(s, c, keep) if finite or finite_constant else _reduce(nan_to_zero(s * c), keep))
     if not parts:  # nothing absorbed (pair asks only where something may be)
         return torch.zeros_like(s) if keep is None else s.new_zeros((s.shape[keep],))
     if any(p.ndim == s.ndim - 1 for p in parts):
