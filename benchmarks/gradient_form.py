@@ -39,6 +39,12 @@ def _relevance(e) -> torch.Tensor:
     return e.relevance if e.relevance is not None else next(iter(e.inputs.values()))
 
 
+def _rel_diff(a, b) -> float:
+    """Largest difference of two explanations' relevance, relative to the largest entry of ``b``'s."""
+    ra, rb = _relevance(a).double(), _relevance(b).double()
+    return float((ra - rb).abs().max() / rb.abs().max().clamp_min(1e-30))
+
+
 def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, reference: bool = True,
           only: set | None = None, ledger: bool = False) -> list[dict]:
     import dynlrp_fx as dynlrp
@@ -66,14 +72,12 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
         ledger_diff = None
         if ledger:  # the ledger only adds outputs: the relevance must be the same (to the kernels' rounding: the
             # programs' buffers differ, and a matmul on another layout may sum in another order)
-            ra, rb = _relevance(a).double(), _relevance(fns["no ledger"]()).double()
-            ledger_diff = float((ra - rb).abs().max() / rb.abs().max().clamp_min(1e-30))
+            ledger_diff = _rel_diff(a, fns["no ledger"]())
             if not ledger_diff <= 1e-5:
                 raise AssertionError(f"{name} {rules}: relevance without the ledger differs by {ledger_diff:.1e}")
         diff = None
         if reference:
-            ra, rb = _relevance(a).double(), _relevance(fns["relevance form"]()).double()
-            diff = float((ra - rb).abs().max() / rb.abs().max().clamp_min(1e-30))
+            diff = _rel_diff(a, fns["relevance form"]())
         peak = {k: peak_extra_bytes(fns[k], "cpu") for k in ("gxi", "gradient form")}
         for f in fns.values():  # warm-up
             f()

@@ -555,7 +555,7 @@ class _Pairing:
         self.nodes = list(gm.graph.nodes)
         #: placeholders of the model's parameters: an additive constant read from them is finite (a bias), unlike one
         #: computed in the graph (a mask of -inf), so its ledger share needs no guard against 0 * inf
-        self.parameters = {name for name, kind, _ in getattr(traced, "state_specs", ()) if kind == "PARAMETER"}
+        self.parameters = {name for name, kind, _ in traced.state_specs if kind == "PARAMETER"}
         self.fake_mode = torch._guards.detect_fake_mode(
             [n.meta["val"] for n in self.nodes if n.op == "placeholder" and "val" in n.meta]
         )
@@ -836,12 +836,15 @@ class _Pairing:
                     and isinstance(out_val, torch.Tensor) and out_val.dtype not in _LOW)
         spec = facts(n.target)
         bias = spec.bias
-        # a float operand that receives no relevance adds a constant, unless it multiplies the data (a convolution's
-        # or a matmul's weight: a factor position of the table), which adds nothing
-        additive = any(
-            s not in ann.slots and s not in ann.factors and not (s[0] in spec.factors and s[0] != bias)
-            and _is_float(_val(a)) for s, a in slot_nodes.items()
-        ) or (bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0)
+        # the float operands that receive no relevance: each adds a constant, unless it multiplies the data (a
+        # convolution's or a matmul's weight: a factor position of the table), which adds nothing
+        constants = [(s, a) for s, a in slot_nodes.items() if s not in ann.slots and _is_float(_val(a))]
+
+        def scales(s) -> bool:
+            return s[0] in spec.factors and s[0] != bias
+
+        additive = any(s not in ann.factors and not scales(s) for s, _ in constants) or (
+            bias is not None and bias < len(n.args) and isinstance(n.args[bias], (int, float)) and n.args[bias] != 0)
         if analytic:
             # the ledger reads per-sample sums: the rule may sum its entry over every dim but the batch's
             led_bdim = _batch_dim(out_val, self.batch_symbol, n, self.example_batch) if self.batched else None
@@ -849,10 +852,8 @@ class _Pairing:
                 led_bdim = None  # (T*B, E): the outer factor describes the whole tensor's layout, not one dim's
             # whether every additive constant is a parameter or a finite number (a bias): its share is then summed
             # without the guard a computed constant (a mask that may hold -inf) needs
-            finite_constant = all(
-                a.op == "placeholder" and a.name in self.parameters
-                for s, a in slot_nodes.items() if s not in ann.slots and _is_float(_val(a))
-            ) and all(math.isfinite(v) for v in n.args if isinstance(v, float))
+            finite_constant = all(a.op == "placeholder" and a.name in self.parameters for _, a in constants) and all(
+                math.isfinite(v) for v in n.args if isinstance(v, float))
             extra = {**extra, "additive": additive, "batch_dim": led_bdim[0] if led_bdim is not None else None,
                      "finite_constant": finite_constant}
         # (a rule without an `epsilon` has a stabiliser of its own: gamma, z+)
@@ -884,10 +885,7 @@ class _Pairing:
         # a conservative rule still drops the share of float operands that are not data (a class token
         # concatenated to the patches, a constant selected by where): those nodes get a ledger entry too; not a
         # factor of a product (it scales, it takes no share) nor an empty operand (a KV cache's first cat)
-        leaky = any(
-            s not in ann.slots and _is_float(_val(a)) and not (s[0] in spec.factors and s[0] != bias)
-            and not _static_empty(_val(a)) for s, a in slot_nodes.items()
-        )
+        leaky = any(not scales(s) and not _static_empty(_val(a)) for s, a in constants)
         if analytic:
             if op.absorbed:
                 dens = self.g.call_function(operator.getitem, (rel, len(ann.slots)))

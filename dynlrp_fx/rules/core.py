@@ -165,8 +165,7 @@ def _absorbed(s: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor, c: torch
     parts = []
     if t is not None:
         # (eps scales the per-sample sums, not the products, when the entry is summed: one pass less)
-        parts.append(_dot(t, z, keep, eps) if finite
-                     else _reduce(s * torch.sign(z), keep) * eps if keep is not None else s * torch.sign(z) * eps)
+        parts.append(_dot(t, z, keep, eps) if finite else _reduce(s * torch.sign(z), keep) * eps)
     if c is not None:
         c = c.to(s.dtype)
         # (-inf in c meets s = 0 where a masked score gets no gradient: each such 0 * -inf = NaN is 0, replaced per
