@@ -23,11 +23,11 @@ from . import cache
 from .errors import DynlrpInputError, DynlrpShapeError, DynlrpTraceError
 from .multi import SplitProgram, split_program, sweep_size
 from .passes import PIPELINE, CompileContext, PipelineReport
-from .passes.pair import ProgramOutputs
+from .passes.pair import ProgramOutputs, Routed
 from .passes.pipeline import PassRecord
 from .passes.resolve_promises import DEFAULT_POLICY
 from .presets import resolve
-from .program import Analysis, Program, _resolve_capture, build_program, compiled
+from .program import Analysis, Program, _public_prefix, _resolve_capture, build_program, compiled, routed_experts
 from .progress import compile_progress
 from .progress import stage as progress_stage
 from .rules.composite import Composite
@@ -445,8 +445,19 @@ class Explainer(nn.Module):
         rowwise = [True, True, *(batched.get(n, True) for n in names.input_names),
                    *(False for _ in names.param_names), *(True for _ in names.capture_names),
                    *(True for _ in names.condition_names)]
+        labels = ["seed", "absorbed", *names.input_names, *names.param_names, *names.capture_names,
+                  *names.condition_names]
         out = []
         for i, per_sample in enumerate(rowwise):
+            if per_sample and any(res[i].shape[0] != batch * kc for kc, res in parts):
+                # a captured node whose rows merge the batch with other dims (a mixture-of-experts layer's
+                # (tokens, hidden)): its rows cannot be told apart per target here
+                raise DynlrpInputError(
+                    f"capture: the relevance of {labels[i]!r} has shape {tuple(parts[0][1][i].shape)}, whose first "
+                    f"dim merges the batch ({batch}) with other dims; such a capture works with one target per "
+                    "sample and no condition=. Capture a module whose output has the batch first, or make "
+                    "separate calls."
+                )
             if per_sample:
                 out.append(torch.cat([res[i].reshape(batch, kc, *res[i].shape[1:]) for kc, res in parts], 1))
             else:
@@ -470,10 +481,15 @@ class Explainer(nn.Module):
             masks.append(_feature_mask(index, batch, size, dtype, device, path))
         return tuple(key), masks
 
-    def _feature_axis(self, path: str, dim: int | None) -> tuple[str, int, int, torch.dtype]:
+    def _feature_axis(self, path: str, dim: int | None) -> tuple[str, int | Routed, int, torch.dtype]:
         """``(node name, feature dim, its size, mask dtype)`` of module ``path``'s output; ``dim`` ``None``: the
-        channels of a 4-D/5-D output (dim 1), else the last dim (hidden units, or per-head features)."""
+        channels of a 4-D/5-D output (dim 1), else the last dim (hidden units, or per-head features). For a
+        mixture-of-experts layer (a module with ``num_experts``) the features are its experts: the node is its
+        ``(N, k, H)`` top-k contributions and the "dim" a :class:`~dynlrp_fx.passes.pair.Routed`."""
         node_name = _resolve_capture(self.traced, self.analysis.graph, [path])[path]
+        experts = self._experts_axis(path, dim)
+        if experts is not None:
+            return experts
         node = next(n for n in self.analysis.graph.graph.nodes if n.name == node_name)
         v = node.meta.get("val")
         if not isinstance(v, torch.Tensor) or v.ndim < 2:
@@ -486,6 +502,32 @@ class Explainer(nn.Module):
             raise DynlrpInputError(f"condition: dim {d} of {path!r}'s output has a dynamic size ({size}); choose "
                                    "a feature dim of fixed size")
         return node_name, d, size, torch.promote_types(v.dtype, torch.float32)
+
+    def _experts_axis(self, path: str, dim: int | None) -> tuple[str, Routed, int, torch.dtype] | None:
+        """:meth:`_feature_axis` for a mixture-of-experts layer (``None``: ``path`` is not one)."""
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            return None
+        experts = getattr(module, "num_experts", None)
+        if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+            return None
+        if dim is not None:
+            raise DynlrpInputError(f"condition: {path!r} is a mixture-of-experts layer whose features are its "
+                                   f"{experts} experts; give expert indices without a dim")
+        found = routed_experts(self.analysis.graph, _public_prefix(self.traced) + path)
+        if found is None:
+            impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+            raise DynlrpInputError(
+                f"condition: {path!r} has {experts} experts, but its traced ops do not end in a sum over top-k "
+                f"contributions ((tokens, k, hidden) summed over k, with the router's (tokens, k) expert ids read "
+                f"from outside){f' (experts implementation {impl!r})' if impl else ''}; transformers' default "
+                "'grouped_mm' and 'batched_mm' implementations do. Condition the experts' input or output module "
+                "instead, or use one of those implementations."
+            )
+        contrib, ids = found
+        v = contrib.meta["val"]
+        return contrib.name, Routed(ids.name, experts), experts, torch.promote_types(v.dtype, torch.float32)
 
     def concepts(self, *args, target: Any = None, layer: str, channels: Any = None, dim: int | None = None,
                  sweep_batch: int | None = None, **kwargs) -> ConceptExplanation:
@@ -549,9 +591,12 @@ class Explainer(nn.Module):
         **Conditions (CRP).** ``condition={"layer3": [0, 5]}`` keeps only the relevance that flows through features
         0 and 5 of module ``layer3``'s output (channels of a conv output: dim 1; else the last dim; use
         ``dynlrp.targets.Features(index, dim=)`` for another dim; a float/bool mask ``(C,)`` or ``(B, C)`` weights
-        the features per sample). What the mask removes is absorbed in the ledger; ``Explanation.conditioned[path]``
-        is the relevance that reached each feature. The first call with a new set of conditioned modules builds a
-        program for it (the trace is reused). See :meth:`concepts` for one heatmap per channel.
+        the features per sample). The features of a mixture-of-experts layer (a module with ``num_experts``, such
+        as transformers' ``...mlp.experts``) are its experts: ``condition={"model.layers.3.mlp.experts": [2]}``
+        keeps the relevance of the top-k slots routed to expert 2, per token. What the mask removes is absorbed in
+        the ledger; ``Explanation.conditioned[path]`` is the relevance that reached each feature. The first call
+        with a new set of conditioned modules builds a program for it (the trace is reused). See :meth:`concepts`
+        for one heatmap per channel (or expert).
         """
         paths = [self._call, *(v._call for v in reversed(self._variants))]  # most recently used variants first
         try:

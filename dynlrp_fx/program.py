@@ -205,6 +205,43 @@ def module_output_node(gm: fx.GraphModule, path: str) -> fx.Node | None:
     return outs[-1] if outs else None
 
 
+def routed_experts(gm: fx.GraphModule, path: str) -> tuple[fx.Node, fx.Node] | None:
+    """The top-k contributions of a mixture-of-experts layer at ``path``: ``(contributions, expert ids)`` or ``None``.
+
+    An experts module (transformers' ``grouped_mm`` and ``batched_mm`` implementations, and any layer written the
+    same way) computes ``out[n] = sum_j w[n, j] * expert_{idx[n, j]}(x[n])`` for the ``N`` tokens of the batch
+    (sample-major rows) and returns the sum over ``j`` of an ``(N, k, H)`` tensor. That tensor is the
+    contributions node; the expert ids are the ``(N, k)`` integer tensor the layer reads from outside (the router's
+    top-k indices): row ``(n, j)`` of the contributions came from expert ``idx[n, j]``.
+    """
+    out = module_output_node(gm, path)
+    while out is not None and out.target in (torch.ops.aten._to_copy.default,
+                                             torch.ops.prims.convert_element_type.default):
+        out = out.args[0] if isinstance(out.args[0], fx.Node) else None
+    if out is None or out.target is not torch.ops.aten.sum.dim_IntList or list(out.args[1]) not in ([1], [-2]):
+        return None
+    contrib = out.args[0]
+    v = contrib.meta.get("val")
+    if not isinstance(v, torch.Tensor) or v.ndim != 3:
+        return None
+    # the integer (N, k) tensor the layer reads from outside its region: walk up from the contributions
+    seen, todo, ids = set(), [contrib], []
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if a.op == "call_function" and path in _stack_paths(a):
+                todo.append(a)
+                continue
+            av = a.meta.get("val")
+            if (isinstance(av, torch.Tensor) and not av.dtype.is_floating_point and av.dtype != torch.bool
+                    and [str(d) for d in av.shape] == [str(d) for d in v.shape[:2]]):
+                ids.append(a)
+    return (contrib, ids[0]) if len(ids) == 1 else None
+
+
 def _resolve_capture(traced: TracedProgram, gm: fx.GraphModule, capture: Any) -> dict[str, str]:
     """``capture=`` -> {public module path: node name of the module's output} in the analysed graph ``gm``."""
     if capture is None or capture is False:

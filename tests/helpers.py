@@ -154,6 +154,22 @@ def gradient_oracle_errors(expl: Any, model, args: tuple, kwargs: dict, output: 
     return errs
 
 # -- model factories -------------------------------------------------------------------------------------------------
+def tiny_qwen3_moe():
+    """A one-layer Qwen3-MoE from its default config, sizes shrunk (4 experts, top-2; transformers' default
+    ``grouped_mm`` experts; float32: CPU grouped_mm takes no float64). Skips where transformers has none."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3MoeForCausalLM"):
+        pytest.skip("this transformers has no Qwen3-MoE")
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
 def tiny_bert(model_cls: str = "BertForSequenceClassification", *, sdpa: bool = False, **config):
     """A tiny BERT from a config with random weights (eval mode); ``config`` overrides the defaults below."""
     import transformers

@@ -15,7 +15,7 @@ from torch import nn
 
 import dynlrp_fx as dynlrp
 from dynlrp_fx.errors import DynlrpInputError
-from tests.helpers import tiny_bert
+from tests.helpers import tiny_bert, tiny_qwen3_moe
 
 
 def _halves():
@@ -96,6 +96,140 @@ def test_attention_head_features_of_a_transformer():
                                rtol=1e-10, atol=1e-12)
     con = ex.concepts(ids, target=1, layer=layer, dim=-1)
     assert con.heatmaps.shape == (2, 32, 7)
+
+
+def _through_experts(model, path, keep, ids, target, embed: bool = True):
+    """Autograd by hand, with gradient passing only the top-k slots routed to experts with ``keep[e] = 1``:
+    ``(gradient x input (token ids: summed over the embedding), gradient x output of the layer per sample)``. The experts'
+    output is linear in the routing weights ``w``, so ``f(x, w * m) + f(x, w * (1 - m)).detach()`` has the same
+    value with the gradient of the kept slots only (a hook on the test's own model, removed afterwards)."""
+    busy, outs = [], []
+
+    def hook(module, args, out):
+        if busy:
+            return None
+        x, idx, w = args
+        kept = keep[idx].to(w.dtype)
+        busy.append(1)
+        try:
+            y = module(x, idx, w * kept) + module(x, idx, w * (1 - kept)).detach()
+        finally:
+            busy.pop()
+        y.retain_grad()
+        outs.append(y)
+        return y
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        emb = (model.get_input_embeddings()(ids) if embed else ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb).logits if embed else model(emb)
+        logits.reshape(len(ids), -1).gather(1, target[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    (y,) = outs
+    rel = emb.grad * emb
+    return (rel.sum(-1) if embed else rel).detach(), (y.grad * y).reshape(len(ids), -1).sum(1).detach()
+
+
+class _TopK(nn.Module):
+    """Experts written like transformers' ``batched_mm`` ones: each token's top-k slots by their expert's matrix,
+    weighted and summed over the slots."""
+
+    def __init__(self, d: int, experts: int):
+        super().__init__()
+        self.num_experts = experts
+        self.weight = nn.Parameter(torch.randn(experts, d, d) / d**0.5)
+
+    def forward(self, x, idx, w):
+        y = torch.einsum("nd,nkde->nke", x, self.weight[idx]).relu()
+        return (y * w.unsqueeze(-1)).sum(1)
+
+
+class _Loop(_TopK):
+    """The same experts written as a loop over experts (no (tokens, k, hidden) contributions to condition)."""
+
+    def forward(self, x, idx, w):
+        return sum((x @ self.weight[e]).relu() * (w * (idx == e)).sum(-1, keepdim=True)
+                   for e in range(self.num_experts))
+
+
+class _MoENet(nn.Module):
+    def __init__(self, experts_cls=_TopK, d: int = 6, experts: int = 4):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = experts_cls(d, experts)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # (B, T, d): the experts see the batch's tokens as (B*T, d), sample-major
+        h = x.reshape(-1, x.shape[-1])
+        w, idx = self.router(h).softmax(-1).topk(2, dim=-1)
+        return self.head((h + self.experts(h, idx, w)).reshape(x.shape).mean(1))
+
+
+def test_experts_of_a_hand_written_mixture_as_conditions():
+    """The experts of a top-k layer written in plain torch as conditions (float64, ``gradient`` preset): equal to
+    autograd with gradient passing only the slots routed to the kept experts; a layer written as a loop over
+    experts is named with what to do."""
+    torch.manual_seed(0)
+    model = _MoENet().double().eval()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1])
+    ex = dynlrp.compile(model, x, rules="gradient", backend="eager")
+    full = ex(x, target=t)
+    for kept in ([1, 3], [2]):
+        keep = torch.zeros(4, dtype=torch.float64)
+        keep[kept] = 1
+        got = ex(x, target=t, condition={"experts": kept})
+        want, at_output = _through_experts(model, "experts", keep, x, t, embed=False)
+        torch.testing.assert_close(got.relevance, want, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(full.relevance, want)
+    con = ex.concepts(x, target=t, layer="experts")
+    _, at_output = _through_experts(model, "experts", torch.ones(4, dtype=torch.float64), x, t, embed=False)
+    torch.testing.assert_close(con.relevance.sum(1), at_output, rtol=1e-10, atol=1e-12)
+    assert float(ex(x, target=t, condition={"experts": [2]}).conservation.error.max()) < 1e-10
+    loop = dynlrp.compile(_MoENet(_Loop).double().eval(), x, rules="gradient", backend="eager")
+    with pytest.raises(DynlrpInputError, match=r"'experts' has 4 experts, but its traced ops do not end in a sum"):
+        loop(x, target=t, condition={"experts": [1]})
+
+
+@pytest.mark.slow  # ~25 s: in CI's slow step (test-slow-ci)
+def test_mixture_of_experts_experts_as_conditions():
+    """A mixture-of-experts layer (Qwen3-MoE from its default config, sizes shrunk: transformers' default
+    grouped_mm experts) as a condition whose features are its experts: with the ``gradient`` preset the
+    conditioned relevance equals gradient x input with gradient passing only the top-k slots routed to the kept
+    experts (autograd, by hand); one map per expert from concepts() equals single-expert conditions and sums,
+    with the share that bypasses the layer, to the unconditional map; each expert's relevance adds up to the
+    relevance captured at the layer's output; several targets per sample equal single calls."""
+    model = tiny_qwen3_moe()
+    path = "model.layers.0.mlp.experts"
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([4 * 64 + 3, 4 * 64 + 7])  # the last position's logits of tokens 3 and 7
+    ex = dynlrp.compile(model, (), example_kwargs={"input_ids": ids}, rules="gradient", backend="eager")
+    full = ex(input_ids=ids, target=t)
+    keep = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    got = ex(input_ids=ids, target=t, condition={path: [1, 3]})
+    want, _ = _through_experts(model, path, keep, ids, t)
+    scale = float(want.abs().max())
+    assert float((got.relevance - want).abs().max()) <= 1e-5 * scale
+    # the oracle discriminates: the unconditioned relevance differs from it
+    assert float((full.relevance - want).abs().max()) > 1e-3 * scale
+    con = ex.concepts(input_ids=ids, target=t, layer=path)
+    assert con.heatmaps.shape == (2, 4, 5) and con.relevance.shape == (2, 4) and con.channels == [0, 1, 2, 3]
+    around = ex(input_ids=ids, target=t, condition={path: torch.zeros(4)})
+    torch.testing.assert_close(con.heatmaps.sum(1) - 3 * around.relevance, full.relevance, rtol=1e-4,
+                               atol=1e-5 * scale)
+    # what reaches the experts adds up to what reaches the layer's output (gradient x output there)
+    _, at_output = _through_experts(model, path, torch.ones(4), ids, t)
+    torch.testing.assert_close(con.relevance.sum(1), at_output, rtol=1e-4, atol=1e-6 * float(at_output.abs().max()))
+    torch.testing.assert_close(got.conditioned[path], con.relevance)
+    for e in (0, 2):
+        torch.testing.assert_close(ex(input_ids=ids, target=t, condition={path: [e]}).relevance,
+                                   con.heatmaps[:, e])
+    both = ex(input_ids=ids, target=torch.stack([t, t - 1], 1), condition={path: [1, 3]})
+    assert both.relevance.shape == (2, 2, 5) and both.conditioned[path].shape == (2, 2, 4)
+    torch.testing.assert_close(both.relevance[:, 0], got.relevance)
+    with pytest.raises(DynlrpInputError, match="features are its 4 experts"):
+        ex(input_ids=ids, target=t, condition={path: dynlrp.targets.Features([0], dim=-1)})
 
 
 def test_bad_conditions_say_what_to_do():

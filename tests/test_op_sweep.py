@@ -39,7 +39,7 @@ from torch import nn
 import dynlrp_fx as dynlrp
 from dynlrp_fx.rules.table import lookup
 from dynlrp_fx.trace import trace
-from tests.helpers import grad_x_input
+from tests.helpers import grad_x_input, tiny_qwen3_moe
 
 F64 = torch.float64
 
@@ -523,25 +523,13 @@ def test_grouped_mm_equals_the_library_loop():
     torch.testing.assert_close(grouped_mm(x, w, offs), want, rtol=1e-12, atol=1e-12)
 
 
-def _qwen3_moe():
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Qwen3MoeForCausalLM"):
-        pytest.skip("this transformers has no Qwen3-MoE")
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
-
-
 @pytest.mark.slow  # ~20 s: in CI's slow step (test-slow-ci)
 def test_qwen3_moe_gradient_preset_equals_autograd():
     """Qwen3-MoE from its default config (sizes shrunk): the experts' custom op is traced through, and the
     ``gradient`` preset equals autograd's gradient x input with respect to the input embeddings."""
     from tests.helpers import GRADIENT_TOL, gradient_oracle_errors
 
-    model = _qwen3_moe()
+    model = tiny_qwen3_moe()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
     explainer = dynlrp.compile(model, (), example_kwargs={"input_ids": ids}, rules="gradient", backend="eager")

@@ -445,6 +445,41 @@ def _outer_factor(node: fx.Node, batch_symbol: Any, limit: int = 16) -> int | No
     return None
 
 
+@dataclass(frozen=True)
+class Routed:
+    """The feature "dim" of a ``condition=`` on a mixture-of-experts layer: its experts. The conditioned node is
+    the layer's ``(N, k, H)`` top-k contributions (``N`` tokens, sample-major), ``index`` the node of the router's
+    ``(N, k)`` expert ids, ``experts`` how many experts the layer has (see
+    :func:`dynlrp_fx.program.routed_experts`)."""
+
+    index: str
+    experts: int
+
+
+def _expert_onehot(ids: torch.Tensor, experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, k, E)``: 1 where slot ``(n, j)`` went to expert ``e``. A comparison with an arange, not a scatter
+    (Inductor's scatter lowering guards on the batch size, see :func:`seed_gradient`)."""
+    return (ids.unsqueeze(-1) == torch.arange(experts, device=ids.device)).to(dtype)
+
+
+def mask_routed(r: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Relevance ``r`` at the ``(N, k, H)`` top-k contributions, each slot multiplied by its sample's mask value
+    for the expert it went to (``mask``: ``(B, E)``; token ``n`` belongs to sample ``n // (N // B)``)."""
+    b, e = mask.shape
+    per_token = mask.unsqueeze(1).expand(b, ids.shape[0] // b, e).reshape(ids.shape[0], e)
+    per_slot = (per_token.unsqueeze(1) * _expert_onehot(ids, e, mask.dtype)).sum(-1)
+    return r * per_slot.unsqueeze(-1).to(r.dtype)
+
+
+def routed_relevance(r: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``(B, E)``: the relevance reaching each expert's contributions per sample (``r``, ``mask``, ``ids`` as in
+    :func:`mask_routed`; the mask gives the sizes)."""
+    b, e = mask.shape
+    per_slot = r.sum(-1)
+    per_expert = (per_slot.unsqueeze(-1) * _expert_onehot(ids, e, per_slot.dtype)).sum(1)  # (N, E)
+    return per_expert.reshape(b, ids.shape[0] // b, e).sum(1)
+
+
 @dataclass
 class ProgramOutputs:
     """What the outputs of a paired graph are: ``(*outputs, seed_total, absorbed, *inputs, *params, *captured)``."""
@@ -714,8 +749,11 @@ class _Pairing:
             # condition=: a (B, C) mask over the feature dim of a node, multiplied into the relevance reaching it
             n = self.by_name[node_name]
             v = _val(n)
+            # (rows, C): the rows are the batch; a routed node (N, k, H) merges it with the tokens, so the mask
+            # takes the explained output's batch
+            rows, size = (b, dim.experts) if isinstance(dim, Routed) else (v.shape[0], v.shape[dim])
             with self.fake_mode:
-                mask_fake = torch.empty((v.shape[0], v.shape[dim]), dtype=torch.promote_types(v.dtype, torch.float32),
+                mask_fake = torch.empty((rows, size), dtype=torch.promote_types(v.dtype, torch.float32),
                                         device=v.device)
             ph = g.placeholder(f"dynlrp_condition_{i}")
             ph.meta["val"] = mask_fake
@@ -966,6 +1004,13 @@ class _Pairing:
             raise ValueError(f"condition: node {n.name} has several outputs; condition a module with one output")
         emit = self.emit
         for pub, ph, dim in self.cond_of[n]:
+            if isinstance(dim, Routed):  # a mixture-of-experts layer: each top-k slot by the expert it went to
+                ids = self.env[self.by_name[dim.index]]
+                self.conditioned[pub] = emit(routed_relevance, r, ph, ids)
+                masked = emit(mask_routed, r, ph, ids)
+                self.ledger(n, r, [(masked, n)])
+                r = masked
+                continue
             ndim = _val(r).ndim
             self.conditioned[pub] = emit(torch.ops.aten.sum.dim_IntList, r, [d for d in range(1, ndim) if d != dim])
             mask = ph
