@@ -166,10 +166,11 @@ class _MoENet(nn.Module):
         return self.head((h + self.experts(h, idx, w)).reshape(x.shape).mean(1))
 
 
-def test_experts_of_a_hand_written_mixture_as_conditions():
+def test_experts_of_a_hand_written_mixture_as_conditions(tmp_path):
     """The experts of a top-k layer written in plain torch as conditions (float64, ``gradient`` preset): equal to
-    autograd with gradient passing only the slots routed to the kept experts; a layer written as a loop over
-    experts is named with what to do."""
+    autograd with gradient passing only the slots routed to the kept experts; attribute_dataset stores each
+    expert's relevance; a layer written as a loop over experts, and a capture of the layer's (tokens, hidden)
+    output with several targets, are named with what to do."""
     torch.manual_seed(0)
     model = _MoENet().double().eval()
     x = torch.randn(3, 5, 6, dtype=torch.float64)
@@ -187,6 +188,13 @@ def test_experts_of_a_hand_written_mixture_as_conditions():
     _, at_output = _through_experts(model, "experts", torch.ones(4, dtype=torch.float64), x, t, embed=False)
     torch.testing.assert_close(con.relevance.sum(1), at_output, rtol=1e-10, atol=1e-12)
     assert float(ex(x, target=t, condition={"experts": [2]}).conservation.error.max()) < 1e-10
+    dynlrp.attribute_dataset(ex, [x[:2], x[2:]], tmp_path / "run", concepts="experts", progress=False)
+    torch.testing.assert_close(dynlrp.merge_shards(tmp_path / "run")["concept.experts"],
+                               ex.concepts(x, layer="experts").relevance, rtol=1e-12, atol=1e-15)
+    cap = dynlrp.compile(model, x, rules="gradient", backend="eager", capture=["experts"])
+    assert cap(x, target=t).captured["experts"].shape == (15, 6)
+    with pytest.raises(DynlrpInputError, match=r"'experts' has shape \(\d+, 6\), whose first dim merges the batch \(3\)"):
+        cap(x, target=torch.stack([t, t], 1))
     loop = dynlrp.compile(_MoENet(_Loop).double().eval(), x, rules="gradient", backend="eager")
     with pytest.raises(DynlrpInputError, match=r"'experts' has 4 experts, but its traced ops do not end in a sum"):
         loop(x, target=t, condition={"experts": [1]})
