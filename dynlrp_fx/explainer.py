@@ -535,7 +535,8 @@ class Explainer(nn.Module):
         one forward pass and one batched sweep.
 
         Each heatmap is the relevance of the explained target that flows through one channel (``dim`` as in
-        ``condition=``: channels of a conv output, hidden units or per-head features of a transformer's); where
+        ``condition=``: channels of a conv output, hidden units or per-head features of a transformer's, the
+        experts of a mixture-of-experts layer); where
         ``layer`` is a cut of the graph (every path from the input to the output passes through it) the heatmaps
         sum to the unconditional relevance. Where it is not (a residual block's branch), relevance that bypasses
         the layer is in every heatmap: ``explainer(x, target=t, condition={layer: torch.zeros(C)})`` is that share. ``channels`` (default: all) picks the features; ``target`` is one

@@ -200,14 +200,15 @@ def test_experts_of_a_hand_written_mixture_as_conditions(tmp_path):
         loop(x, target=t, condition={"experts": [1]})
 
 
-@pytest.mark.slow  # ~25 s: in CI's slow step (test-slow-ci)
+@pytest.mark.slow  # ~90 s: in CI's slow step (test-slow-ci)
 def test_mixture_of_experts_experts_as_conditions():
     """A mixture-of-experts layer (Qwen3-MoE from its default config, sizes shrunk: transformers' default
     grouped_mm experts) as a condition whose features are its experts: with the ``gradient`` preset the
     conditioned relevance equals gradient x input with gradient passing only the top-k slots routed to the kept
     experts (autograd, by hand); one map per expert from concepts() equals single-expert conditions and sums,
-    with the share that bypasses the layer, to the unconditional map; each expert's relevance adds up to the
-    relevance captured at the layer's output; several targets per sample equal single calls."""
+    with the share that bypasses the layer, to the unconditional map; each expert's relevance adds up to
+    gradient x output at the layer (autograd); several targets per sample equal single calls; the batched_mm
+    experts implementation gives the same."""
     model = tiny_qwen3_moe()
     path = "model.layers.0.mlp.experts"
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -238,6 +239,14 @@ def test_mixture_of_experts_experts_as_conditions():
     torch.testing.assert_close(both.relevance[:, 0], got.relevance)
     with pytest.raises(DynlrpInputError, match="features are its 4 experts"):
         ex(input_ids=ids, target=t, condition={path: dynlrp.targets.Features([0], dim=-1)})
+    # transformers' other traceable experts implementation (batched_mm: every slot's expert weights gathered,
+    # no sort) gives the same per-expert relevance and maps
+    batched = type(model)._from_config(model.config, experts_implementation="batched_mm").eval()
+    batched.load_state_dict(model.state_dict())
+    ex_b = dynlrp.compile(batched, (), example_kwargs={"input_ids": ids}, rules="gradient", backend="eager")
+    got_b = ex_b(input_ids=ids, target=t, condition={path: [1, 3]})
+    torch.testing.assert_close(got_b.relevance, got.relevance, rtol=1e-4, atol=1e-6 * scale)
+    torch.testing.assert_close(got_b.conditioned[path], got.conditioned[path], rtol=1e-4, atol=1e-9)
 
 
 def test_bad_conditions_say_what_to_do():
