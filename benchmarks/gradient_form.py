@@ -46,7 +46,7 @@ def _rel_diff(a, b) -> float:
 
 
 def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, reference: bool = True,
-          only: set | None = None, ledger: bool = False) -> list[dict]:
+          only: set | None = None, ledger: bool = False, narrow: bool = False) -> list[dict]:
     import dynlrp_fx as dynlrp
     from dynlrp_fx.explainer import Explainer
     from dynlrp_fx.program import Analysis
@@ -68,7 +68,12 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
             bare = Explainer(bm.model, ex.traced, ex.composite, backend="eager",
                              analysis=Analysis(ex.traced, ex.composite, ledger=False))
             fns["no ledger"] = lambda bare=bare: bare(*args, **kwargs)
+        if narrow:  # the same program with every row computed (narrow_dead_rows off): what narrowing saves
+            whole = Explainer(bm.model, ex.traced, ex.composite, backend="eager",
+                              analysis=Analysis(ex.traced, ex.composite, narrow_rows=False))
+            fns["whole rows"] = lambda whole=whole: whole(*args, **kwargs)
         a = fns["gradient form"]()
+        narrow_diff = _rel_diff(a, fns["whole rows"]()) if narrow else None
         ledger_diff = None
         if ledger:  # the ledger only adds outputs: the relevance must be the same (to the kernels' rounding: the
             # programs' buffers differ, and a matmul on another layout may sum in another order)
@@ -78,7 +83,7 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
         diff = None
         if reference:
             diff = _rel_diff(a, fns["relevance form"]())
-        peak = {k: peak_extra_bytes(fns[k], "cpu") for k in ("gxi", "gradient form")}
+        peak = {k: peak_extra_bytes(fns[k], "cpu") for k in ("gxi", "gradient form", "whole rows") if k in fns}
         for f in fns.values():  # warm-up
             f()
         times = {k: [] for k in fns}
@@ -107,6 +112,15 @@ def bench(name: str, batch: int, reps: int, log, sizes: dict | None = None, refe
                "ledger_share": (med["gradient form"] - bare_ms) / med["gradient form"] if bare_ms else None,
                # the same from the fastest runs (less sensitive to a busy neighbour than the medians)
                "ledger_share_min": (1 - min(times["no ledger"]) / min(times["gradient form"])) if bare_ms else None}
+        if narrow:
+            row.update(narrowed_nodes=sum("dynlrp_narrowed" in n.meta for n in ex.analysis.graph.graph.nodes),
+                       whole_ms=med["whole rows"] * 1e3, whole_ratio=med["whole rows"] / med["gxi"],
+                       whole_ratio_min=min(times["whole rows"]) / min(times["gxi"]),
+                       whole_peak_ratio=peak["whole rows"] / peak["gxi"] if peak["gxi"] else None,
+                       narrow_max_rel_diff=narrow_diff)
+            log(f"  whole rows: {row['whole_ms']:.0f} ms ({row['whole_ratio']:.2f}x, fastest "
+                f"{row['whole_ratio_min']:.2f}x), peak {row['whole_peak_ratio']:.3f}x; narrowed nodes "
+                f"{row['narrowed_nodes']}, diff {narrow_diff:.1e}")
         if ledger:  # ops and bytes written at the example sizes (batch 2), with and without the ledger
             (ops, wb), (bare_ops, bare_wb) = _written(ex), _written(bare)
             row.update(ops=ops, no_ledger_ops=bare_ops, ledger_bytes_share=1 - bare_wb / wb)
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", action="store_true", help="add the rows to the existing results (replacing rows of the same model, batch and preset)")
     ap.add_argument("--ledger", action="store_true",
                     help="also time each program without its conservation ledger (the ledger's share of a call)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="also time each program with every row computed (narrow_dead_rows off): what it saves")
     ap.add_argument("--smoke", action="store_true", help="64x64 images and 16 tokens (checks the script, not a result)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gradient_form"))
     a = ap.parse_args(argv)
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in (int(x) for x in a.batches.split(",")):
             rows += bench(name, b, a.reps, lambda m: print(m, flush=True),
                           {"res": 64, "vit_res": 64, "seq": 16} if a.smoke else None, reference=not a.no_reference,
-                          only=set(a.rules.split(",")) if a.rules else None, ledger=a.ledger)
+                          only=set(a.rules.split(",")) if a.rules else None, ledger=a.ledger, narrow=a.narrow)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": a.reps}
     if a.smoke:

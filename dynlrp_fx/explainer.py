@@ -449,7 +449,7 @@ class Explainer(nn.Module):
                   *names.condition_names]
         out = []
         for i, per_sample in enumerate(rowwise):
-            if per_sample and any(res[i].shape[0] != batch * kc for kc, res in parts):
+            if per_sample and any(res[i].ndim == 0 or res[i].shape[0] != batch * kc for kc, res in parts):
                 # a captured node whose rows merge the batch with other dims (a mixture-of-experts layer's
                 # (tokens, hidden)): its rows cannot be told apart per target here
                 raise DynlrpInputError(
@@ -494,6 +494,15 @@ class Explainer(nn.Module):
         v = node.meta.get("val")
         if not isinstance(v, torch.Tensor) or v.ndim < 2:
             raise DynlrpInputError(f"condition: the output of {path!r} is not a batched tensor with features")
+        whole = node.meta.get("dynlrp_narrowed")
+        if whole is not None and dim is not None and int(dim) % len(whole) != len(whole) - 1:
+            raise DynlrpInputError(
+                f"condition: only one row of {path!r}'s output {tuple(whole)} reaches the explained output (a select "
+                f"reads it), so the program computes that row alone, shape {tuple(v.shape)}; condition its last dim, "
+                f"or compile with capture=[{path!r}] to keep the output whole"
+            )
+        if whole is not None and dim is not None:
+            dim = -1
         d = (1 if v.ndim >= 4 else v.ndim - 1) if dim is None else int(dim) % v.ndim
         if d == 0:
             raise DynlrpInputError(f"condition: dim 0 of {path!r} is the batch; choose a feature dim")

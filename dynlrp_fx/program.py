@@ -84,7 +84,7 @@ class Analysis:
     """
 
     def __init__(self, traced: TracedProgram, composite: Any, *, params: Any = None, capture: Any = None,
-                 strict: bool = True, gradient_form: bool = True, ledger: bool = True):
+                 strict: bool = True, gradient_form: bool = True, ledger: bool = True, narrow_rows: bool = True):
         self.traced = traced
         self.composite = composite
         #: lower rules that have a gradient form that way (``pair``); ``False`` keeps every rule in relevance form
@@ -94,10 +94,21 @@ class Analysis:
         #: is meaningless): what ``benchmarks.gradient_form --ledger`` times the ledger's cost against
         self.ledger = bool(ledger)
         self.report = PipelineReport()
-        ctx = CompileContext(traced=traced, composite=composite, strict=strict)
+        # rows only a select reads are computed alone (narrow_dead_rows), unless capture= reads a module whole
+        ctx = CompileContext(traced=traced, composite=composite, strict=strict,
+                             narrow_rows=narrow_rows and not capture)
         progress_stage("analysis passes")
         self.graph = PIPELINE.run(copy_graph_module(traced.graph_module), ctx, stage="analysis", report=self.report,
                                   label="analysis")
+        if ctx.narrow_rows and any("dynlrp_narrowed" in n.meta for n in self.graph.graph.nodes):
+            # narrowing must not change which rule an op gets: a pattern the rules see (a normaliser's
+            # x * g(mean(x)), where the select stopped on one branch) would otherwise be lost. Compare with the
+            # graph analysed whole and keep that one if any op's rule differs
+            whole_ctx = CompileContext(traced=traced, composite=composite, strict=strict, narrow_rows=False)
+            whole = PIPELINE.run(copy_graph_module(traced.graph_module), whole_ctx, stage="analysis",
+                                 report=self.report, label="analysis (whole rows)")
+            if _rule_signature(whole) != _rule_signature(self.graph):
+                self.graph, ctx = whole, whole_ctx
         self.uncovered = ctx.uncovered
         self.params = _resolve_params(traced, params)
         self.capture = _resolve_capture(traced, self.graph, capture)
@@ -153,6 +164,23 @@ def compiled(graph: fx.GraphModule, backend: Any, dynamic: bool, mode: str | Non
     if backend == "inductor" and cache.enabled():
         cache.use_inductor_cache()
     return torch.compile(graph, backend=backend, dynamic=None if dynamic else False, mode=mode)
+
+
+#: ops a narrowed graph adds or drops (the select and the reshapes around a linear): left out of the comparison
+_SHAPE_OPS = frozenset({torch.ops.aten.select.int, torch.ops.aten.slice.Tensor, torch.ops.aten.reshape.default,
+                        torch.ops.aten.view.default, torch.ops.aten._assert_tensor_metadata.default})
+
+
+def _rule_signature(gm: fx.GraphModule) -> dict:
+    """How many ops of each (module path, op, rule class, rule) carrying float data the analysed graph has."""
+    sig: dict = {}
+    for n in gm.graph.nodes:
+        ann = n.meta.get("dynlrp")
+        if ann is None or n.op != "call_function" or n.target in _SHAPE_OPS or ann.status != FLOAT:
+            continue  # (sizes and index arithmetic carry no relevance; the reshapes around a linear go)
+        key = (ann.module_path, str(n.target), ann.rule_class, repr(ann.rule))
+        sig[key] = sig.get(key, 0) + 1
+    return sig
 
 
 # -- params= and capture= ------------------------------------------------------------------------------------------

@@ -1012,7 +1012,8 @@ class _Pairing:
                 r = masked
                 continue
             ndim = _val(r).ndim
-            self.conditioned[pub] = emit(torch.ops.aten.sum.dim_IntList, r, [d for d in range(1, ndim) if d != dim])
+            rest = [d for d in range(1, ndim) if d != dim]  # (an empty dim list would sum over every dim)
+            self.conditioned[pub] = emit(torch.ops.aten.sum.dim_IntList, r, rest) if rest else r
             mask = ph
             for _ in range(dim - 1):
                 mask = emit(torch.ops.aten.unsqueeze.default, mask, 1)

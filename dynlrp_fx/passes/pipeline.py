@@ -41,6 +41,7 @@ from . import (
     mark_data,
     mask_relu_pullbacks,
     narrow_block_matmuls,
+    narrow_dead_rows,
     pair,
     resolve_promises,
     reuse_buffers,
@@ -88,6 +89,9 @@ class CompileContext:
     gradient_form: bool = True
     #: emit the conservation ledger (``pair``); ``False`` only to measure what it costs (``absorbed`` reads 0)
     ledger: bool = True
+    #: compute only the rows a ``select`` reads (``narrow_dead_rows``); ``False`` where ``capture=`` reads a
+    #: module's relevance whole, or for the reference the tests compare with
+    narrow_rows: bool = True
     strict: bool = True
     #: how many of the program's first placeholders are the model's state (parameters, buffers, constants);
     #: ``reuse_buffers`` never shares a buffer between a value computed from state alone and any other value, so
@@ -234,6 +238,10 @@ def _asks_fold_batchnorm(ctx: CompileContext) -> bool:
     return ctx.composite is not None and "fold_batchnorm" in getattr(ctx.composite, "canonizers", ())
 
 
+def _narrows(ctx: CompileContext) -> bool:
+    return ctx.narrow_rows
+
+
 def _eager(ctx: CompileContext) -> bool:
     return ctx.backend == "eager"
 
@@ -242,6 +250,8 @@ def _eager(ctx: CompileContext) -> bool:
 PIPELINE = Pipeline(
     [
         Pass("canonicalize", canonicalize.canonicalize, "analysis"),
+        Pass("narrow_dead_rows", narrow_dead_rows.narrow_dead_rows, "analysis", _narrows,
+             "unless capture= reads a module's relevance"),
         Pass("fold_batchnorm", fold_batchnorm.fold_batchnorm, "analysis", _asks_fold_batchnorm,
              "when the composite asks for it"),
         Pass("mark_data", mark_data.mark_data, "analysis"),
