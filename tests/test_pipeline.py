@@ -415,6 +415,7 @@ def test_lower_traces_only_rule_code_and_equals_a_whole_graph_retrace(build, rul
     constants rule code makes: ``epsilon_gamma_box``'s z^B bounds on the CNN). ``by_path``
     gives one layer its own epsilon: its ops have the same operand metadata as the other layers' but must not share
     their traces."""
+    from dynlrp_fx.program import Analysis
     from dynlrp_fx.rules import Composite, Epsilon
     from tests.helpers import call_args
 
@@ -422,8 +423,11 @@ def test_lower_traces_only_rule_code_and_equals_a_whole_graph_retrace(build, rul
     if rules == "by_path":
         rules = Composite(by_path={"bert.encoder.layer.1.*" if build is _tiny_bert_inputs else "4": Epsilon(0.25)})
     explainer = dynlrp.compile(model, args, example_kwargs=kwargs, rules=rules, promise_policy=policy)
-    ctx = explainer.analysis.context("target", policy)
-    paired = PIPELINE.run(explainer.analysis.graph, ctx, only=["pair", "resolve_promises"])
+    analysis = explainer.analysis
+    if build is _tiny_bert_inputs:  # three identical layers: narrow_dead_rows would give the last its own shapes
+        analysis = Analysis(explainer.traced, explainer.composite, narrow_rows=False)
+    ctx = analysis.context("target", policy)
+    paired = PIPELINE.run(analysis.graph, ctx, only=["pair", "resolve_promises"])
     ours = PIPELINE.run(paired, ctx, only=["lower"])
     ref = _lowered_by_retrace(paired)
     assert not any(n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload)
