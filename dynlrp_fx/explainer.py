@@ -495,13 +495,13 @@ class Explainer(nn.Module):
         if not isinstance(v, torch.Tensor) or v.ndim < 2:
             raise DynlrpInputError(f"condition: the output of {path!r} is not a batched tensor with features")
         whole = node.meta.get("dynlrp_narrowed")
-        if whole is not None and dim is not None and int(dim) % len(whole) != len(whole) - 1:
-            raise DynlrpInputError(
-                f"condition: only one row of {path!r}'s output {tuple(whole)} reaches the explained output (a select "
-                f"reads it), so the program computes that row alone, shape {tuple(v.shape)}; condition its last dim, "
-                f"or compile with capture=[{path!r}] to keep the output whole"
-            )
-        if whole is not None and dim is not None:
+        if whole is not None and dim is not None:  # narrowed to one row: only the last dim is still there
+            if int(dim) % len(whole) != len(whole) - 1:
+                raise DynlrpInputError(
+                    f"condition: only one row of {path!r}'s output {tuple(whole)} reaches the explained output (a "
+                    f"select reads it), so the program computes that row alone, shape {tuple(v.shape)}; condition "
+                    f"its last dim, or compile with capture=[{path!r}] to keep the output whole"
+                )
             dim = -1
         d = (1 if v.ndim >= 4 else v.ndim - 1) if dim is None else int(dim) % v.ndim
         if d == 0:

@@ -167,8 +167,9 @@ def compiled(graph: fx.GraphModule, backend: Any, dynamic: bool, mode: str | Non
 
 
 #: ops a narrowed graph adds or drops (the select and the reshapes around a linear): left out of the comparison
+#: (canonicalize has made every view a reshape)
 _SHAPE_OPS = frozenset({torch.ops.aten.select.int, torch.ops.aten.slice.Tensor, torch.ops.aten.reshape.default,
-                        torch.ops.aten.view.default, torch.ops.aten._assert_tensor_metadata.default})
+                        torch.ops.aten._assert_tensor_metadata.default})
 
 
 def _rule_signature(gm: fx.GraphModule) -> dict:

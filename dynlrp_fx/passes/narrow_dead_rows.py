@@ -53,7 +53,6 @@ def _same_size(a: Any, b: Any) -> bool:
 
 class _Narrowing:
     def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
         self.g = gm.graph
         self.fake_mode = detect_fake_mode([_val(n) for n in self.g.nodes if isinstance(_val(n), torch.Tensor)])
         self.count = 0
@@ -89,9 +88,15 @@ class _Narrowing:
             self.g.erase_node(u)
         return first
 
-    def replace(self, s: fx.Node, new: fx.Node) -> None:
-        old_shape = tuple(_val(s.args[0]).shape)
-        new.meta.setdefault("dynlrp_narrowed", old_shape)
+    def replace(self, s: fx.Node, new: fx.Node, narrowed: bool = True) -> None:
+        """``new`` in place of the select ``s``; ``narrowed``: ``new`` computes one row of what ``s`` read (its
+        whole shape goes into ``meta["dynlrp_narrowed"]``). What only ``s`` read is removed, with the dtype/device
+        checks of a value that is no longer computed whole."""
+        x = s.args[0]
+        if narrowed:
+            new.meta.setdefault("dynlrp_narrowed", tuple(_val(x).shape))
+        for u in [u for u in x.users if u.target is _aten._assert_tensor_metadata.default]:
+            self.g.erase_node(u)
         s.replace_all_uses_with(new)
         self.g.erase_node(s)
         self.g.eliminate_dead_code()
@@ -109,8 +114,6 @@ class _Narrowing:
         v = _val(x)
         if len(x.users) - len(checks) != 1 or not isinstance(v, torch.Tensor) or not isinstance(i, int):
             return None
-        for u in checks:  # a dtype/device check of a value that is no longer computed whole
-            self.g.erase_node(u)
         d = d % v.ndim
         if d == 0:  # dim 0 is the batch: its rows are samples, which the rest of the compiler counts on
             return None
@@ -118,9 +121,7 @@ class _Narrowing:
             y, sdim, start, end, step = list(x.args) + [None, 0, None, None, 1][len(x.args):]
             if start in (0, None) and step == 1 and (end is None or end >= 2**62) and sdim % v.ndim != d:
                 new = self.select(s, y, d, i, s)
-                s.replace_all_uses_with(new)
-                self.g.erase_node(s)
-                self.g.eliminate_dead_code()
+                self.replace(s, new, narrowed=False)
                 return [new]
             return None
         if x.target is operator.getitem and x.args[1] == 0:

@@ -1008,18 +1008,16 @@ class _Pairing:
                 ids = self.env[self.by_name[dim.index]]
                 self.conditioned[pub] = emit(routed_relevance, r, ph, ids)
                 masked = emit(mask_routed, r, ph, ids)
-                self.ledger(n, r, [(masked, n)])
-                r = masked
-                continue
-            ndim = _val(r).ndim
-            rest = [d for d in range(1, ndim) if d != dim]  # (an empty dim list would sum over every dim)
-            self.conditioned[pub] = emit(torch.ops.aten.sum.dim_IntList, r, rest) if rest else r
-            mask = ph
-            for _ in range(dim - 1):
-                mask = emit(torch.ops.aten.unsqueeze.default, mask, 1)
-            for _ in range(ndim - 1 - dim):
-                mask = emit(torch.ops.aten.unsqueeze.default, mask, -1)
-            masked = emit(torch.ops.aten.mul.Tensor, r, mask)
+            else:
+                ndim = _val(r).ndim
+                rest = [d for d in range(1, ndim) if d != dim]  # (an empty dim list would sum over every dim)
+                self.conditioned[pub] = emit(torch.ops.aten.sum.dim_IntList, r, rest) if rest else r
+                mask = ph
+                for _ in range(dim - 1):
+                    mask = emit(torch.ops.aten.unsqueeze.default, mask, 1)
+                for _ in range(ndim - 1 - dim):
+                    mask = emit(torch.ops.aten.unsqueeze.default, mask, -1)
+                masked = emit(torch.ops.aten.mul.Tensor, r, mask)
             self.ledger(n, r, [(masked, n)])
             r = masked
         self.R[n] = r
